@@ -1,0 +1,31 @@
+# medfed: `make demo` runs the local consortium demo, `make test` runs the test suite.
+PYTHON ?= python3
+# This machine's CPU build of torch; a bare `torch` would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medfed-installed
+
+.PHONY: demo test lint setup clean
+
+demo: $(STAMP)
+	$(BIN)/medfed demo
+
+test: $(STAMP) lint
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check federation client server conf scripts tests
+	$(BIN)/mypy
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) consortium outputs mlflow.db mlartifacts

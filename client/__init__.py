@@ -1,0 +1,1 @@
+"""The hospital site agent: Flower ClientApp and site commands."""

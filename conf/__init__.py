@@ -1,0 +1,1 @@
+"""Hydra configuration groups for medfed (composed by `federation.config`)."""

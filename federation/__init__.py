@@ -1,0 +1,3 @@
+"""medfed's shared core: config, tasks, model factory, DICOM, privacy, tracking."""
+
+__version__ = "0.1.0"

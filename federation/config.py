@@ -1,0 +1,237 @@
+"""Typed configuration: Hydra composition of `conf/`, validation and transport."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+__all__ = [
+    "DataConfig",
+    "FederationConfig",
+    "MedfedConfig",
+    "ModelConfig",
+    "PrivacyConfig",
+    "StrategyConfig",
+    "TaskConfig",
+    "TrackingConfig",
+    "compose_config",
+    "config_from_json",
+    "config_to_json",
+    "flatten",
+    "resolve_path",
+    "section_from_flat",
+]
+
+
+@dataclass
+class TaskConfig:
+    """What the sites learn and how they train locally."""
+
+    name: str = "seg2d"
+    image_size: int = 64
+    window_min: float = -200.0
+    window_max: float = 300.0
+    val_fraction: float = 0.25
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.01
+
+
+@dataclass
+class ModelConfig:
+    """The shared network, built by `federation.models.build_model`."""
+
+    name: str = "unet"
+    spatial_dims: int = 2
+    in_channels: int = 1
+    out_channels: int = 1
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2])
+    num_res_units: int = 1
+    norm: str = "instance"
+    dropout: float = 0.0
+
+
+@dataclass
+class StrategyConfig:
+    """How the coordinator samples sites and aggregates their updates."""
+
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy applied at each site."""
+
+    mode: str = "dp-sgd"
+    noise_multiplier: float = 1.3
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+
+
+@dataclass
+class DataConfig:
+    """Where simulated sites find their DICOM and how the generator sizes them."""
+
+    root: str = "consortium"
+    generate: bool = True
+    patients_per_site: list[int] = field(default_factory=lambda: [16, 12, 20])
+    slices: int = 24
+
+
+@dataclass
+class FederationConfig:
+    """Which sites take part and how many must deliver each round."""
+
+    engine: str = "simulation"
+    num_sites: int = 3
+    site_names: list[str] | None = None
+    min_sites: int = 2
+    round_timeout: float = 1800.0
+    cpus_per_site: int = 1
+
+    def names(self) -> list[str]:
+        """Site names, `site-1 ... site-N` unless given."""
+        if self.site_names:
+            return list(self.site_names)
+        return [f"site-{i + 1}" for i in range(self.num_sites)]
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking, written by the coordinator only."""
+
+    uri: str | None = None
+    experiment: str = "medfed"
+
+
+@dataclass
+class MedfedConfig:
+    """The whole resolved configuration of a federated run."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    rounds: int = 10
+    seed: int = 0
+    run_name: str | None = None
+    output_dir: str = "outputs"
+
+    def validate(self) -> None:
+        """Reject settings that cannot run, saying which value and why."""
+        fed = self.federation
+        names = fed.names()
+        if fed.site_names and len(fed.site_names) != fed.num_sites:
+            raise ValueError(
+                f"federation.site_names lists {len(fed.site_names)} sites but "
+                f"federation.num_sites={fed.num_sites}; make them agree or drop site_names."
+            )
+        if len(set(names)) != len(names):
+            raise ValueError(f"federation.site_names has duplicates: {names}")
+        if not 1 <= fed.min_sites <= fed.num_sites:
+            raise ValueError(
+                f"federation.min_sites={fed.min_sites} must be between 1 and "
+                f"federation.num_sites={fed.num_sites}."
+            )
+        if self.rounds < 1:
+            raise ValueError(f"rounds={self.rounds}: a run needs at least one round.")
+        if self.privacy.mode not in ("dp-sgd", "none"):
+            raise ValueError(
+                f"privacy.mode={self.privacy.mode!r} is unknown; "
+                "use privacy=dp_sgd or privacy=none."
+            )
+        if self.privacy.mode == "dp-sgd" and (
+            self.privacy.noise_multiplier <= 0 or self.privacy.max_grad_norm <= 0
+        ):
+            raise ValueError(
+                "DP-SGD needs privacy.noise_multiplier > 0 and privacy.max_grad_norm > 0; "
+                "to train without DP choose privacy=none."
+            )
+        if not 0 < self.task.val_fraction < 1:
+            raise ValueError(f"task.val_fraction={self.task.val_fraction} must lie in (0, 1).")
+
+
+def compose_config(overrides: list[str] | None = None) -> MedfedConfig:
+    """Compose `conf/config.yaml` with Hydra overrides into a validated config.
+
+    Args:
+        overrides: Hydra overrides such as `privacy.noise_multiplier=1.1` or
+            `privacy=none`.
+
+    Returns:
+        The typed configuration.
+
+    Raises:
+        ValueError: An override names an unknown key or gives a value of the wrong type.
+
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            raw = compose(config_name="config", overrides=list(overrides or []))
+        typed = OmegaConf.merge(OmegaConf.structured(MedfedConfig), raw)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ValueError(f"invalid configuration override: {err}") from err
+    finally:
+        GlobalHydra.instance().clear()
+    cfg = OmegaConf.to_object(typed)
+    assert isinstance(cfg, MedfedConfig)
+    cfg.validate()
+    return cfg
+
+
+def config_to_json(cfg: MedfedConfig) -> str:
+    """Serialise a config for transport in the Flower run config."""
+    return json.dumps(asdict(cfg), sort_keys=True)
+
+
+def config_from_json(text: str) -> MedfedConfig:
+    """Rebuild and validate a config serialised by `config_to_json`."""
+    typed = OmegaConf.merge(OmegaConf.structured(MedfedConfig), json.loads(text))
+    cfg = OmegaConf.to_object(typed)
+    assert isinstance(cfg, MedfedConfig)
+    cfg.validate()
+    return cfg
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to dotted keys, dropping `None` values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif value is not None:
+            flat[name] = value
+    return flat
+
+
+def section_from_flat(flat: dict[str, Any], section: str, schema: type[Any]) -> Any:
+    """Rebuild one typed section (e.g. `privacy`) from dotted keys."""
+    prefix = f"{section}."
+    values = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+    typed = OmegaConf.merge(OmegaConf.structured(schema), values)
+    return OmegaConf.to_object(typed)
+
+
+def resolve_path(path: str, base: Path | None = None) -> Path:
+    """Absolute path for a config path given relative to `base` (default: cwd)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base or Path.cwd()) / p

@@ -1,0 +1,1 @@
+"""DICOM at the site: reading series with their labels, and the synthetic consortium."""

@@ -1,0 +1,35 @@
+"""Names shared by the coordinator and the sites: one place for every wire key."""
+
+# Records in train/evaluate messages and their replies.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+STATUS = "status"
+
+# ConfigRecord keys sent by the coordinator (plus the dotted config keys).
+SERVER_ROUND = "server-round"
+RUN_NAME = "run-name"
+
+# ConfigRecord keys in a site's STATUS reply.
+SITE = "site"
+REFUSED = "refused"
+
+# Metric names in a site's METRICS reply.
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EVAL_LOSS = "eval-loss"
+DICE = "dice"
+EPSILON = "epsilon"
+DP_STEPS = "dp-steps"
+SAMPLE_RATE = "sample-rate"
+
+# Flower run config (declared in pyproject's [tool.flwr.app.config]).
+RUN_CONFIG_JSON = "medfed-config"
+
+# Flower node config of a SuperNode (deployment) and of a simulated node.
+NODE_SITE_NAME = "site-name"
+NODE_DATA_PATH = "data-path"
+NODE_PARTITION_ID = "partition-id"
+
+# Site-local state kept by the ClientApp between rounds.
+STATE_PRIVACY = "medfed-privacy"

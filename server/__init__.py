@@ -1,0 +1,1 @@
+"""The consortium coordinator: Flower ServerApp, strategies and run launch."""

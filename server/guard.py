@@ -1,0 +1,116 @@
+"""A strategy wrapper that keeps refusals and failures out of the aggregate.
+
+It records which site delivered what each round and stops the run with a clear
+error when fewer sites than the configured minimum delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from federation import keys
+from federation.errors import FederationError
+from federation.logs import context_logger
+
+__all__ = ["RoundReport", "SiteGuard"]
+
+
+@dataclass
+class RoundReport:
+    """Per-site outcome of one train or evaluate step."""
+
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def _site_of(msg: Message) -> str:
+    if msg.has_content() and keys.STATUS in msg.content:
+        return str(msg.content.config_records[keys.STATUS][keys.SITE])
+    return f"node-{msg.metadata.src_node_id}"
+
+
+class SiteGuard(Strategy):
+    """Wrap a strategy: aggregate only replies from sites that delivered.
+
+    Args:
+        inner: The aggregation strategy (e.g. FedAvg).
+        min_sites: Fewest sites that must deliver a training round.
+        run_name: Shown in log lines.
+
+    """
+
+    def __init__(self, inner: Strategy, *, min_sites: int, run_name: str) -> None:
+        self.inner = inner
+        self.min_sites = min_sites
+        self.log = context_logger(run=run_name)
+        self.train_report = RoundReport()
+        self.evaluate_report = RoundReport()
+
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary."""
+        self.log.info(
+            "strategy %s, minimum sites per round %d", type(self.inner).__name__, self.min_sites
+        )
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the wrapped strategy."""
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the wrapped strategy."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def _sort(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[list[Message], RoundReport]:
+        usable: list[Message] = []
+        report = RoundReport()
+        for msg in replies:
+            site = _site_of(msg)
+            if msg.has_error():
+                # Ray and Flower wrap the site's traceback; its last line says what broke.
+                lines = (msg.error.reason or "unknown error").strip().splitlines() or [""]
+                reason = lines[-1][-300:]
+                report.failures[site] = f"site process failed: {reason}"
+            elif refused := str(msg.content.config_records[keys.STATUS][keys.REFUSED]):
+                report.failures[site] = refused
+            else:
+                usable.append(msg)
+                metrics = msg.content.metric_records[keys.METRICS]
+                report.metrics[site] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+        for site, reason in sorted(report.failures.items()):
+            self.log.log(
+                logging.WARNING, "[round %d] site %s left out: %s", server_round, site, reason
+            )
+        return usable, report
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the delivered updates, or stop if too few sites delivered."""
+        usable, self.train_report = self._sort(server_round, replies)
+        if len(usable) < self.min_sites:
+            failed = "; ".join(f"{s}: {r}" for s, r in sorted(self.train_report.failures.items()))
+            raise FederationError(
+                f"round {server_round}: only {len(usable)} site(s) delivered an update, "
+                f"federation.min_sites={self.min_sites}. Failed sites: {failed or 'none replied'}"
+            )
+        return self.inner.aggregate_train(server_round, usable)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Aggregate the delivered evaluation metrics."""
+        usable, self.evaluate_report = self._sort(server_round, replies)
+        return self.inner.aggregate_evaluate(server_round, usable) if usable else None

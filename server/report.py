@@ -1,0 +1,72 @@
+"""What a coordinator reads after a run: the round table and the round plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from federation import keys
+from server.loop import RunHistory
+
+__all__ = ["format_table", "plot_history"]
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(history: RunHistory) -> str:
+    """Per-round table: loss, Dice per site and aggregated, epsilon per site."""
+    sites = history.sites
+    header = [
+        "round",
+        "train loss",
+        *(f"dice {s}" for s in sites),
+        "dice (all)",
+        *(f"eps {s}" for s in sites),
+        "seconds",
+    ]
+    rows = []
+    for r in history.rounds:
+        rows.append(
+            [
+                str(r.round),
+                _num(r.train.get(keys.TRAIN_LOSS)),
+                *(_num(r.site_evaluate.get(s, {}).get(keys.DICE)) for s in sites),
+                _num(r.evaluate.get(keys.DICE)),
+                *(_num(r.site_train.get(s, {}).get(keys.EPSILON), 2) for s in sites),
+                f"{r.seconds:.1f}",
+            ]
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    line = "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(out)
+
+
+def plot_history(history: RunHistory, path: Path) -> Path:
+    """Dice per site and aggregated, and epsilon per site, over rounds (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r.round for r in history.rounds]
+    fig, (ax_dice, ax_eps) = plt.subplots(1, 2, figsize=(11, 4))
+    for site in history.sites:
+        dice = [r.site_evaluate.get(site, {}).get(keys.DICE) for r in history.rounds]
+        ax_dice.plot(rounds, [float("nan") if d is None else d for d in dice], "o-", label=site)
+        eps = [r.site_train.get(site, {}).get(keys.EPSILON) for r in history.rounds]
+        ax_eps.plot(rounds, [float("nan") if e is None else e for e in eps], "o-", label=site)
+    agg = [r.evaluate.get(keys.DICE, float("nan")) for r in history.rounds]
+    ax_dice.plot(rounds, agg, "k--", linewidth=2, label="aggregated")
+    ax_dice.set(title="Held-out Dice", xlabel="round", ylabel="Dice", ylim=(0, 1))
+    ax_eps.set(title="Privacy spent per site", xlabel="round", ylabel="epsilon")
+    for ax in (ax_dice, ax_eps):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"medfed run {history.run_name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

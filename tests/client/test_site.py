@@ -1,0 +1,49 @@
+import pytest
+from flwr.app import Context, RecordDict
+
+from client.site import SimulatedSites, SiteIdentity, load_site_dataset, site_from_node_config
+from federation.config import TaskConfig
+from federation.errors import SiteDataError
+from federation.tasks import seg2d
+
+
+def _context(node_config):
+    return Context(run_id=1, node_id=42, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_missing_folder_names_site_and_path(tmp_path):
+    site = SiteIdentity("st-mary", tmp_path / "nowhere")
+    with pytest.raises(SiteDataError) as err:
+        load_site_dataset(site, seg2d, TaskConfig(), seed=0)
+    assert "st-mary" in str(err.value)
+    assert str(tmp_path / "nowhere") in str(err.value)
+    assert "does not exist" in str(err.value)
+
+
+def test_folder_without_usable_series_is_refused(tmp_path):
+    (tmp_path / "readme.txt").write_text("no images here")
+    with pytest.raises(SiteDataError, match="no usable labelled series"):
+        load_site_dataset(SiteIdentity("empty", tmp_path), seg2d, TaskConfig(), seed=0)
+
+
+def test_site_dataset_is_split_by_patient(consortium):
+    root, profiles = consortium
+    cfg = TaskConfig(image_size=32, val_fraction=0.34)
+    data = load_site_dataset(SiteIdentity("site-3", root / "site-3"), seg2d, cfg, seed=0)
+    assert data.train_images.shape[1:] == (1, 32, 32)
+    assert 0.0 <= float(data.train_images.min()) and float(data.train_images.max()) <= 1.0
+    assert set(data.train_masks.unique().tolist()) <= {0.0, 1.0}
+    held_out = len(data.val_volumes)
+    assert held_out == round(0.34 * profiles[2].patients)
+    assert data.num_train + data.num_val == profiles[2].patients * data.val_volumes[0][0].shape[0]
+
+
+def test_site_identity_from_node_config_and_simulation(tmp_path):
+    ctx = _context({"site-name": "st-mary", "data-path": str(tmp_path)})
+    assert site_from_node_config(ctx) == SiteIdentity("st-mary", tmp_path)
+    with pytest.raises(SiteDataError, match="data-path"):
+        site_from_node_config(_context({}))
+    sim = SimulatedSites(("a", "b"), str(tmp_path))
+    assert sim(_context({"partition-id": 1, "num-partitions": 2})) == SiteIdentity(
+        "b", tmp_path / "b"
+    )

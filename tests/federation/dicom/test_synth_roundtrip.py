@@ -1,0 +1,130 @@
+"""What the generator writes reads back with the right geometry, intensities and labels."""
+
+import shutil
+from collections import Counter
+
+import numpy as np
+import pydicom
+import pytest
+
+from federation.dicom.series import load_labelled_volumes, scan_folder
+from federation.dicom.synth import generate_consortium, patient_id, phantom
+from tests.conftest import SEED, SLICES
+
+
+def test_files_are_valid_ct_and_seg_objects(consortium):
+    root, profiles = consortium
+    for profile in profiles:
+        files = sorted((root / profile.name).rglob("*.dcm"))
+        assert len(files) == profile.patients * (SLICES + 1)
+        kinds = Counter()
+        for path in files:
+            ds = pydicom.dcmread(path)
+            kinds[ds.Modality] += 1
+            assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+            if ds.Modality == "CT":
+                assert ds.Manufacturer == profile.manufacturer
+                assert ds.SOPClassUID == pydicom.uid.CTImageStorage
+                assert float(ds.RescaleSlope) == profile.rescale_slope
+                assert float(ds.RescaleIntercept) == profile.rescale_intercept
+                assert ds.PixelRepresentation == int(profile.signed)
+                assert ds.Rows == ds.Columns == profile.rows
+            else:
+                assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+        assert kinds == {"CT": profile.patients * SLICES, "SEG": profile.patients}
+
+
+def test_uids_are_unique_and_seg_references_its_series(consortium):
+    root, _ = consortium
+    scan = scan_folder(root)
+    assert not scan.problems
+    all_sops = [uid for head in scan.series.values() for uid in head.sop_uids]
+    assert len(all_sops) == len(set(all_sops))
+    assert len({h.study_uid for h in scan.series.values()}) == len(scan.series)
+    assert set(scan.segs) == set(scan.series)
+
+
+def test_volumes_read_back_with_geometry_hu_and_labels(consortium):
+    root, profiles = consortium
+    for profile in profiles:
+        volumes, problems = load_labelled_volumes(root / profile.name)
+        assert problems == []
+        assert len(volumes) == profile.patients
+        truth = {}
+        for p in range(profile.patients):
+            truth[patient_id(profile, p)] = phantom(profile, p, slices=SLICES, seed=SEED)
+        for volume in volumes:
+            ds = pydicom.dcmread(next((root / profile.name).rglob(f"{volume.sop_uids[0]}.dcm")))
+            hu, mask = truth[str(ds.PatientID)]
+            assert volume.hu.shape == (SLICES, profile.rows, profile.rows)
+            assert volume.spacing == pytest.approx(
+                (profile.slice_thickness, profile.pixel_spacing, profile.pixel_spacing)
+            )
+            np.testing.assert_allclose(volume.direction, np.eye(3))
+            # Sorted along the normal, whatever order the instances were numbered in.
+            assert volume.origin[2] == pytest.approx(0.0)
+            # Stored values are rounded to the slope's resolution.
+            np.testing.assert_allclose(volume.hu, hu, atol=profile.rescale_slope / 2 + 1e-3)
+            np.testing.assert_array_equal(volume.label, mask)
+            assert volume.label.sum() > 0
+
+
+def test_generation_is_deterministic_and_seeded(tmp_path):
+    kwargs = {"site_names": ["a"], "patients_per_site": [1], "slices": 8}
+    generate_consortium(tmp_path / "x", seed=5, **kwargs)
+    generate_consortium(tmp_path / "y", seed=5, **kwargs)
+    generate_consortium(tmp_path / "z", seed=6, **kwargs)
+    names = lambda d: sorted(p.name for p in (tmp_path / d).rglob("*.dcm"))  # noqa: E731
+    assert names("x") == names("y")
+    assert names("x") != names("z")
+    for rel in (p.relative_to(tmp_path / "x") for p in (tmp_path / "x").rglob("*.dcm")):
+        if rel.name == "seg.dcm":
+            continue
+        assert (tmp_path / "x" / rel).read_bytes() == (tmp_path / "y" / rel).read_bytes()
+
+
+def test_sites_differ_like_hospitals(consortium):
+    _, profiles = consortium
+    assert len({p.manufacturer for p in profiles}) == len(profiles)
+    assert len({p.rows for p in profiles}) == len(profiles)
+    assert len({round(p.noise_hu, 3) for p in profiles}) == len(profiles)
+    assert len({(p.rescale_slope, p.rescale_intercept, p.signed) for p in profiles}) > 1
+
+
+def _copy_patient(root, tmp_path):
+    src = next(d for d in sorted((root / "site-1").iterdir()) if d.is_dir())
+    dst = tmp_path / "site"
+    shutil.copytree(src, dst / src.name)
+    return dst / src.name
+
+
+def test_missing_slice_and_junk_files_are_reported_not_used(consortium, tmp_path):
+    root, _ = consortium
+    patient = _copy_patient(root, tmp_path)
+    ct = sorted(p for p in patient.glob("*.dcm") if p.name != "seg.dcm")
+    by_z = sorted(ct, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    by_z[len(by_z) // 2].unlink()
+    (patient / "notes.txt").write_text("not dicom")
+    volumes, problems = load_labelled_volumes(patient.parent)
+    assert volumes == []
+    reasons = " | ".join(p.reason for p in problems)
+    assert "not readable as DICOM" in reasons
+    assert "uneven slice spacing" in reasons
+
+
+def test_duplicate_slices_and_orphan_seg_are_reported(consortium, tmp_path):
+    root, _ = consortium
+    patient = _copy_patient(root, tmp_path)
+    ct = sorted(p for p in patient.glob("*.dcm") if p.name != "seg.dcm")
+    ds = pydicom.dcmread(ct[0])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(patient / "dup.dcm")
+    volumes, problems = load_labelled_volumes(patient.parent)
+    assert volumes == []
+    assert any("duplicate slice positions" in p.reason for p in problems)
+
+    for path in [*ct, patient / "dup.dcm"]:
+        path.unlink()
+    volumes, problems = load_labelled_volumes(patient.parent)
+    assert volumes == []
+    assert [p.reason.startswith("SEG without its source series") for p in problems] == [True]

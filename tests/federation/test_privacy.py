@@ -1,0 +1,48 @@
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import RDPAccountant
+
+from federation.privacy import MechanismStep, PrivacyHistory
+
+
+def test_epsilon_matches_opacus_published_rdp_value():
+    # Opacus's own test value: q=0.04, sigma=1.5, 2250 steps, delta=1e-5.
+    history = PrivacyHistory([MechanismStep(1.5, 0.04, 2250)])
+    assert history.epsilon(delta=1e-5, accountant="rdp") == pytest.approx(7.32911117143, rel=1e-6)
+
+
+def test_epsilon_composes_like_a_single_opacus_accountant():
+    history = PrivacyHistory()
+    reference = RDPAccountant()
+    for steps in (10, 7, 12):
+        history.extend([MechanismStep(1.1, 0.05, steps)])
+        for _ in range(steps):
+            reference.step(noise_multiplier=1.1, sample_rate=0.05)
+    assert len(history.steps) == 1  # identical mechanism merged
+    assert history.epsilon(delta=1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_no_steps_means_no_spend_and_unknown_accountant_is_rejected():
+    assert PrivacyHistory().epsilon(delta=1e-5) == 0.0
+    with pytest.raises(ValueError, match="gdp"):
+        PrivacyHistory([MechanismStep(1.0, 0.1, 1)]).epsilon(delta=1e-5, accountant="gdp")
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    st.lists(
+        st.tuples(st.floats(0.5, 3.0), st.floats(0.001, 0.5), st.integers(1, 50)),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_history_survives_its_wire_format(entries):
+    history = PrivacyHistory()
+    history.extend([MechanismStep(n, q, t) for n, q, t in entries])
+    again = PrivacyHistory.from_lists(history.to_lists())
+    assert again.steps == history.steps
+    assert sum(s.steps for s in again.steps) == sum(t for *_, t in entries)
+    assert math.isfinite(again.epsilon(delta=1e-5))

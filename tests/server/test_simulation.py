@@ -1,0 +1,162 @@
+"""Real Flower simulations (Ray backend) of the whole medfed run, through the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from federation.config import ModelConfig
+from federation.models import build_model
+from server.loop import RunHistory
+from tests.conftest import SEED
+
+SMALL = [
+    "rounds=2",
+    "task.image_size=32",
+    "task.local_epochs=1",
+    "task.batch_size=8",
+    "data.generate=false",
+    f"seed={SEED}",
+]
+
+
+def medfed_run(
+    tmp_path: Path, data_root: Path, *overrides: str
+) -> subprocess.CompletedProcess[str]:
+    args = [
+        *SMALL,
+        f"data.root={data_root}",
+        f"output_dir={tmp_path / 'outputs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *overrides,
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "federation.cli", "run", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+def _mlflow_run(tmp_path: Path, name: str):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("medfed").experiment_id],
+        filter_string=f"attributes.run_name = '{name}'",
+    )
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_three_sites_two_rounds_train_aggregate_and_track(tmp_path, consortium):
+    root, _ = consortium
+    proc = medfed_run(tmp_path, root, "run_name=happy")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Held-out Dice" in proc.stdout
+    assert "dice site-1" in proc.stdout and "eps site-3" in proc.stdout
+
+    out = tmp_path / "outputs" / "happy"
+    history = RunHistory.load(out / "history.json")
+    assert [r.round for r in history.rounds] == [0, 1, 2]
+    for record in history.rounds[1:]:
+        # Every site trained; FedAvg's loss is the sample-weighted mean of theirs.
+        assert set(record.site_train) == {"site-1", "site-2", "site-3"}
+        weights = {s: m["num-examples"] for s, m in record.site_train.items()}
+        expected = sum(m["train-loss"] * weights[s] for s, m in record.site_train.items())
+        assert record.train["train-loss"] == pytest.approx(expected / sum(weights.values()))
+        assert record.train["epsilon"] == pytest.approx(
+            max(m["epsilon"] for m in record.site_train.values())
+        )
+        dice = {s: m["dice"] for s, m in record.site_evaluate.items()}
+        assert set(dice) == {"site-1", "site-2", "site-3"}
+        assert min(dice.values()) <= record.evaluate["dice"] <= max(dice.values())
+    for site in history.sites:
+        eps = [r.site_train[site]["epsilon"] for r in history.rounds[1:]]
+        assert 0 < eps[0] < eps[1]  # privacy spend accumulates across rounds
+
+    final = torch.load(out / "global_model.pt")
+    initial = build_model(ModelConfig(), seed=SEED).state_dict()
+    assert final.keys() == initial.keys()
+    changed = [k for k in final if not torch.equal(final[k], initial[k])]
+    assert len(changed) > len(final) // 2
+    assert (out / "rounds.png").stat().st_size > 0
+
+    client, run = _mlflow_run(tmp_path, "happy")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["privacy.noise_multiplier"] == "1.3"
+    assert run.data.params["federation.num_sites"] == "3"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/dice")]
+    assert sorted(steps) == [0, 1, 2]
+    site_eps = client.get_metric_history(run.info.run_id, "site/site-2/epsilon")
+    assert sorted(m.step for m in site_eps) == [1, 2]
+    assert {m.step: m.value for m in site_eps}[2] == pytest.approx(
+        history.rounds[2].site_train["site-2"]["epsilon"]
+    )
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "history.json", "config.yaml", "rounds.png"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == [
+        "model/global_model.pt"
+    ]
+
+
+def _mixed_root(tmp_path: Path, root: Path) -> Path:
+    """site-1 and site-2 are real; `junk` holds no DICOM; `ghost` does not exist."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("site-1", "site-2"):
+        (mixed / name).symlink_to(root / name, target_is_directory=True)
+    (mixed / "junk").mkdir()
+    (mixed / "junk" / "export.csv").write_text("patient,label\n")
+    return mixed
+
+
+def test_bad_sites_are_named_and_the_run_goes_on(tmp_path, consortium):
+    root, _ = consortium
+    mixed = _mixed_root(tmp_path, root)
+    proc = medfed_run(
+        tmp_path,
+        mixed,
+        "run_name=partial",
+        "federation.num_sites=4",
+        "federation.site_names=[site-1,site-2,junk,ghost]",
+        "federation.min_sites=2",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    history = RunHistory.load(tmp_path / "outputs" / "partial" / "history.json")
+    last = history.rounds[-1]
+    assert set(last.site_train) == {"site-1", "site-2"}
+    assert "data folder does not exist" in last.failures["ghost"]
+    assert str(mixed / "ghost") in last.failures["ghost"]
+    assert "no usable labelled series" in last.failures["junk"]
+    assert str(mixed / "junk") in last.failures["junk"]
+    assert "site 'ghost'" in proc.stderr and "site 'junk'" in proc.stderr
+    _, run = _mlflow_run(tmp_path, "partial")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["sites/delivered"] == 2
+
+
+def test_too_few_usable_sites_stop_the_run_with_a_clear_error(tmp_path, consortium):
+    root, _ = consortium
+    mixed = _mixed_root(tmp_path, root)
+    proc = medfed_run(
+        tmp_path,
+        mixed,
+        "run_name=doomed",
+        "federation.num_sites=3",
+        "federation.site_names=[site-1,junk,ghost]",
+        "federation.min_sites=2",
+    )
+    assert proc.returncode != 0
+    message = proc.stderr
+    assert "round 1: only 1 site(s) delivered an update, federation.min_sites=2" in message
+    assert "ghost" in message and "junk" in message
+    _, run = _mlflow_run(tmp_path, "doomed")
+    assert run.info.status == "FAILED"
+    assert "min_sites" in run.data.tags["medfed.error"]
