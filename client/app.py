@@ -45,25 +45,38 @@ def _reply(
 
 
 class _Job:
-    """One message's work at a site: configuration, model and data."""
+    """One message's work at a site: configuration, model and data.
+
+    Raises:
+        SiteDataError: The site cannot be identified or its data is unusable.
+    """
 
     def __init__(self, msg: Message, context: Context, resolve: SiteResolver) -> None:
         setup_logging()
         flat: dict[str, Any] = dict(msg.content.config_records[keys.CONFIG])
         self.round = int(flat.get(keys.SERVER_ROUND, 0))
+        self.run = flat.get(keys.RUN_NAME)
         self.site = resolve(context)
-        self.log = context_logger(
-            run=flat.get(keys.RUN_NAME), site=self.site.name, round=self.round
-        )
+        self.log = context_logger(run=self.run, site=self.site.name, round=self.round)
         self.task_cfg: TaskConfig = section_from_flat(flat, "task", TaskConfig)
         self.model_cfg: ModelConfig = section_from_flat(flat, "model", ModelConfig)
         self.privacy: PrivacyConfig = section_from_flat(flat, "privacy", PrivacyConfig)
-        self.seed = int(flat.get("seed", 0))
+        self.seed = int(flat.get(keys.SEED, 0))
         self.task = get_task(self.task_cfg.name)
-        torch.set_num_threads(max(1, int(flat.get("federation.cpus_per_site", 1))))
+        torch.set_num_threads(max(1, int(flat.get(keys.CPUS_PER_SITE, 1))))
         self.data = load_site_dataset(self.site, self.task, self.task_cfg, seed=self.seed)
         self.model = build_model(self.model_cfg)
         self.model.load_state_dict(msg.content.array_records[keys.ARRAYS].to_torch_state_dict())
+
+
+def _refuse(msg: Message, err: SiteDataError, action: str) -> Message:
+    """Log and answer a refusal that names the site, the path and the reason."""
+    config = msg.content.config_records[keys.CONFIG]
+    log = context_logger(
+        run=config.get(keys.RUN_NAME), site=err.site, round=config.get(keys.SERVER_ROUND)
+    )
+    log.error("refusing to %s: %s", action, err)
+    return _reply(msg, err.site, refused=str(err))
 
 
 def create_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
@@ -72,7 +85,6 @@ def create_client_app(resolve: SiteResolver = site_from_node_config) -> ClientAp
     Args:
         resolve: Maps the node's context to the site's identity and data path; in
             deployment the SuperNode's node config, in simulation `SimulatedSites`.
-
     """
     app = ClientApp()
 
@@ -81,8 +93,7 @@ def create_client_app(resolve: SiteResolver = site_from_node_config) -> ClientAp
         try:
             job = _Job(msg, context, resolve)
         except SiteDataError as err:
-            context_logger(site=err.site).error("refusing to train: %s", err)
-            return _reply(msg, err.site, refused=str(err))
+            return _refuse(msg, err, "train")
         history = PrivacyHistory()
         if keys.STATE_PRIVACY in context.state:
             history = PrivacyHistory.from_lists(
@@ -112,8 +123,7 @@ def create_client_app(resolve: SiteResolver = site_from_node_config) -> ClientAp
         try:
             job = _Job(msg, context, resolve)
         except SiteDataError as err:
-            context_logger(site=err.site).error("refusing to evaluate: %s", err)
-            return _reply(msg, err.site, refused=str(err))
+            return _refuse(msg, err, "evaluate")
         outcome = job.task.evaluate(job.model, job.data)
         job.log.info("evaluated: dice %.4f, loss %.4f", outcome.dice, outcome.loss)
         metrics = MetricRecord(

@@ -9,6 +9,8 @@ STATUS = "status"
 # ConfigRecord keys sent by the coordinator (plus the dotted config keys).
 SERVER_ROUND = "server-round"
 RUN_NAME = "run-name"
+SEED = "seed"
+CPUS_PER_SITE = "federation.cpus_per_site"
 
 # ConfigRecord keys in a site's STATUS reply.
 SITE = "site"

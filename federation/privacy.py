@@ -91,6 +91,20 @@ class PrivateTraining:
     loader: DataLoader
     engine: object | None
 
+    def empty_step(self) -> None:
+        """Take the step of an empty Poisson batch: noise only under DP, nothing without.
+
+        Skipping it would leak whether the batch was empty and under-count the spend.
+        """
+        if self.engine is None:
+            return
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        for param in self.optimizer.params:  # type: ignore[attr-defined]
+            param.grad_sample = torch.zeros((0, *param.shape), device=param.device)
+        self.optimizer.step()
+
     def spent(self) -> list[MechanismStep]:
         """Mechanism steps taken since `make_private` (empty without DP)."""
         if self.engine is None:

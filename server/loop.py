@@ -60,8 +60,8 @@ def site_config(cfg: MedfedConfig, run_name: str) -> ConfigRecord:
     """The configuration a site receives with each message."""
     tree = asdict(cfg)
     flat = flatten({name: tree[name] for name in _SITE_SECTIONS})
-    flat["seed"] = cfg.seed
-    flat["federation.cpus_per_site"] = cfg.federation.cpus_per_site
+    flat[keys.SEED] = cfg.seed
+    flat[keys.CPUS_PER_SITE] = cfg.federation.cpus_per_site
     flat[keys.RUN_NAME] = run_name
     return ConfigRecord(flat)
 

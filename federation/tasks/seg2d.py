@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -120,8 +121,13 @@ def train(
     *,
     seed: int,
 ) -> TrainOutcome:
-    """Train `model` in place for `task.local_epochs` epochs, with DP-SGD if configured."""
-    torch.manual_seed(seed)
+    """Train `model` in place for `task.local_epochs` epochs, with DP-SGD if configured.
+
+    `seed` makes non-private training reproducible. Under DP the batch sampling and the
+    noise draw from a fresh secret seed instead: the coordinator knows `seed`, and noise
+    it could predict would protect nothing.
+    """
+    torch.manual_seed(secrets.randbits(63) if privacy.mode != "none" else seed)
     dev = device()
     model.to(dev)
     loader = DataLoader(
@@ -140,6 +146,7 @@ def train(
     for _ in range(task.local_epochs):
         for images, masks in private.loader:
             if len(images) == 0:  # Poisson sampling can draw an empty batch
+                private.empty_step()
                 continue
             images, masks = images.to(dev), masks.to(dev)
             private.optimizer.zero_grad(set_to_none=True)

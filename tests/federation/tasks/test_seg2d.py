@@ -1,0 +1,72 @@
+import pytest
+import torch
+from torch import nn
+
+from federation.config import ModelConfig, PrivacyConfig, TaskConfig
+from federation.dicom.series import load_labelled_volumes
+from federation.models import build_model
+from federation.tasks import seg2d
+
+TASK = TaskConfig(image_size=32, local_epochs=1, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def data(consortium):
+    root, _ = consortium
+    volumes, problems = load_labelled_volumes(root / "site-1")
+    assert not problems
+    return seg2d.prepare(volumes, TASK, seed=0)
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_dp_training_spends_one_mechanism_step_per_batch(data):
+    model = build_model(ModelConfig(), seed=0)
+    outcome = seg2d.train(model, data, TASK, PrivacyConfig(), seed=0)
+    batches = -(-data.num_train // TASK.batch_size)
+    assert outcome.num_examples == data.num_train
+    assert [(s.noise_multiplier, s.steps) for s in outcome.spent] == [(1.3, batches)]
+    assert outcome.spent[0].sample_rate == pytest.approx(1 / batches)
+
+
+def test_dp_noise_is_not_predictable_from_the_coordinators_seed(data):
+    runs = []
+    for _ in range(2):
+        model = build_model(ModelConfig(), seed=0)
+        seg2d.train(model, data, TASK, PrivacyConfig(), seed=0)
+        runs.append(_weights(model))
+    assert any(not torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_non_private_training_is_reproducible(data):
+    runs = []
+    for _ in range(2):
+        model = build_model(ModelConfig(), seed=0)
+        outcome = seg2d.train(model, data, TASK, PrivacyConfig(mode="none"), seed=0)
+        assert outcome.spent == []
+        runs.append(_weights(model))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+class _Oracle(nn.Module):
+    """Predicts a fixed answer: everything foreground or everything background."""
+
+    def __init__(self, logit: float) -> None:
+        super().__init__()
+        self.logit = logit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x, self.logit)
+
+
+def test_dice_is_per_held_out_volume(data):
+    background = seg2d.evaluate(_Oracle(-10.0), data)
+    assert background.dice == 0.0  # every held-out volume has a lesion
+    everything = seg2d.evaluate(_Oracle(10.0), data)
+    expected = [
+        2 * float(m.sum()) / (float(m.sum()) + m.numel()) for _, m in data.val_volumes
+    ]
+    assert everything.dice == pytest.approx(sum(expected) / len(expected))
+    assert everything.num_examples == data.num_val
