@@ -77,11 +77,12 @@ def load_site_dataset(site: SiteIdentity, task: ModuleType, cfg: TaskConfig, *, 
     for problem in problems:
         log.warning("not used: %s: %s", problem.path, problem.reason)
     if not volumes:
-        detail = f"; first problem: {problems[0].reason}" if problems else ""
+        # The reasons name files and UIDs: they stay in the site's own log.
         raise SiteDataError(
             site.name,
             path,
-            f"no usable labelled series ({len(problems)} files or series not usable{detail})",
+            f"no usable labelled series ({len(problems)} files or series not usable; "
+            "the site's log lists each with its reason)",
         )
     try:
         dataset = task.prepare(volumes, cfg, seed=seed)
