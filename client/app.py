@@ -1,11 +1,13 @@
 """The site agent's Flower ClientApp: local (DP) training and evaluation on own DICOM.
 
-Only weights, aggregate metrics and the privacy spend leave the site; a site that
-cannot train answers with a refusal naming itself and the reason instead of crashing.
+Only weights, aggregate metrics and the signed privacy spend leave the site. A site
+that cannot or may not train (bad data, exhausted budget) answers with a refusal naming
+itself and the reason instead of crashing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -15,12 +17,20 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.site import SiteIdentity, load_site_dataset, site_from_node_config
+from client.state import SiteState
 from federation import keys
-from federation.config import ModelConfig, PrivacyConfig, TaskConfig, section_from_flat
-from federation.errors import SiteDataError
+from federation.config import (
+    ModelConfig,
+    PrivacyConfig,
+    TaskConfig,
+    plan_hash,
+    section_from_flat,
+)
+from federation.errors import SiteRefusal
+from federation.ledger import LedgerEntry, Mechanism
 from federation.logs import context_logger, setup_logging
 from federation.models import build_model
-from federation.privacy import PrivacyHistory
+from federation.privacy import calibrate_noise, plan_round
 from federation.tasks import get_task
 
 __all__ = ["app", "create_client_app"]
@@ -35,12 +45,15 @@ def _reply(
     refused: str = "",
     arrays: ArrayRecord | None = None,
     metrics: MetricRecord | None = None,
+    entry: LedgerEntry | None = None,
 ) -> Message:
     content = RecordDict({keys.STATUS: ConfigRecord({keys.SITE: site, keys.REFUSED: refused})})
     if arrays is not None:
         content[keys.ARRAYS] = arrays
     if metrics is not None:
         content[keys.METRICS] = metrics
+    if entry is not None:
+        content[keys.LEDGER] = ConfigRecord({keys.LEDGER_ENTRY: entry.to_json()})
     return Message(content=content, reply_to=msg)
 
 
@@ -48,29 +61,46 @@ class _Job:
     """One message's work at a site: configuration, model and data.
 
     Raises:
-        SiteDataError: The site cannot be identified or its data is unusable.
+        SiteRefusal: The site cannot be identified or its data is unusable.
     """
 
     def __init__(self, msg: Message, context: Context, resolve: SiteResolver) -> None:
         setup_logging()
-        flat: dict[str, Any] = dict(msg.content.config_records[keys.CONFIG])
-        self.round = int(flat.get(keys.SERVER_ROUND, 0))
-        self.run = flat.get(keys.RUN_NAME)
+        self.flat: dict[str, Any] = dict(msg.content.config_records[keys.CONFIG])
+        self.round = int(self.flat.get(keys.SERVER_ROUND, 0))
+        self.run = str(self.flat.get(keys.RUN_NAME) or f"flwr-{msg.metadata.run_id}")
         self.site = resolve(context)
         self.log = context_logger(run=self.run, site=self.site.name, round=self.round)
-        self.task_cfg: TaskConfig = section_from_flat(flat, "task", TaskConfig)
-        self.model_cfg: ModelConfig = section_from_flat(flat, "model", ModelConfig)
-        self.privacy: PrivacyConfig = section_from_flat(flat, "privacy", PrivacyConfig)
-        self.seed = int(flat.get(keys.SEED, 0))
+        self.task_cfg: TaskConfig = section_from_flat(self.flat, "task", TaskConfig)
+        self.model_cfg: ModelConfig = section_from_flat(self.flat, "model", ModelConfig)
+        self.privacy: PrivacyConfig = section_from_flat(self.flat, "privacy", PrivacyConfig)
+        self.seed = int(self.flat.get(keys.SEED, 0))
+        # Reproducible shuffling without DP; under DP the task draws a secret seed.
+        self.site_seed = self.seed + 1009 * self.round + zlib.crc32(self.site.name.encode())
         self.task = get_task(self.task_cfg.name)
-        torch.set_num_threads(max(1, int(flat.get(keys.CPUS_PER_SITE, 1))))
-        self.data = load_site_dataset(self.site, self.task, self.task_cfg, seed=self.seed)
+        torch.set_num_threads(max(1, int(self.flat.get(keys.CPUS_PER_SITE, 1))))
+        self.prepared = load_site_dataset(self.site, self.task, self.task_cfg, seed=self.seed)
         self.model = build_model(self.model_cfg)
         self.model.load_state_dict(msg.content.array_records[keys.ARRAYS].to_torch_state_dict())
 
+    def plan_mechanism(self) -> Mechanism:
+        """The DP mechanism this round will run: noise given, or calibrated to a target."""
+        data, cfg, privacy = self.prepared.data, self.task_cfg, self.privacy
+        sample_rate, steps = plan_round(data.num_train, cfg.batch_size, cfg.local_epochs)
+        noise = privacy.noise_multiplier
+        if privacy.target_epsilon is not None:
+            noise = calibrate_noise(
+                target_epsilon=privacy.target_epsilon,
+                delta=privacy.delta,
+                sample_rate=sample_rate,
+                steps=steps * int(self.flat.get(keys.ROUNDS, 1)),
+                accountant=privacy.accountant,
+            )
+        return Mechanism(sample_rate, noise, privacy.max_grad_norm, steps, privacy.delta)
 
-def _refuse(msg: Message, err: SiteDataError, action: str) -> Message:
-    """Log and answer a refusal that names the site, the path and the reason."""
+
+def _refuse(msg: Message, err: SiteRefusal, action: str) -> Message:
+    """Log and answer a refusal that names the site and the reason."""
     config = msg.content.config_records[keys.CONFIG]
     log = context_logger(
         run=config.get(keys.RUN_NAME), site=err.site, round=config.get(keys.SERVER_ROUND)
@@ -79,11 +109,86 @@ def _refuse(msg: Message, err: SiteDataError, action: str) -> Message:
     return _reply(msg, err.site, refused=str(err))
 
 
+def _train_private(job: _Job, msg: Message) -> Message:
+    """Train under DP-SGD within the site's own budget, and sign the spend."""
+    state = SiteState(job.site.state_dir, job.site.name)
+    stored = state.stored_reply(job.run, job.round)
+    if stored is not None:
+        entry, payload = stored
+        job.log.warning("round already trained: answering with the stored update, no new spend")
+        return _reply(
+            msg,
+            job.site.name,
+            arrays=ArrayRecord(payload["state_dict"]),
+            metrics=MetricRecord(payload["metrics"]),
+            entry=entry,
+        )
+    planned = job.plan_mechanism()
+    fingerprint = job.prepared.fingerprint
+    after, budget = state.check_budget(
+        dataset=fingerprint, planned=planned, accountant=job.privacy.accountant
+    )
+    job.log.info(
+        "dataset %s: noise %.3f, %d steps at q=%.4f; epsilon after round %.3f of %g",
+        fingerprint,
+        planned.noise_multiplier,
+        planned.steps,
+        planned.sample_rate,
+        after,
+        budget,
+    )
+    privacy = dataclasses.replace(job.privacy, noise_multiplier=planned.noise_multiplier)
+    outcome = job.task.train(
+        job.model, job.prepared.data, job.task_cfg, privacy, seed=job.site_seed
+    )
+    if {(s.noise_multiplier, s.sample_rate) for s in outcome.spent} != {
+        (planned.noise_multiplier, planned.sample_rate)
+    }:
+        raise RuntimeError(f"training spent {outcome.spent}, not the planned {planned}")
+    spent = dataclasses.replace(planned, steps=sum(s.steps for s in outcome.spent))
+    entry = state.ledger().append(
+        run=job.run,
+        server_round=job.round,
+        dataset=fingerprint,
+        plan=plan_hash(job.flat),
+        mechanism=spent,
+        accountant=job.privacy.accountant,
+        budget=budget,
+        grad_sample_mode=job.privacy.grad_sample_mode,
+    )
+    metrics = MetricRecord(
+        {
+            keys.NUM_EXAMPLES: outcome.num_examples,
+            keys.TRAIN_LOSS: outcome.loss,
+            keys.EPSILON: entry.epsilon,
+            keys.DP_STEPS: spent.steps,
+            keys.SAMPLE_RATE: spent.sample_rate,
+            keys.NOISE_MULTIPLIER: spent.noise_multiplier,
+        }
+    )
+    state.store_reply(
+        job.run, entry, {"state_dict": job.model.state_dict(), "metrics": dict(metrics)}
+    )
+    job.log.info(
+        "trained: loss %.4f, epsilon %.3f (ledger entry %d)",
+        outcome.loss,
+        entry.epsilon,
+        entry.index,
+    )
+    return _reply(
+        msg,
+        job.site.name,
+        arrays=ArrayRecord(job.model.state_dict()),
+        metrics=metrics,
+        entry=entry,
+    )
+
+
 def create_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
     """Build the site's ClientApp.
 
     Args:
-        resolve: Maps the node's context to the site's identity and data path; in
+        resolve: Maps the node's context to the site's identity and folders; in
             deployment the SuperNode's node config, in simulation `SimulatedSites`.
     """
     app = ClientApp()
@@ -92,28 +197,17 @@ def create_client_app(resolve: SiteResolver = site_from_node_config) -> ClientAp
     def train(msg: Message, context: Context) -> Message:
         try:
             job = _Job(msg, context, resolve)
-        except SiteDataError as err:
+            if job.privacy.mode != "none":
+                return _train_private(job, msg)
+        except SiteRefusal as err:
             return _refuse(msg, err, "train")
-        history = PrivacyHistory()
-        if keys.STATE_PRIVACY in context.state:
-            history = PrivacyHistory.from_lists(
-                dict(context.state.config_records[keys.STATE_PRIVACY])  # type: ignore[arg-type]
-            )
-        site_seed = job.seed + 1009 * job.round + zlib.crc32(job.site.name.encode())
-        outcome = job.task.train(job.model, job.data, job.task_cfg, job.privacy, seed=site_seed)
-        history.extend(outcome.spent)
+        outcome = job.task.train(
+            job.model, job.prepared.data, job.task_cfg, job.privacy, seed=job.site_seed
+        )
+        job.log.info("trained without DP: loss %.4f", outcome.loss)
         metrics = MetricRecord(
             {keys.NUM_EXAMPLES: outcome.num_examples, keys.TRAIN_LOSS: outcome.loss}
         )
-        if job.privacy.mode != "none":
-            context.state[keys.STATE_PRIVACY] = ConfigRecord(dict(history.to_lists()))
-            eps = history.epsilon(delta=job.privacy.delta, accountant=job.privacy.accountant)
-            metrics[keys.EPSILON] = eps
-            metrics[keys.DP_STEPS] = sum(s.steps for s in outcome.spent)
-            metrics[keys.SAMPLE_RATE] = outcome.spent[-1].sample_rate if outcome.spent else 0.0
-            job.log.info("trained: loss %.4f, epsilon %.3f", outcome.loss, eps)
-        else:
-            job.log.info("trained without DP: loss %.4f", outcome.loss)
         return _reply(
             msg, job.site.name, arrays=ArrayRecord(job.model.state_dict()), metrics=metrics
         )
@@ -122,9 +216,9 @@ def create_client_app(resolve: SiteResolver = site_from_node_config) -> ClientAp
     def evaluate(msg: Message, context: Context) -> Message:
         try:
             job = _Job(msg, context, resolve)
-        except SiteDataError as err:
+        except SiteRefusal as err:
             return _refuse(msg, err, "evaluate")
-        outcome = job.task.evaluate(job.model, job.data)
+        outcome = job.task.evaluate(job.model, job.prepared.data)
         job.log.info("evaluated: dice %.4f, loss %.4f", outcome.dice, outcome.loss)
         metrics = MetricRecord(
             {

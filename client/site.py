@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -15,19 +16,36 @@ from federation.dicom.series import load_labelled_volumes
 from federation.errors import SiteDataError
 from federation.logs import context_logger
 
-__all__ = ["SimulatedSites", "SiteIdentity", "load_site_dataset", "site_from_node_config"]
+__all__ = [
+    "PreparedSite",
+    "SimulatedSites",
+    "SiteIdentity",
+    "dataset_fingerprint",
+    "load_site_dataset",
+    "site_from_node_config",
+]
 
 
 @dataclass(frozen=True)
 class SiteIdentity:
-    """A site's name and its own DICOM folder."""
+    """A site's name, its own DICOM folder and its own state folder."""
 
     name: str
     data_path: Path
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class PreparedSite:
+    """A site's dataset ready for the task, and its fingerprint for privacy accounting."""
+
+    data: Any
+    fingerprint: str
+    num_series: int
 
 
 def site_from_node_config(context: Context) -> SiteIdentity:
-    """Identity from the SuperNode's node config (`site-name`, `data-path`)."""
+    """Identity from the SuperNode's node config (`site-name`, `data-path`, `state-dir`)."""
     cfg = context.node_config
     if keys.NODE_DATA_PATH not in cfg:
         raise SiteDataError(
@@ -38,26 +56,40 @@ def site_from_node_config(context: Context) -> SiteIdentity:
             f"{keys.NODE_DATA_PATH}='/path/to/dicom'\"",
         )
     name = str(cfg.get(keys.NODE_SITE_NAME, f"node-{context.node_id}"))
-    return SiteIdentity(name, Path(str(cfg[keys.NODE_DATA_PATH])))
+    default_state = Path.home() / ".medfed" / "sites" / name
+    state = Path(str(cfg.get(keys.NODE_STATE_DIR, default_state)))
+    return SiteIdentity(name, Path(str(cfg[keys.NODE_DATA_PATH])), state)
 
 
 @dataclass(frozen=True)
 class SimulatedSites:
-    """Identity of simulated nodes: partition `i` is site `names[i]` under `root`."""
+    """Identity of simulated nodes: partition `i` is site `names[i]`.
+
+    Its data is `data_root/<name>` and its state `state_root/<name>`.
+    """
 
     names: tuple[str, ...]
-    root: str
+    data_root: str
+    state_root: str
 
     def __call__(self, context: Context) -> SiteIdentity:
         """Map the simulated node's partition id to its site."""
-        pid = int(context.node_config[keys.NODE_PARTITION_ID])
-        return SiteIdentity(self.names[pid], Path(self.root) / self.names[pid])
+        name = self.names[int(context.node_config[keys.NODE_PARTITION_ID])]
+        return SiteIdentity(name, Path(self.data_root) / name, Path(self.state_root) / name)
 
 
-_CACHE: dict[tuple[Any, ...], Any] = {}
+_CACHE: dict[tuple[Any, ...], PreparedSite] = {}
 
 
-def load_site_dataset(site: SiteIdentity, task: ModuleType, cfg: TaskConfig, *, seed: int) -> Any:
+def dataset_fingerprint(sop_uids: list[str]) -> str:
+    """Stable, non-identifying name of a dataset: a hash of its instance UIDs."""
+    digest = hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()
+    return f"ds-{digest[:16]}"
+
+
+def load_site_dataset(
+    site: SiteIdentity, task: ModuleType, cfg: TaskConfig, *, seed: int
+) -> PreparedSite:
     """Read, check and prepare the site's DICOM for the task (cached per process).
 
     Raises:
@@ -88,12 +120,16 @@ def load_site_dataset(site: SiteIdentity, task: ModuleType, cfg: TaskConfig, *, 
         dataset = task.prepare(volumes, cfg, seed=seed)
     except ValueError as err:
         raise SiteDataError(site.name, path, str(err)) from err
+    prepared = PreparedSite(
+        dataset, dataset_fingerprint([u for v in volumes for u in v.sop_uids]), len(volumes)
+    )
     log.info(
-        "prepared %d series: %d training and %d held-out slices (%d not used)",
+        "prepared %d series (dataset %s): %d training and %d held-out slices (%d not used)",
         len(volumes),
+        prepared.fingerprint,
         dataset.num_train,
         dataset.num_val,
         len(problems),
     )
-    _CACHE[key] = dataset
-    return dataset
+    _CACHE[key] = prepared
+    return prepared

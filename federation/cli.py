@@ -4,6 +4,10 @@ medfed demo                                   # local 3-hospital consortium, DP,
 medfed run federation.num_sites=5 privacy.noise_multiplier=1.1 rounds=3
 medfed generate --output consortium --sites 3
 medfed site check --data consortium/site-1
+medfed site policy --state site-state/site-1 --max-epsilon 8 --delta 1e-5
+medfed audit verify site-state/*/ledger.jsonl --keys site-state
+medfed audit epsilon --sample-rate 0.04 --noise-multiplier 1.5 --steps 2250 --delta 1e-5
+medfed audit report site-state/*/ledger.jsonl --keys site-state --output audit
 medfed config privacy=none
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -44,12 +49,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import datetime as dt
+
     from federation import keys
-    from federation.config import compose_config
+    from federation.config import compose_config, resolve_path
     from server.launch import run_simulation
     from server.report import format_table
 
     cfg = compose_config(args.overrides)
+    if args.command == "demo" and not any(
+        o.startswith("federation.site_state_root=") for o in args.overrides
+    ):
+        # A demo is self-contained: its simulated hospitals start with fresh budgets.
+        # `medfed run` keeps site state (and spent budget) across runs.
+        name = cfg.run_name or dt.datetime.now().strftime("demo-%Y%m%d-%H%M%S")
+        state = resolve_path(cfg.output_dir) / name / "site-state"
+        cfg = dataclasses.replace(
+            cfg,
+            run_name=name,
+            federation=dataclasses.replace(cfg.federation, site_state_root=str(state)),
+        )
     if cfg.federation.engine != "simulation":
         raise ValueError(
             f"federation.engine={cfg.federation.engine!r} is not available yet; "
@@ -65,7 +85,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"\nHeld-out Dice: {first:.3f} (initial model) -> {last:.3f} "
             f"(after round {rounds[-1].round})"
         )
-    print(f"Model, history and plot: {result.output_dir}")
+    print(f"Model, history, plot and ledger copies: {result.output_dir}")
+    state = resolve_path(cfg.federation.site_state_root)
+    if cfg.privacy.mode != "none":
+        print(
+            f"Site ledgers: {state}/<site>/ledger.jsonl  (audit: .venv/bin/medfed audit "
+            f"report {state}/*/ledger.jsonl --keys {state} --output audit)"
+        )
     print(f"MLflow run {result.mlflow_run_id} in {result.tracking_uri}")
     print(
         f"Open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}"
@@ -90,6 +116,75 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
         f"vendors: {', '.join(vendors) or '-'}"
     )
     return 0 if volumes else 1
+
+
+def _cmd_site_policy(args: argparse.Namespace) -> int:
+    from client.state import SitePolicy, SiteState
+    from federation.ledger import history_of
+
+    state = SiteState(Path(args.state), Path(args.state).name)
+    if args.max_epsilon is not None:
+        SitePolicy(max_epsilon=args.max_epsilon, delta=args.delta).save(state.policy_path)
+        print(f"wrote {state.policy_path}")
+    policy = state.policy()
+    print(f"budget: epsilon {policy.max_epsilon:g} per dataset at delta {policy.delta:g}")
+    entries = state.ledger().entries()
+    for dataset in sorted({e.dataset for e in entries}):
+        rows = [e for e in entries if e.dataset == dataset]
+        spent = history_of(entries, dataset).epsilon(
+            delta=policy.delta, accountant=rows[-1].accountant
+        )
+        print(
+            f"{dataset}: spent {spent:.3f} of {policy.budget_for(dataset):g} "
+            f"over {len(rows)} rounds"
+        )
+    return 0
+
+
+def _audits(args: argparse.Namespace) -> list[Any]:
+    from federation.audit import audit_ledgers, load_keys
+
+    keys = load_keys([Path(k) for k in args.keys])
+    return audit_ledgers([Path(p) for p in args.ledgers], keys)
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    audits = _audits(args)
+    for audit in audits:
+        if audit.ok:
+            spend = ", ".join(
+                f"{s['site']}/{s['dataset']}: epsilon {s['epsilon']:.4f} (delta {s['delta']:g})"
+                for s in audit.summary()["spend"]
+            )
+            print(f"OK {audit.path}: {len(audit.entries)} entries verified; {spend}")
+        else:
+            for problem in audit.problems:
+                print(f"FAIL {problem}", file=sys.stderr)
+    return 0 if all(a.ok for a in audits) else 1
+
+
+def _cmd_audit_epsilon(args: argparse.Namespace) -> int:
+    from federation.privacy import MechanismStep, PrivacyHistory
+
+    history = PrivacyHistory([MechanismStep(args.noise_multiplier, args.sample_rate, args.steps)])
+    print(
+        f"subsampled Gaussian: q={args.sample_rate}, sigma={args.noise_multiplier}, "
+        f"{args.steps} steps, delta={args.delta}, accountant={args.accountant}"
+    )
+    print(repr(history.epsilon(delta=args.delta, accountant=args.accountant)))
+    return 0
+
+
+def _cmd_audit_report(args: argparse.Namespace) -> int:
+    from federation.audit import write_report
+
+    audits = _audits(args)
+    html_path, json_path = write_report(audits, Path(args.output))
+    print(f"wrote {html_path} and {json_path}")
+    bad = [a.path for a in audits if not a.ok]
+    if bad:
+        print(f"NOT verified: {', '.join(bad)}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,19 +219,48 @@ def _parser() -> argparse.ArgumentParser:
     check = site.add_parser("check", help="check that a site folder holds usable labelled DICOM")
     check.add_argument("--data", required=True, help="the site's DICOM folder")
     check.set_defaults(func=_cmd_site_check)
+    policy = site.add_parser("policy", help="set or show the site's privacy budget and spend")
+    policy.add_argument("--state", required=True, help="the site's state folder")
+    policy.add_argument("--max-epsilon", type=float, help="budget per dataset, over all runs")
+    policy.add_argument("--delta", type=float, default=1e-5, help="delta of the budget")
+    policy.set_defaults(func=_cmd_site_policy)
+
+    audit = sub.add_parser("audit", help="auditor commands").add_subparsers(
+        dest="audit_command", required=True
+    )
+    verify = audit.add_parser("verify", help="verify signatures, chain and epsilon of ledgers")
+    report = audit.add_parser("report", help="HTML and JSON privacy report of ledgers")
+    for p in (verify, report):
+        p.add_argument("ledgers", nargs="+", help="ledger files (JSON lines)")
+        p.add_argument(
+            "--keys",
+            nargs="+",
+            required=True,
+            help="public keys: NAME.pub files, or folders holding them",
+        )
+    verify.set_defaults(func=_cmd_audit_verify)
+    report.add_argument("--output", required=True, help="folder for the report")
+    report.set_defaults(func=_cmd_audit_report)
+    eps = audit.add_parser("epsilon", help="epsilon of a subsampled Gaussian mechanism")
+    eps.add_argument("--sample-rate", type=float, required=True)
+    eps.add_argument("--noise-multiplier", type=float, required=True)
+    eps.add_argument("--steps", type=int, required=True)
+    eps.add_argument("--delta", type=float, required=True)
+    eps.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
+    eps.set_defaults(func=_cmd_audit_epsilon)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `medfed` console script."""
     args = _parser().parse_args(argv)
-    from federation.errors import FederationError, SiteDataError
+    from federation.errors import FederationError, SiteRefusal
     from federation.logs import setup_logging
 
     setup_logging(verbose=args.verbose)
     try:
         return int(args.func(args))
-    except (ValueError, FederationError, SiteDataError) as err:
+    except (ValueError, FederationError, SiteRefusal) as err:
         print(f"medfed: error: {err}", file=sys.stderr)
         return 2
 

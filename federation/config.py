@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = [
     "config_from_json",
     "config_to_json",
     "flatten",
+    "plan_hash",
     "resolve_path",
     "section_from_flat",
 ]
@@ -70,6 +72,7 @@ class PrivacyConfig:
     """Differential privacy applied at each site."""
 
     mode: str = "dp-sgd"
+    target_epsilon: float | None = None
     noise_multiplier: float = 1.3
     max_grad_norm: float = 1.0
     delta: float = 1e-5
@@ -97,6 +100,8 @@ class FederationConfig:
     min_sites: int = 2
     round_timeout: float = 1800.0
     cpus_per_site: int = 1
+    site_state_root: str = "site-state"
+    site_budget: float = 10.0
 
     def names(self) -> list[str]:
         """Site names, `site-1 ... site-N` unless given."""
@@ -152,6 +157,8 @@ class MedfedConfig:
                 f"privacy.mode={self.privacy.mode!r} is unknown; "
                 "use privacy=dp_sgd or privacy=none."
             )
+        if self.privacy.target_epsilon is not None and self.privacy.target_epsilon <= 0:
+            raise ValueError(f"privacy.target_epsilon={self.privacy.target_epsilon} must be > 0.")
         if self.privacy.mode == "dp-sgd" and (
             self.privacy.noise_multiplier <= 0 or self.privacy.max_grad_norm <= 0
         ):
@@ -229,6 +236,19 @@ def section_from_flat(flat: dict[str, Any], section: str, schema: type[Any]) -> 
     values = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
     typed = OmegaConf.merge(OmegaConf.structured(schema), values)
     return OmegaConf.to_object(typed)
+
+
+def plan_hash(site_config: dict[str, Any]) -> str:
+    """Stable hash of what a run executes at a site: code version and site config.
+
+    Round number and run name are left out, so every round of a run has the same plan.
+    """
+    from federation import __version__, keys
+
+    volatile = {keys.SERVER_ROUND, keys.RUN_NAME}
+    plan = {k: v for k, v in site_config.items() if k not in volatile}
+    canonical = json.dumps({"medfed": __version__, "config": plan}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def resolve_path(path: str, base: Path | None = None) -> Path:

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["FederationError", "SiteDataError"]
+__all__ = ["FederationError", "SiteDataError", "SiteRefusal"]
 
 
-class SiteDataError(Exception):
+class SiteRefusal(Exception):
+    """A site declines a round; the reason travels to the coordinator."""
+
+    def __init__(self, site: str, reason: str) -> None:
+        self.site = site
+        self.reason = reason
+        super().__init__(f"site {site!r}: {reason}")
+
+
+class SiteDataError(SiteRefusal):
     """A site cannot train: its data folder is missing or holds no usable series."""
 
     def __init__(self, site: str, path: Path | str, reason: str) -> None:
-        self.site = site
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"site {site!r}: {reason} (data path: {self.path})")
+        super().__init__(site, f"{reason} (data path: {self.path})")
 
 
 class FederationError(RuntimeError):

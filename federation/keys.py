@@ -5,16 +5,20 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 STATUS = "status"
+LEDGER = "ledger"
 
 # ConfigRecord keys sent by the coordinator (plus the dotted config keys).
 SERVER_ROUND = "server-round"
 RUN_NAME = "run-name"
 SEED = "seed"
+ROUNDS = "rounds"
 CPUS_PER_SITE = "federation.cpus_per_site"
 
 # ConfigRecord keys in a site's STATUS reply.
 SITE = "site"
 REFUSED = "refused"
+# ConfigRecord key in a site's LEDGER reply: the signed ledger entry as JSON.
+LEDGER_ENTRY = "entry"
 
 # Metric names in a site's METRICS reply.
 NUM_EXAMPLES = "num-examples"
@@ -24,6 +28,7 @@ DICE = "dice"
 EPSILON = "epsilon"
 DP_STEPS = "dp-steps"
 SAMPLE_RATE = "sample-rate"
+NOISE_MULTIPLIER = "noise-multiplier"
 
 # Flower run config (declared in pyproject's [tool.flwr.app.config]).
 RUN_CONFIG_JSON = "medfed-config"
@@ -31,7 +36,5 @@ RUN_CONFIG_JSON = "medfed-config"
 # Flower node config of a SuperNode (deployment) and of a simulated node.
 NODE_SITE_NAME = "site-name"
 NODE_DATA_PATH = "data-path"
+NODE_STATE_DIR = "state-dir"
 NODE_PARTITION_ID = "partition-id"
-
-# Site-local state kept by the ClientApp between rounds.
-STATE_PRIVACY = "medfed-privacy"

@@ -12,11 +12,14 @@ from torch.utils.data import DataLoader
 from federation.config import PrivacyConfig
 
 __all__ = [
+    "GRAD_SAMPLE_MODES",
     "MechanismStep",
     "PrivacyHistory",
     "PrivateTraining",
+    "calibrate_noise",
     "format_epsilon",
     "make_private",
+    "plan_round",
 ]
 
 _ACCOUNTANTS = ("rdp", "prv")
@@ -84,12 +87,18 @@ class PrivacyHistory:
 
 @dataclass
 class PrivateTraining:
-    """A model, optimizer and loader made private, and what they have spent so far."""
+    """Model, optimizer, loader and loss made private, and what they have spent so far.
+
+    In Opacus's ghost-clipping mode the loss is a wrapper whose `backward()` runs the
+    two passes of fast gradient clipping; use `criterion` in every mode.
+    """
 
     model: nn.Module
     optimizer: Optimizer
     loader: DataLoader
+    criterion: nn.Module
     engine: object | None
+    grad_sample_mode: str = "hooks"
 
     def empty_step(self) -> None:
         """Take the step of an empty Poisson batch: noise only under DP, nothing without.
@@ -102,7 +111,12 @@ class PrivateTraining:
 
         self.optimizer.zero_grad(set_to_none=True)
         for param in self.optimizer.params:  # type: ignore[attr-defined]
-            param.grad_sample = torch.zeros((0, *param.shape), device=param.device)
+            # No samples: a zero clipped sum (ghost clipping), or no per-sample
+            # gradients (other modes); the optimizer then adds the noise alone.
+            if self.grad_sample_mode == "ghost":
+                param.grad = torch.zeros_like(param)
+            else:
+                param.grad_sample = torch.zeros((0, *param.shape), device=param.device)
         self.optimizer.step()
 
     def spent(self) -> list[MechanismStep]:
@@ -113,34 +127,75 @@ class PrivateTraining:
         return [MechanismStep(float(n), float(q), int(t)) for n, q, t in history]
 
 
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+
+
 def make_private(
     model: nn.Module,
     optimizer: Optimizer,
     loader: DataLoader,
+    criterion: nn.Module,
     cfg: PrivacyConfig,
 ) -> PrivateTraining:
     """Wrap training in Opacus DP-SGD (Poisson sampling, per-sample clipping, noise).
 
-    The noise is never seeded: predictable noise would void the guarantee. With
-    `cfg.mode == "none"` the inputs are returned unchanged.
+    The noise is never seeded here: the caller seeds torch from a secret under DP.
+    With `cfg.mode == "none"` the inputs are returned unchanged.
+
+    Raises:
+        ValueError: Unknown accountant or per-sample-gradient mode.
     """
     if cfg.mode == "none":
-        return PrivateTraining(model, optimizer, loader, None)
+        return PrivateTraining(model, optimizer, loader, criterion, None)
     if cfg.accountant not in _ACCOUNTANTS:
         raise ValueError(f"privacy.accountant={cfg.accountant!r} is unknown; use rdp or prv.")
+    if cfg.grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"privacy.grad_sample_mode={cfg.grad_sample_mode!r} is unknown; "
+            f"use one of {GRAD_SAMPLE_MODES}."
+        )
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant=cfg.accountant)
-    p_model, p_opt, p_loader = engine.make_private(
+    made = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
+        criterion=criterion,
         noise_multiplier=cfg.noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode=cfg.grad_sample_mode,
     )
-    return PrivateTraining(p_model, p_opt, p_loader, engine)
+    if cfg.grad_sample_mode == "ghost":
+        p_model, p_opt, p_criterion, p_loader = made
+    else:
+        (p_model, p_opt, p_loader), p_criterion = made, criterion
+    return PrivateTraining(p_model, p_opt, p_loader, p_criterion, engine, cfg.grad_sample_mode)
+
+
+def plan_round(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """Sample rate and DP steps of one round, as Opacus's Poisson loader takes them."""
+    batches = max(1, math.ceil(num_examples / batch_size))
+    return 1.0 / batches, epochs * batches
+
+
+def calibrate_noise(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """Noise multiplier that spends `target_epsilon` at `delta` over `steps` steps."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.005,
+        )
+    )
 
 
 def format_epsilon(eps: float) -> str:

@@ -66,7 +66,9 @@ def coordinate(grid: Grid, cfg: MedfedConfig) -> RunResult:
     )
     log.info("MLflow run %s in %s", tracker.run_id, uri)
     try:
-        arrays, history = run_rounds(grid, cfg, run_name=run_name, tracker=tracker)
+        arrays, history = run_rounds(
+            grid, cfg, run_name=run_name, ledger_dir=out_dir / "ledger", tracker=tracker
+        )
     except BaseException as err:
         tracker.set_tag("medfed.error", str(err)[:4000])
         tracker.finish(ok=False)

@@ -27,6 +27,7 @@ class RoundReport:
 
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    ledger: dict[str, str] = field(default_factory=dict)  # signed entries, as JSON
 
 
 def _site_of(msg: Message) -> str:
@@ -87,6 +88,9 @@ class SiteGuard(Strategy):
                 report.failures[site] = refused
             else:
                 usable.append(msg)
+                if keys.LEDGER in msg.content:
+                    entry = msg.content.config_records[keys.LEDGER][keys.LEDGER_ENTRY]
+                    report.ledger[site] = str(entry)
                 metrics = msg.content.metric_records[keys.METRICS]
                 report.metrics[site] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
         for site, reason in sorted(report.failures.items()):

@@ -7,13 +7,14 @@ import os
 
 from client.app import create_client_app
 from client.site import SimulatedSites
+from client.state import POLICY_FILE, SitePolicy
 from federation.config import MedfedConfig, resolve_path
 from federation.errors import FederationError
 from federation.logs import context_logger
 from federation.tracking import default_tracking_uri
 from server.app import RunResult, create_server_app
 
-__all__ = ["anchor_paths", "ensure_consortium", "run_simulation"]
+__all__ = ["anchor_paths", "ensure_consortium", "ensure_site_policies", "run_simulation"]
 
 
 def anchor_paths(cfg: MedfedConfig) -> MedfedConfig:
@@ -21,6 +22,9 @@ def anchor_paths(cfg: MedfedConfig) -> MedfedConfig:
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, root=str(resolve_path(cfg.data.root))),
+        federation=dataclasses.replace(
+            cfg.federation, site_state_root=str(resolve_path(cfg.federation.site_state_root))
+        ),
         output_dir=str(resolve_path(cfg.output_dir)),
         tracking=dataclasses.replace(cfg.tracking, uri=cfg.tracking.uri or default_tracking_uri()),
     )
@@ -48,6 +52,18 @@ def ensure_consortium(cfg: MedfedConfig) -> None:
     )
 
 
+def ensure_site_policies(cfg: MedfedConfig) -> None:
+    """Give simulated sites without a policy one with `federation.site_budget`.
+
+    This stands in for each hospital writing its own policy; an existing policy, and the
+    spend in the site's ledger, are never touched.
+    """
+    for name in cfg.federation.names():
+        path = resolve_path(cfg.federation.site_state_root) / name / POLICY_FILE
+        if not path.exists():
+            SitePolicy(max_epsilon=cfg.federation.site_budget, delta=cfg.privacy.delta).save(path)
+
+
 def run_simulation(cfg: MedfedConfig) -> RunResult:
     """Run the federation in Flower's simulation engine, one virtual SuperNode per site.
 
@@ -62,12 +78,15 @@ def run_simulation(cfg: MedfedConfig) -> RunResult:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     cfg = anchor_paths(cfg)
     ensure_consortium(cfg)
+    ensure_site_policies(cfg)
     names = cfg.federation.names()
     results: list[RunResult] = []
     gpus = 1.0 / len(names) if torch.cuda.is_available() else 0.0
     flwr_run_simulation(
         server_app=create_server_app(cfg, on_done=results.append),
-        client_app=create_client_app(SimulatedSites(tuple(names), cfg.data.root)),
+        client_app=create_client_app(
+            SimulatedSites(tuple(names), cfg.data.root, cfg.federation.site_state_root)
+        ),
         num_supernodes=len(names),
         backend_config={
             "client_resources": {"num_cpus": cfg.federation.cpus_per_site, "num_gpus": gpus},

@@ -61,6 +61,7 @@ def site_config(cfg: MedfedConfig, run_name: str) -> ConfigRecord:
     tree = asdict(cfg)
     flat = flatten({name: tree[name] for name in _SITE_SECTIONS})
     flat[keys.SEED] = cfg.seed
+    flat[keys.ROUNDS] = cfg.rounds
     flat[keys.CPUS_PER_SITE] = cfg.federation.cpus_per_site
     flat[keys.RUN_NAME] = run_name
     return ConfigRecord(flat)
@@ -82,8 +83,24 @@ def _as_dict(record: MetricRecord | None) -> dict[str, float]:
     return {} if record is None else {k: float(v) for k, v in record.items()}  # type: ignore[arg-type]
 
 
+def _record_ledger(report: RoundReport, ledger_dir: Path, tracker: RunTracker | None) -> None:
+    """Keep the coordinator's copy of each site's signed ledger entries, in MLflow too."""
+    ledger_dir.mkdir(parents=True, exist_ok=True)
+    for site, entry in sorted(report.ledger.items()):
+        path = ledger_dir / f"{site}.jsonl"
+        with path.open("a") as handle:
+            handle.write(entry + "\n")
+        if tracker is not None:
+            tracker.log_artifact(path, "ledger")
+
+
 def run_rounds(
-    grid: Grid, cfg: MedfedConfig, *, run_name: str, tracker: RunTracker | None = None
+    grid: Grid,
+    cfg: MedfedConfig,
+    *,
+    run_name: str,
+    ledger_dir: Path,
+    tracker: RunTracker | None = None,
 ) -> tuple[ArrayRecord, RunHistory]:
     """Run `cfg.rounds` federated rounds over the sites reachable through `grid`.
 
@@ -136,6 +153,7 @@ def run_rounds(
         record.train = _as_dict(train_metrics)
         record.site_train = report.metrics
         record.failures.update(report.failures)
+        _record_ledger(report, ledger_dir, tracker)
         evaluate(server_round, record)
         finish(record, started)
         log.info(

@@ -19,6 +19,7 @@ from federation.privacy import MechanismStep, make_private
 
 __all__ = [
     "EvalOutcome",
+    "SegmentationLoss",
     "SiteDataset",
     "TrainOutcome",
     "device",
@@ -107,10 +108,26 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _loss_fn() -> nn.Module:
-    from monai.losses import DiceCELoss
+class SegmentationLoss(nn.Module):
+    """Soft Dice + binary cross-entropy, per sample.
 
-    return DiceCELoss(sigmoid=True)
+    `reduction` is "mean" (a scalar) or "none" (one loss per sample), as Opacus's
+    ghost clipping switches it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.reduction = "mean"
+        self.dice = DiceLoss(sigmoid=True, reduction="none")
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of a batch of logits against binary masks."""
+        dice = self.dice(logits, target).flatten(1).mean(1)
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        per_sample = dice + bce.flatten(1).mean(1)
+        return per_sample if self.reduction == "none" else per_sample.mean()
 
 
 def train(
@@ -139,8 +156,7 @@ def train(
     with warnings.catch_warnings():
         # Opacus's fast (non-cryptographic) RNG is the documented default for training.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        private = make_private(model, optimizer, loader, privacy)
-    loss_fn = _loss_fn()
+        private = make_private(model, optimizer, loader, SegmentationLoss(), privacy)
     private.model.train()
     total, batches = 0.0, 0
     for _ in range(task.local_epochs):
@@ -150,7 +166,7 @@ def train(
                 continue
             images, masks = images.to(dev), masks.to(dev)
             private.optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(private.model(images), masks)
+            loss = private.criterion(private.model(images), masks)
             with warnings.catch_warnings():
                 # Opacus hooks fire on the first layer, whose input needs no grad: expected.
                 warnings.filterwarnings("ignore", message="Full backward hook")
@@ -170,7 +186,7 @@ def train(
 @torch.no_grad()
 def evaluate(model: nn.Module, data: SiteDataset, *, batch_size: int = 32) -> EvalOutcome:
     """Loss per slice and Dice per held-out volume (slice predictions stacked)."""
-    loss_fn = _loss_fn()
+    loss_fn = SegmentationLoss()
     dev = device()
     model.to(dev).eval()
     losses, dices = [], []

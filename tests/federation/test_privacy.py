@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
-from federation.privacy import MechanismStep, PrivacyHistory
+from federation.privacy import MechanismStep, PrivacyHistory, calibrate_noise, plan_round
 
 
 def test_epsilon_matches_opacus_published_rdp_value():
@@ -46,3 +46,56 @@ def test_history_survives_its_wire_format(entries):
     assert again.steps == history.steps
     assert sum(s.steps for s in again.steps) == sum(t for *_, t in entries)
     assert math.isfinite(again.epsilon(delta=1e-5))
+
+
+def test_prv_matches_opacus_published_value():
+    history = PrivacyHistory([MechanismStep(1.5, 0.04, 2249)])
+    assert history.epsilon(delta=1e-5, accountant="prv") == pytest.approx(
+        6.777395712150674, rel=1e-6
+    )
+
+
+def test_noise_calibrated_to_a_target_spends_that_target():
+    rate, steps = plan_round(num_examples=300, batch_size=32, epochs=2)
+    assert (rate, steps) == (0.1, 20)
+    for accountant in ("rdp", "prv"):
+        sigma = calibrate_noise(
+            target_epsilon=4.0,
+            delta=1e-5,
+            sample_rate=rate,
+            steps=10 * steps,
+            accountant=accountant,
+        )
+        spent = PrivacyHistory([MechanismStep(sigma, rate, 10 * steps)]).epsilon(
+            delta=1e-5, accountant=accountant
+        )
+        assert 3.95 <= spent <= 4.0
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_empty_poisson_batches_still_take_a_noisy_counted_step(mode):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from federation.config import ModelConfig, PrivacyConfig
+    from federation.models import build_model
+    from federation.privacy import make_private
+    from federation.tasks.seg2d import SegmentationLoss
+
+    model = build_model(ModelConfig(), seed=0)
+    x = torch.rand(4, 1, 32, 32)
+    private = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        DataLoader(TensorDataset(x, (x > 0.5).float()), batch_size=2),
+        SegmentationLoss(),
+        PrivacyConfig(grad_sample_mode=mode),
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    private.empty_step()
+    private.optimizer.zero_grad(set_to_none=True)
+    loss = private.criterion(private.model(x[:2]), (x[:2] > 0.5).float())
+    loss.backward()
+    private.optimizer.step()
+    assert [s.steps for s in private.spent()] == [2]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,180 @@
+"""What a site keeps for itself: its policy, signing key, privacy ledger and last replies.
+
+The state folder belongs to the site, never to the coordinator. Everything that decides
+whether the site may still spend privacy is read from disk on each round, so restarting
+the site agent never resets its budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from federation.errors import SiteRefusal
+from federation.ledger import Ledger, LedgerEntry, Mechanism, history_of
+from federation.privacy import MechanismStep
+from federation.security import load_or_create_signing_key
+
+__all__ = ["POLICY_FILE", "SitePolicy", "SiteState"]
+
+POLICY_FILE = "policy.yaml"
+KEY_FILE = "site_key.pem"
+LEDGER_FILE = "ledger.jsonl"
+REPLIES_DIR = "replies"
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """The site's own limits on privacy spend.
+
+    Attributes:
+        max_epsilon: Largest total epsilon any one dataset may reach, over all runs.
+        delta: The delta at which the budget is stated (and every round is accounted).
+        datasets: Per-dataset overrides of `max_epsilon`, by dataset fingerprint.
+    """
+
+    max_epsilon: float
+    delta: float
+    datasets: dict[str, float] = field(default_factory=dict)
+
+    def budget_for(self, dataset: str) -> float:
+        """The epsilon budget of one dataset."""
+        return float(self.datasets.get(dataset, self.max_epsilon))
+
+    def save(self, path: Path) -> None:
+        """Write the policy as YAML."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({"privacy": asdict(self)}, sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> SitePolicy:
+        """Read a policy file.
+
+        Raises:
+            ValueError: The file is not a valid policy (the problem is named).
+        """
+        raw = yaml.safe_load(path.read_text()) or {}
+        section = raw.get("privacy") if isinstance(raw, dict) else None
+        if not isinstance(section, dict):
+            raise ValueError(f"{path}: expected a 'privacy' section with max_epsilon and delta")
+        try:
+            policy = cls(
+                max_epsilon=float(section["max_epsilon"]),
+                delta=float(section["delta"]),
+                datasets={str(k): float(v) for k, v in (section.get("datasets") or {}).items()},
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: invalid privacy policy: {err}") from err
+        if not policy.max_epsilon > 0 or not 0 < policy.delta < 1:
+            raise ValueError(f"{path}: max_epsilon must be > 0 and delta in (0, 1)")
+        return policy
+
+
+@dataclass
+class SiteState:
+    """A site's state folder."""
+
+    root: Path
+    site: str
+
+    @property
+    def policy_path(self) -> Path:
+        """Where the site's policy lives."""
+        return self.root / POLICY_FILE
+
+    def policy(self) -> SitePolicy:
+        """The site's policy.
+
+        Raises:
+            SiteRefusal: There is none, or it is invalid.
+        """
+        if not self.policy_path.exists():
+            raise SiteRefusal(
+                self.site,
+                f"no site policy at {self.policy_path}: the site must set its privacy budget "
+                "first (medfed site policy --state DIR --max-epsilon E --delta D)",
+            )
+        try:
+            return SitePolicy.load(self.policy_path)
+        except ValueError as err:
+            raise SiteRefusal(self.site, str(err)) from err
+
+    def ledger(self) -> Ledger:
+        """The site's signed privacy ledger."""
+        return Ledger(
+            self.root / LEDGER_FILE, load_or_create_signing_key(self.root / KEY_FILE), self.site
+        )
+
+    def check_budget(
+        self, *, dataset: str, planned: Mechanism, accountant: str
+    ) -> tuple[float, float]:
+        """Epsilon this dataset would reach after the planned round, and its budget.
+
+        Raises:
+            SiteRefusal: The round would cross the budget, or its delta is not the policy's.
+        """
+        policy = self.policy()
+        if not math.isclose(planned.delta, policy.delta, rel_tol=1e-9):
+            raise SiteRefusal(
+                self.site,
+                f"the run accounts at delta={planned.delta:g} but this site's budget is set at "
+                f"delta={policy.delta:g}; ask the coordinator for privacy.delta={policy.delta:g}",
+            )
+        budget = policy.budget_for(dataset)
+        history = history_of(self.ledger().entries(), dataset)
+        spent = history.epsilon(delta=policy.delta, accountant=accountant)
+        history.extend(
+            [MechanismStep(planned.noise_multiplier, planned.sample_rate, planned.steps)]
+        )
+        after = history.epsilon(delta=policy.delta, accountant=accountant)
+        if after > budget:
+            raise SiteRefusal(
+                self.site,
+                f"privacy budget: this round would take dataset {dataset} from epsilon "
+                f"{spent:.3f} to {after:.3f}, over the site's budget of {budget:g} at "
+                f"delta={policy.delta:g}; no training was done",
+            )
+        return after, budget
+
+    def _reply_path(self, run: str) -> Path:
+        return self.root / REPLIES_DIR / f"{hashlib.sha256(run.encode()).hexdigest()[:24]}.pt"
+
+    def store_reply(self, run: str, entry: LedgerEntry, payload: dict[str, Any]) -> None:
+        """Keep the latest reply of a run, so a repeated round is answered without new spend."""
+        import torch
+
+        path = self._reply_path(run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"entry": entry.to_json(), **payload}, path)
+
+    def stored_reply(
+        self, run: str, server_round: int
+    ) -> tuple[LedgerEntry, dict[str, Any]] | None:
+        """The reply already given for this run's round.
+
+        Raises:
+            SiteRefusal: The round was trained but its reply is no longer kept; training
+                it again would spend privacy twice.
+        """
+        import torch
+
+        entry = self.ledger().find(run, server_round)
+        if entry is None:
+            return None
+        path = self._reply_path(run)
+        if path.exists():
+            payload = torch.load(path, weights_only=True)
+            stored = LedgerEntry.from_json(payload.pop("entry"))
+            if stored.hash == entry.hash:
+                return stored, payload
+        raise SiteRefusal(
+            self.site,
+            f"round {server_round} of run {run!r} was already trained and charged "
+            f"(ledger entry {entry.index}); its update is no longer kept, and training it "
+            "again would spend privacy twice",
+        )

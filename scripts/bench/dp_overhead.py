@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""DP-SGD overhead of the shipped segmentation model, per Opacus per-sample-gradient mode.
+
+Each configuration runs in its own process (so peak memory is its own); the non-private
+baseline runs first and last and the ratios use the mean of the two. Prints a table and,
+on its last line, one JSON object with the headline figures.
+
+    python scripts/bench/dp_overhead.py            # batch 16, 128x128 slices
+    python scripts/bench/dp_overhead.py --quick    # fewer timed steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+MODES = ("hooks", "functorch", "ew", "ghost")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def worker(mode: str, *, batch: int, size: int, steps: int, warmup: int) -> dict[str, object]:
+    """Time training steps of one configuration and measure its peak memory."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from federation.config import ModelConfig, PrivacyConfig
+    from federation.models import build_model
+    from federation.privacy import make_private
+    from federation.tasks.seg2d import SegmentationLoss
+
+    warnings.simplefilter("ignore")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), seed=0).to(device)
+    images = torch.rand(batch * 4, 1, size, size)
+    masks = (images > 0.8).float()
+    loader = DataLoader(TensorDataset(images, masks), batch_size=batch)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    privacy = PrivacyConfig(mode="none" if mode == "none" else "dp-sgd", grad_sample_mode=mode)
+    private = make_private(model, optimizer, loader, SegmentationLoss(), privacy)
+    # Fixed full batches: the step cost, not Poisson's varying batch size, is measured.
+    x, y = images[:batch].to(device), masks[:batch].to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_mb = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb()
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        private.optimizer.zero_grad(set_to_none=True)
+        loss = private.criterion(private.model(x), y)
+        loss.backward()
+        private.optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20 - base_mb
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mb
+    return {
+        "mode": mode,
+        "step_s": statistics.median(times),
+        "peak_mb": peak,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _run_worker(mode: str, args: argparse.Namespace) -> dict[str, object]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        mode,
+        "--batch",
+        str(args.batch),
+        "--size",
+        str(args.size),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"mode": mode, "error": reason[:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer timed steps")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=0, help="timed steps (default 10, quick 3)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.steps = args.steps or (3 if args.quick else 10)
+    if args.worker:
+        print(
+            json.dumps(
+                worker(
+                    args.worker,
+                    batch=args.batch,
+                    size=args.size,
+                    steps=args.steps,
+                    warmup=args.warmup,
+                )
+            )
+        )
+        return 0
+
+    print(f"DP overhead: batch {args.batch}, {args.size}x{args.size}, {args.steps} timed steps")
+    first = _run_worker("none", args)
+    results = {mode: _run_worker(mode, args) for mode in MODES}
+    last = _run_worker("none", args)
+    if "error" in first or "error" in last:
+        print(f"baseline failed: {first.get('error') or last.get('error')}", file=sys.stderr)
+        return 1
+    base_t = (float(first["step_s"]) + float(last["step_s"])) / 2
+    base_m = (float(first["peak_mb"]) + float(last["peak_mb"])) / 2
+    print(f"{'mode':10} {'step s':>8} {'time x':>7} {'peak MB':>8} {'mem x':>6}")
+    print(f"{'none':10} {base_t:8.3f} {1:7.2f} {base_m:8.0f} {1:6.2f}")
+    summary: dict[str, object] = {}
+    for mode, r in results.items():
+        if "error" in r:
+            print(f"{mode:10} unsupported: {r['error']}")
+            summary[mode] = {"ok": False, "error": r["error"]}
+            continue
+        t, m = float(r["step_s"]), float(r["peak_mb"])
+        summary[mode] = {
+            "ok": True,
+            "step_s": round(t, 4),
+            "time_ratio": round(t / base_t, 3),
+            "peak_mb": round(m, 1),
+            "mem_ratio": round(m / base_m, 3),
+        }
+        print(f"{mode:10} {t:8.3f} {t / base_t:7.2f} {m:8.0f} {m / base_m:6.2f}")
+    ok = {k: v for k, v in summary.items() if isinstance(v, dict) and v["ok"]}
+    fastest = min(ok, key=lambda k: ok[k]["time_ratio"]) if ok else None
+    print(
+        json.dumps(
+            {
+                "benchmark": "dp_overhead",
+                "device": first["device"],
+                "batch": args.batch,
+                "size": args.size,
+                "baseline_step_s": round(base_t, 4),
+                "baseline_peak_mb": round(base_m, 1),
+                "fastest_mode": fastest,
+                "time_ratio": ok[fastest]["time_ratio"] if fastest else None,
+                "mem_ratio": ok[fastest]["mem_ratio"] if fastest else None,
+                "modes": summary,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

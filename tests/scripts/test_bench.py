@@ -1,0 +1,24 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "dp_overhead.py"
+
+
+def test_dp_overhead_quick_prints_ratios_for_every_mode():
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--size", "32", "--steps", "1", "--warmup", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "dp_overhead"
+    assert set(result["modes"]) == {"hooks", "functorch", "ew", "ghost"}
+    assert result["modes"]["hooks"]["ok"] and result["modes"]["hooks"]["time_ratio"] > 0
+    # Expanded weights has no rule for ConvTranspose: reported, not crashed.
+    assert not result["modes"]["ew"]["ok"] and "conv_transpose" in result["modes"]["ew"]["error"]
+    assert result["fastest_mode"] in {"hooks", "functorch", "ghost"}
