@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.mods import central_clipping_mod
 from client.site import SiteIdentity, load_site_dataset, site_from_node_config
 from client.state import SiteState
 from federation import keys
@@ -193,21 +194,25 @@ def create_client_app(resolve: SiteResolver = site_from_node_config) -> ClientAp
     """
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[central_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
         try:
             job = _Job(msg, context, resolve)
-            if job.privacy.mode != "none":
+            if job.privacy.mode == "dp-sgd":
                 return _train_private(job, msg)
         except SiteRefusal as err:
             return _refuse(msg, err, "train")
         outcome = job.task.train(
             job.model, job.prepared.data, job.task_cfg, job.privacy, seed=job.site_seed
         )
-        job.log.info("trained without DP: loss %.4f", outcome.loss)
         metrics = MetricRecord(
             {keys.NUM_EXAMPLES: outcome.num_examples, keys.TRAIN_LOSS: outcome.loss}
         )
+        if job.privacy.mode == "central":
+            metrics[keys.UNIT_WEIGHT] = 1
+            job.log.info("trained (client-level DP at the coordinator): loss %.4f", outcome.loss)
+        else:
+            job.log.info("trained without DP: loss %.4f", outcome.loss)
         return _reply(
             msg, job.site.name, arrays=ArrayRecord(job.model.state_dict()), metrics=metrics
         )
@@ -227,6 +232,8 @@ def create_client_app(resolve: SiteResolver = site_from_node_config) -> ClientAp
                 keys.DICE: outcome.dice,
             }
         )
+        if job.privacy.mode == "central":
+            metrics[keys.UNIT_WEIGHT] = 1  # the coordinator averages sites uniformly
         return _reply(msg, job.site.name, metrics=metrics)
 
     return app

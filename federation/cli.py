@@ -87,7 +87,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     print(f"Model, history, plot and ledger copies: {result.output_dir}")
     state = resolve_path(cfg.federation.site_state_root)
-    if cfg.privacy.mode != "none":
+    if cfg.privacy.mode == "central":
+        coordinator = resolve_path(cfg.output_dir) / "coordinator"
+        print(f"Client-level DP ledger of the coordinator: {coordinator}/ledger.jsonl")
+    elif cfg.privacy.mode == "dp-sgd":
         print(
             f"Site ledgers: {state}/<site>/ledger.jsonl  (audit: .venv/bin/medfed audit "
             f"report {state}/*/ledger.jsonl --keys {state} --output audit)"

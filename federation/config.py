@@ -78,6 +78,9 @@ class PrivacyConfig:
     delta: float = 1e-5
     accountant: str = "rdp"
     grad_sample_mode: str = "hooks"
+    # Client-level (central) DP only: adaptive-server | fixed-client
+    clipping: str = "adaptive-server"
+    clipped_count_stddev: float | None = None
 
 
 @dataclass
@@ -152,18 +155,26 @@ class MedfedConfig:
             )
         if self.rounds < 1:
             raise ValueError(f"rounds={self.rounds}: a run needs at least one round.")
-        if self.privacy.mode not in ("dp-sgd", "none"):
+        if self.privacy.mode not in ("dp-sgd", "central", "none"):
             raise ValueError(
                 f"privacy.mode={self.privacy.mode!r} is unknown; "
-                "use privacy=dp_sgd or privacy=none."
+                "use privacy=dp_sgd, privacy=central or privacy=none."
+            )
+        if self.privacy.mode == "central" and self.privacy.clipping not in (
+            "adaptive-server",
+            "fixed-client",
+        ):
+            raise ValueError(
+                f"privacy.clipping={self.privacy.clipping!r} is unknown; "
+                "use adaptive-server or fixed-client."
             )
         if self.privacy.target_epsilon is not None and self.privacy.target_epsilon <= 0:
             raise ValueError(f"privacy.target_epsilon={self.privacy.target_epsilon} must be > 0.")
-        if self.privacy.mode == "dp-sgd" and (
+        if self.privacy.mode != "none" and (
             self.privacy.noise_multiplier <= 0 or self.privacy.max_grad_norm <= 0
         ):
             raise ValueError(
-                "DP-SGD needs privacy.noise_multiplier > 0 and privacy.max_grad_norm > 0; "
+                "DP needs privacy.noise_multiplier > 0 and privacy.max_grad_norm > 0; "
                 "to train without DP choose privacy=none."
             )
         if not 0 < self.task.val_fraction < 1:

@@ -29,6 +29,10 @@ EPSILON = "epsilon"
 DP_STEPS = "dp-steps"
 SAMPLE_RATE = "sample-rate"
 NOISE_MULTIPLIER = "noise-multiplier"
+# Equal weight per site: client-level DP aggregates sites uniformly.
+UNIT_WEIGHT = "unit-weight"
+# Client-level epsilon of the coordinator's central-DP releases.
+CENTRAL_EPSILON = "central-epsilon"
 
 # Flower run config (declared in pyproject's [tool.flwr.app.config]).
 RUN_CONFIG_JSON = "medfed-config"

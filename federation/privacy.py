@@ -140,12 +140,13 @@ def make_private(
     """Wrap training in Opacus DP-SGD (Poisson sampling, per-sample clipping, noise).
 
     The noise is never seeded here: the caller seeds torch from a secret under DP.
-    With `cfg.mode == "none"` the inputs are returned unchanged.
+    Without example-level DP (modes `none` and `central`) the inputs are returned as
+    they are.
 
     Raises:
         ValueError: Unknown accountant or per-sample-gradient mode.
     """
-    if cfg.mode == "none":
+    if cfg.mode != "dp-sgd":
         return PrivateTraining(model, optimizer, loader, criterion, None)
     if cfg.accountant not in _ACCOUNTANTS:
         raise ValueError(f"privacy.accountant={cfg.accountant!r} is unknown; use rdp or prv.")

@@ -22,6 +22,7 @@ from federation.config import (
 )
 from federation.logs import context_logger
 from federation.tracking import RunTracker, default_tracking_uri
+from server.central import COORDINATOR
 from server.loop import RunHistory, run_rounds
 from server.report import plot_history
 
@@ -67,7 +68,12 @@ def coordinate(grid: Grid, cfg: MedfedConfig) -> RunResult:
     log.info("MLflow run %s in %s", tracker.run_id, uri)
     try:
         arrays, history = run_rounds(
-            grid, cfg, run_name=run_name, ledger_dir=out_dir / "ledger", tracker=tracker
+            grid,
+            cfg,
+            run_name=run_name,
+            ledger_dir=out_dir / "ledger",
+            coordinator_dir=resolve_path(cfg.output_dir) / COORDINATOR,
+            tracker=tracker,
         )
     except BaseException as err:
         tracker.set_tag("medfed.error", str(err)[:4000])

@@ -15,6 +15,7 @@ from federation.config import MedfedConfig, flatten
 from federation.logs import context_logger
 from federation.models import build_model
 from federation.tracking import RunTracker
+from server.central import COORDINATOR, CentralPrivacy
 from server.guard import RoundReport, SiteGuard
 from server.strategy import build_strategy
 
@@ -79,6 +80,14 @@ def _tracked(record: RoundRecord) -> dict[str, float]:
     return out
 
 
+def _epsilon_text(record: RoundRecord) -> str:
+    if keys.EPSILON in record.train:
+        return f"{record.train[keys.EPSILON]:.3f}"
+    if keys.CENTRAL_EPSILON in record.train:
+        return f"{record.train[keys.CENTRAL_EPSILON]:.3f} (client-level)"
+    return "n/a"
+
+
 def _as_dict(record: MetricRecord | None) -> dict[str, float]:
     return {} if record is None else {k: float(v) for k, v in record.items()}  # type: ignore[arg-type]
 
@@ -100,6 +109,7 @@ def run_rounds(
     *,
     run_name: str,
     ledger_dir: Path,
+    coordinator_dir: Path,
     tracker: RunTracker | None = None,
 ) -> tuple[ArrayRecord, RunHistory]:
     """Run `cfg.rounds` federated rounds over the sites reachable through `grid`.
@@ -114,6 +124,9 @@ def run_rounds(
     log = context_logger(run=run_name)
     guard = SiteGuard(build_strategy(cfg), min_sites=cfg.federation.min_sites, run_name=run_name)
     guard.summary()
+    central = (
+        CentralPrivacy(guard.inner, cfg, coordinator_dir) if cfg.privacy.mode == "central" else None
+    )
     arrays = ArrayRecord(build_model(cfg.model, seed=cfg.seed).state_dict())
     history = RunHistory(run_name, cfg.federation.names())
     timeout = cfg.federation.round_timeout
@@ -142,6 +155,8 @@ def run_rounds(
     for server_round in range(1, cfg.rounds + 1):
         started = time.perf_counter()
         record = RoundRecord(server_round, 0.0)
+        if central is not None:
+            central.before_round()
         replies = grid.send_and_receive(
             guard.configure_train(server_round, arrays, site_config(cfg, run_name), grid),
             timeout=timeout,
@@ -153,6 +168,12 @@ def run_rounds(
         record.train = _as_dict(train_metrics)
         record.site_train = report.metrics
         record.failures.update(report.failures)
+        if central is not None and new_arrays is not None:
+            entry = central.record(
+                run=run_name, server_round=server_round, delivered=len(report.metrics)
+            )
+            report.ledger[COORDINATOR] = entry.to_json()
+            record.train[keys.CENTRAL_EPSILON] = entry.epsilon
         _record_ledger(report, ledger_dir, tracker)
         evaluate(server_round, record)
         finish(record, started)
@@ -163,7 +184,7 @@ def run_rounds(
             len(report.metrics),
             record.train.get(keys.TRAIN_LOSS, float("nan")),
             record.evaluate.get(keys.DICE, float("nan")),
-            f"{record.train[keys.EPSILON]:.3f}" if keys.EPSILON in record.train else "n/a",
+            _epsilon_text(record),
             record.seconds,
         )
     return arrays, history

@@ -17,12 +17,14 @@ def _num(value: float | None, digits: int = 3) -> str:
 def format_table(history: RunHistory) -> str:
     """Per-round table: loss, Dice per site and aggregated, epsilon per site."""
     sites = history.sites
+    central = any(keys.CENTRAL_EPSILON in r.train for r in history.rounds)
     header = [
         "round",
         "train loss",
         *(f"dice {s}" for s in sites),
         "dice (all)",
         *(f"eps {s}" for s in sites),
+        *(["eps client-level"] if central else []),
         "seconds",
     ]
     rows = []
@@ -34,6 +36,7 @@ def format_table(history: RunHistory) -> str:
                 *(_num(r.site_evaluate.get(s, {}).get(keys.DICE)) for s in sites),
                 _num(r.evaluate.get(keys.DICE)),
                 *(_num(r.site_train.get(s, {}).get(keys.EPSILON), 2) for s in sites),
+                *([_num(r.train.get(keys.CENTRAL_EPSILON), 2)] if central else []),
                 f"{r.seconds:.1f}",
             ]
         )

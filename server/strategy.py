@@ -7,6 +7,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from federation import keys
 from federation.config import MedfedConfig
+from server.central import with_central_dp
 
 __all__ = ["aggregate_metrics", "build_strategy"]
 
@@ -33,7 +34,7 @@ def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecor
 
 
 def build_strategy(cfg: MedfedConfig) -> Strategy:
-    """The aggregation strategy named by `strategy.name`.
+    """The aggregation strategy named by `strategy.name`, wrapped for central DP.
 
     Raises:
         ValueError: The strategy is unknown.
@@ -42,15 +43,18 @@ def build_strategy(cfg: MedfedConfig) -> Strategy:
     s, fed = cfg.strategy, cfg.federation
     if s.name != "fedavg":
         raise ValueError(f"strategy.name={s.name!r} is unknown; available: ['fedavg'].")
-    return FedAvg(
+    central = cfg.privacy.mode == "central"
+    strategy = FedAvg(
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=fed.min_sites,
         min_evaluate_nodes=fed.min_sites,
         min_available_nodes=fed.min_sites,
-        weighted_by_key=keys.NUM_EXAMPLES,
+        # Client-level DP bounds each site's influence: sites weigh the same.
+        weighted_by_key=keys.UNIT_WEIGHT if central else keys.NUM_EXAMPLES,
         arrayrecord_key=keys.ARRAYS,
         configrecord_key=keys.CONFIG,
         train_metrics_aggr_fn=aggregate_metrics,
         evaluate_metrics_aggr_fn=aggregate_metrics,
     )
+    return with_central_dp(strategy, cfg) if central else strategy

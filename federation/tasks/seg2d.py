@@ -144,7 +144,7 @@ def train(
     noise draw from a fresh secret seed instead: the coordinator knows `seed`, and noise
     it could predict would protect nothing.
     """
-    torch.manual_seed(secrets.randbits(63) if privacy.mode != "none" else seed)
+    torch.manual_seed(secrets.randbits(63) if privacy.mode == "dp-sgd" else seed)
     dev = device()
     model.to(dev)
     loader = DataLoader(
