@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from flwr.app import Context, RecordDict
 
@@ -12,7 +14,7 @@ def _context(node_config):
 
 
 def test_missing_folder_names_site_and_path(tmp_path):
-    site = SiteIdentity("st-mary", tmp_path / "nowhere")
+    site = SiteIdentity("st-mary", tmp_path / "nowhere", tmp_path / "state")
     with pytest.raises(SiteDataError) as err:
         load_site_dataset(site, seg2d, TaskConfig(), seed=0)
     assert "st-mary" in str(err.value)
@@ -23,13 +25,19 @@ def test_missing_folder_names_site_and_path(tmp_path):
 def test_folder_without_usable_series_is_refused(tmp_path):
     (tmp_path / "readme.txt").write_text("no images here")
     with pytest.raises(SiteDataError, match="no usable labelled series"):
-        load_site_dataset(SiteIdentity("empty", tmp_path), seg2d, TaskConfig(), seed=0)
+        load_site_dataset(
+            SiteIdentity("empty", tmp_path, tmp_path / "state"), seg2d, TaskConfig(), seed=0
+        )
 
 
 def test_site_dataset_is_split_by_patient(consortium):
     root, profiles = consortium
     cfg = TaskConfig(image_size=32, val_fraction=0.34)
-    data = load_site_dataset(SiteIdentity("site-3", root / "site-3"), seg2d, cfg, seed=0)
+    prepared = load_site_dataset(
+        SiteIdentity("site-3", root / "site-3", root / "state"), seg2d, cfg, seed=0
+    )
+    assert prepared.fingerprint.startswith("ds-") and prepared.num_series == profiles[2].patients
+    data = prepared.data
     assert data.train_images.shape[1:] == (1, 32, 32)
     assert 0.0 <= float(data.train_images.min()) and float(data.train_images.max()) <= 1.0
     assert set(data.train_masks.unique().tolist()) <= {0.0, 1.0}
@@ -39,11 +47,11 @@ def test_site_dataset_is_split_by_patient(consortium):
 
 
 def test_site_identity_from_node_config_and_simulation(tmp_path):
-    ctx = _context({"site-name": "st-mary", "data-path": str(tmp_path)})
-    assert site_from_node_config(ctx) == SiteIdentity("st-mary", tmp_path)
+    ctx = _context({"site-name": "st-mary", "data-path": str(tmp_path), "state-dir": "/st"})
+    assert site_from_node_config(ctx) == SiteIdentity("st-mary", tmp_path, Path("/st"))
     with pytest.raises(SiteDataError, match="data-path"):
         site_from_node_config(_context({}))
-    sim = SimulatedSites(("a", "b"), str(tmp_path))
+    sim = SimulatedSites(("a", "b"), str(tmp_path), "/state")
     assert sim(_context({"partition-id": 1, "num-partitions": 2})) == SiteIdentity(
-        "b", tmp_path / "b"
+        "b", tmp_path / "b", Path("/state/b")
     )
