@@ -129,7 +129,7 @@ def _train_private(job: _Job, msg: Message) -> Message:
     after, budget = state.check_budget(
         dataset=fingerprint, planned=planned, accountant=job.privacy.accountant
     )
-    job.log.info(
+    job.log.debug(
         "dataset %s: noise %.3f, %d steps at q=%.4f; epsilon after round %.3f of %g",
         fingerprint,
         planned.noise_multiplier,
