@@ -28,7 +28,7 @@ from federation.config import (
     section_from_flat,
 )
 from federation.errors import SiteRefusal
-from federation.ledger import LedgerEntry, Mechanism
+from federation.ledger import BudgetExceeded, LedgerEntry, Mechanism
 from federation.logs import context_logger, setup_logging
 from federation.models import build_model
 from federation.privacy import calibrate_noise, plan_round
@@ -147,16 +147,19 @@ def _train_private(job: _Job, msg: Message) -> Message:
     }:
         raise RuntimeError(f"training spent {outcome.spent}, not the planned {planned}")
     spent = dataclasses.replace(planned, steps=sum(s.steps for s in outcome.spent))
-    entry = state.ledger().append(
-        run=job.run,
-        server_round=job.round,
-        dataset=fingerprint,
-        plan=plan_hash(job.flat),
-        mechanism=spent,
-        accountant=job.privacy.accountant,
-        budget=budget,
-        grad_sample_mode=job.privacy.grad_sample_mode,
-    )
+    try:
+        entry = state.ledger().append(
+            run=job.run,
+            server_round=job.round,
+            dataset=fingerprint,
+            plan=plan_hash(job.flat),
+            mechanism=spent,
+            accountant=job.privacy.accountant,
+            budget=budget,
+            grad_sample_mode=job.privacy.grad_sample_mode,
+        )
+    except BudgetExceeded as err:  # another run spent this dataset meanwhile
+        raise SiteRefusal(job.site.name, f"privacy budget: {err}") from err
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: outcome.num_examples,

@@ -52,10 +52,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import dataclasses
     import datetime as dt
 
-    from federation import keys
     from federation.config import compose_config, resolve_path
     from server.launch import run_simulation
-    from server.report import format_table
+    from server.report import run_summary
 
     cfg = compose_config(args.overrides)
     if args.command == "demo" and not any(
@@ -76,30 +75,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "use the simulation engine (federation=local)."
         )
     result = run_simulation(cfg)
-    rounds = result.history.rounds
     print()
-    print(format_table(result.history))
-    first, last = rounds[0].evaluate.get(keys.DICE), rounds[-1].evaluate.get(keys.DICE)
-    if first is not None and last is not None:
-        print(
-            f"\nHeld-out Dice: {first:.3f} (initial model) -> {last:.3f} "
-            f"(after round {rounds[-1].round})"
-        )
-    print(f"Model, history, plot and ledger copies: {result.output_dir}")
-    state = resolve_path(cfg.federation.site_state_root)
-    if cfg.privacy.mode == "central":
-        coordinator = resolve_path(cfg.output_dir) / "coordinator"
-        print(f"Client-level DP ledger of the coordinator: {coordinator}/ledger.jsonl")
-    elif cfg.privacy.mode == "dp-sgd":
-        print(
-            f"Site ledgers: {state}/<site>/ledger.jsonl  (audit: .venv/bin/medfed audit "
-            f"report {state}/*/ledger.jsonl --keys {state} --output audit)"
-        )
-    print(f"MLflow run {result.mlflow_run_id} in {result.tracking_uri}")
-    print(
-        f"Open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}"
-        "  (then http://127.0.0.1:5000)"
-    )
+    print(run_summary(result, cfg))
     return 0
 
 

@@ -25,6 +25,7 @@ from federation.security import key_id
 
 __all__ = [
     "GENESIS",
+    "BudgetExceeded",
     "Ledger",
     "LedgerEntry",
     "LedgerFormatError",
@@ -40,6 +41,10 @@ EPSILON_RTOL = 1e-6
 
 class LedgerFormatError(ValueError):
     """A ledger file cannot be parsed."""
+
+
+class BudgetExceeded(ValueError):
+    """Appending the entry would take a dataset over its budget; nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,15 @@ class Ledger:
         budget: float,
         grad_sample_mode: str,
     ) -> LedgerEntry:
-        """Sign and append the entry of a trained round; returns it."""
+        """Sign and append the entry of a trained round; returns it.
+
+        The budget is checked again under the file lock, so two processes training the
+        same dataset can never together overspend: the update of the round that would
+        cross it must then not be released.
+
+        Raises:
+            BudgetExceeded: The dataset's epsilon after this entry would exceed `budget`.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -178,6 +191,12 @@ class Ledger:
             history.extend(
                 [MechanismStep(mechanism.noise_multiplier, mechanism.sample_rate, mechanism.steps)]
             )
+            epsilon = history.epsilon(delta=mechanism.delta, accountant=accountant)
+            if epsilon > budget:
+                raise BudgetExceeded(
+                    f"dataset {dataset} would reach epsilon {epsilon:.3f}, over its budget "
+                    f"of {budget:g}; the update must not be released"
+                )
             entry = LedgerEntry(
                 index=len(entries),
                 site=self.site,
@@ -187,7 +206,7 @@ class Ledger:
                 plan=plan,
                 mechanism=mechanism,
                 accountant=accountant,
-                epsilon=history.epsilon(delta=mechanism.delta, accountant=accountant),
+                epsilon=epsilon,
                 budget=budget,
                 grad_sample_mode=grad_sample_mode,
                 time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from federation import keys
+from federation.config import MedfedConfig, resolve_path
+from server.central import COORDINATOR
 from server.loop import RunHistory
 
-__all__ = ["format_table", "plot_history"]
+if TYPE_CHECKING:
+    from server.app import RunResult
+
+__all__ = ["format_table", "plot_history", "run_summary"]
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -45,6 +51,34 @@ def format_table(history: RunHistory) -> str:
     out = [line, "-" * len(line)]
     out += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(out)
+
+
+def run_summary(result: RunResult, cfg: MedfedConfig) -> str:
+    """What a coordinator reads at the end of a run: table, Dice, where things are."""
+    rounds = result.history.rounds
+    lines = [format_table(result.history), ""]
+    first, last = rounds[0].evaluate.get(keys.DICE), rounds[-1].evaluate.get(keys.DICE)
+    if first is not None and last is not None:
+        lines.append(
+            f"Held-out Dice: {first:.3f} (initial model) -> {last:.3f} "
+            f"(after round {rounds[-1].round})"
+        )
+    lines.append(f"Model, history, plot and ledger copies: {result.output_dir}")
+    state = resolve_path(cfg.federation.site_state_root)
+    if cfg.privacy.mode == "central":
+        coordinator = resolve_path(cfg.output_dir) / COORDINATOR
+        lines.append(f"Client-level DP ledger of the coordinator: {coordinator}/ledger.jsonl")
+    elif cfg.privacy.mode == "dp-sgd":
+        lines.append(
+            f"Site ledgers: {state}/<site>/ledger.jsonl  (audit: .venv/bin/medfed audit "
+            f"report {state}/*/ledger.jsonl --keys {state} --output audit)"
+        )
+    lines.append(f"MLflow run {result.mlflow_run_id} in {result.tracking_uri}")
+    lines.append(
+        f"Open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}"
+        "  (then http://127.0.0.1:5000)"
+    )
+    return "\n".join(lines)
 
 
 def plot_history(history: RunHistory, path: Path) -> Path:

@@ -23,7 +23,7 @@ def _charge(state, run="run-1", server_round=1, dataset="ds-1"):
         plan="p",
         mechanism=_mech(),
         accountant="rdp",
-        budget=5.0,
+        budget=100.0,
         grad_sample_mode="hooks",
     )
     state.store_reply(run, entry, {"state_dict": {"w": torch.ones(2)}, "metrics": {"x": 1.0}})

@@ -8,7 +8,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from federation.ledger import GENESIS, Ledger, LedgerEntry, Mechanism, read_ledger, verify_ledger
+from federation.ledger import (
+    GENESIS,
+    BudgetExceeded,
+    Ledger,
+    LedgerEntry,
+    Mechanism,
+    read_ledger,
+    verify_ledger,
+)
 
 
 def _mech(steps=10, noise=1.1, rate=0.05):
@@ -184,3 +192,19 @@ def test_entries_round_trip_through_json(tmp_path):
     entry = _ledger(tmp_path, rounds=1).entries()[0]
     assert LedgerEntry.from_json(entry.to_json()) == entry
     assert json.loads(entry.to_json())["mechanism"]["steps"] == 10
+
+
+def test_append_refuses_to_cross_the_budget_under_its_lock(tmp_path):
+    ledger = Ledger(tmp_path / "l.jsonl", Ed25519PrivateKey.generate(), "s")
+    kwargs = {
+        "run": "r",
+        "dataset": "d",
+        "plan": "p",
+        "mechanism": _mech(steps=40),
+        "accountant": "rdp",
+        "grad_sample_mode": "hooks",
+    }
+    first = ledger.append(server_round=1, budget=100.0, **kwargs)
+    with pytest.raises(BudgetExceeded, match="must not be released"):
+        ledger.append(server_round=2, budget=first.epsilon * 1.01, **kwargs)
+    assert len(ledger.entries()) == 1
