@@ -103,7 +103,10 @@ def _plot(audit: LedgerAudit) -> str:
     for dataset in sorted({e.dataset for e in audit.entries}):
         rows = [e for e in audit.entries if e.dataset == dataset]
         ax.plot([e.index for e in rows], [e.epsilon for e in rows], "o-", label=dataset)
-        ax.axhline(rows[-1].budget, linestyle="--", color="red", linewidth=1)
+        if rows[-1].budget != float("inf"):
+            ax.axhline(
+                rows[-1].budget, linestyle="--", color="red", linewidth=1, label=f"budget {dataset}"
+            )
     ax.set(xlabel="ledger entry (one per trained round)", ylabel="cumulative epsilon")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -155,7 +158,19 @@ def _row(e: LedgerEntry) -> list[str]:
 def write_report(audits: list[LedgerAudit], output: Path) -> tuple[Path, Path]:
     """Write `privacy_report.html` (self-contained, with plots) and `privacy_report.json`."""
     output.mkdir(parents=True, exist_ok=True)
-    sections = []
+    overview = "".join(
+        f"<tr><td>{html.escape(s['site'])}</td><td>{html.escape(s['dataset'])}</td>"
+        f"<td>{s['rounds']}</td><td>{s['epsilon']:.4f}</td><td>{s['delta']:g}</td>"
+        f"<td>{s['budget']:g}</td><td>{s['accountant']}</td>"
+        f'<td class="{"ok" if a.ok else "bad"}">{"verified" if a.ok else "NOT verified"}</td></tr>'
+        for a in audits
+        for s in a.summary()["spend"]
+    )
+    sections = [
+        "<section><h2>Overview</h2><table><tr><th>site</th><th>dataset</th><th>rounds</th>"
+        "<th>epsilon</th><th>delta</th><th>budget</th><th>accountant</th><th>status</th></tr>"
+        f"{overview}</table></section>"
+    ]
     for audit in audits:
         status = (
             '<p class="ok">verified: signatures, chain and every epsilon check out</p>'
