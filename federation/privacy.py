@@ -17,7 +17,6 @@ __all__ = [
     "PrivacyHistory",
     "PrivateTraining",
     "calibrate_noise",
-    "format_epsilon",
     "make_private",
     "plan_round",
 ]
@@ -65,24 +64,6 @@ class PrivacyHistory:
         acc = create_accountant(accountant)
         acc.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in self.steps]
         return float(acc.get_epsilon(delta=delta))
-
-    def to_lists(self) -> dict[str, list[float] | list[int]]:
-        """Columns for a Flower ConfigRecord."""
-        return {
-            "noise": [s.noise_multiplier for s in self.steps],
-            "rate": [s.sample_rate for s in self.steps],
-            "steps": [s.steps for s in self.steps],
-        }
-
-    @classmethod
-    def from_lists(cls, cols: dict[str, list[float] | list[int]]) -> PrivacyHistory:
-        """Inverse of `to_lists`."""
-        return cls(
-            [
-                MechanismStep(float(n), float(q), int(t))
-                for n, q, t in zip(cols["noise"], cols["rate"], cols["steps"], strict=True)
-            ]
-        )
 
 
 @dataclass
@@ -197,8 +178,3 @@ def calibrate_noise(
             epsilon_tolerance=0.005,
         )
     )
-
-
-def format_epsilon(eps: float) -> str:
-    """Epsilon for tables: `inf` without DP."""
-    return "inf" if math.isinf(eps) else f"{eps:.2f}"
