@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.mods import central_clipping_mod
 from client.site import SiteIdentity, load_site_dataset, site_from_node_config
@@ -188,16 +189,19 @@ def _train_private(job: _Job, msg: Message) -> Message:
     )
 
 
-def create_client_app(resolve: SiteResolver = site_from_node_config) -> ClientApp:
+def create_client_app(
+    resolve: SiteResolver = site_from_node_config, *, train_mods: Sequence[Mod] = ()
+) -> ClientApp:
     """Build the site's ClientApp.
 
     Args:
         resolve: Maps the node's context to the site's identity and folders; in
             deployment the SuperNode's node config, in simulation `SimulatedSites`.
+        train_mods: Extra Flower mods around training, outermost first.
     """
     app = ClientApp()
 
-    @app.train(mods=[central_clipping_mod])
+    @app.train(mods=[*train_mods, central_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
         try:
             job = _Job(msg, context, resolve)

@@ -65,6 +65,7 @@ class StrategyConfig:
     name: str = "fedavg"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    max_update_norm_ratio: float = 10.0
 
 
 @dataclass

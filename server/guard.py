@@ -1,4 +1,4 @@
-"""A strategy wrapper that keeps refusals and failures out of the aggregate.
+"""A strategy wrapper that keeps refusals, failures and malformed updates out of the aggregate.
 
 It records which site delivered what each round and stops the run with a clear
 error when fewer sites than the configured minimum delivered.
@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import Strategy
 from federation import keys
 from federation.errors import FederationError
 from federation.logs import context_logger
+from server.validation import check_update, norm_outliers, update_norm
 
 __all__ = ["RoundReport", "SiteGuard"]
 
@@ -46,9 +47,18 @@ class SiteGuard(Strategy):
 
     """
 
-    def __init__(self, inner: Strategy, *, min_sites: int, run_name: str) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        min_sites: int,
+        run_name: str,
+        max_update_norm_ratio: float = float("inf"),
+    ) -> None:
         self.inner = inner
         self.min_sites = min_sites
+        self.max_update_norm_ratio = max_update_norm_ratio
+        self._sent = ArrayRecord()
         self.log = context_logger(run=run_name)
         self.train_report = RoundReport()
         self.evaluate_report = RoundReport()
@@ -63,7 +73,8 @@ class SiteGuard(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate to the wrapped strategy."""
+        """Delegate to the wrapped strategy, keeping the arrays updates are checked against."""
+        self._sent = arrays
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(
@@ -73,10 +84,11 @@ class SiteGuard(Strategy):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def _sort(
-        self, server_round: int, replies: Iterable[Message]
+        self, server_round: int, replies: Iterable[Message], *, train: bool
     ) -> tuple[list[Message], RoundReport]:
         usable: list[Message] = []
         report = RoundReport()
+        norms: dict[str, float] = {}
         for msg in replies:
             site = _site_of(msg)
             if msg.has_error():
@@ -87,23 +99,45 @@ class SiteGuard(Strategy):
             elif refused := str(msg.content.config_records[keys.STATUS][keys.REFUSED]):
                 report.failures[site] = refused
             else:
-                usable.append(msg)
-                if keys.LEDGER in msg.content:
+                if keys.LEDGER in msg.content:  # released, so recorded, even if rejected
                     entry = msg.content.config_records[keys.LEDGER][keys.LEDGER_ENTRY]
                     report.ledger[site] = str(entry)
+                problem = self._check(msg, train=train)
+                if problem:
+                    report.failures[site] = f"update rejected: {problem}"
+                    continue
+                usable.append(msg)
                 metrics = msg.content.metric_records[keys.METRICS]
                 report.metrics[site] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+                if train:
+                    norms[site] = update_norm(msg.content.array_records[keys.ARRAYS], self._sent)
+        outliers = norm_outliers(norms, max_ratio=self.max_update_norm_ratio)
+        for site, reason in outliers.items():
+            report.failures[site] = f"update rejected: {reason}"
+            report.metrics.pop(site)
+        usable = [m for m in usable if _site_of(m) not in outliers]
         for site, reason in sorted(report.failures.items()):
             self.log.log(
                 logging.WARNING, "[round %d] site %s left out: %s", server_round, site, reason
             )
         return usable, report
 
+    def _check(self, msg: Message, *, train: bool) -> str | None:
+        """Why a reply's content cannot be used, or None."""
+        if keys.METRICS not in msg.content.metric_records:
+            return "no metrics"
+        metrics = msg.content.metric_records[keys.METRICS]
+        if not train:
+            return check_update(ArrayRecord(), ArrayRecord(), metrics)
+        if keys.ARRAYS not in msg.content.array_records:
+            return "no model update"
+        return check_update(msg.content.array_records[keys.ARRAYS], self._sent, metrics)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the delivered updates, or stop if too few sites delivered."""
-        usable, self.train_report = self._sort(server_round, replies)
+        usable, self.train_report = self._sort(server_round, replies, train=True)
         if len(usable) < self.min_sites:
             failed = "; ".join(f"{s}: {r}" for s, r in sorted(self.train_report.failures.items()))
             raise FederationError(
@@ -116,5 +150,5 @@ class SiteGuard(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Aggregate the delivered evaluation metrics."""
-        usable, self.evaluate_report = self._sort(server_round, replies)
+        usable, self.evaluate_report = self._sort(server_round, replies, train=False)
         return self.inner.aggregate_evaluate(server_round, usable) if usable else None

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
+
+from flwr.clientapp import ClientApp
 
 from client.app import create_client_app
 from client.site import SimulatedSites
@@ -64,8 +67,15 @@ def ensure_site_policies(cfg: MedfedConfig) -> None:
             SitePolicy(max_epsilon=cfg.federation.site_budget, delta=cfg.privacy.delta).save(path)
 
 
-def run_simulation(cfg: MedfedConfig) -> RunResult:
+def run_simulation(
+    cfg: MedfedConfig, *, client_app_factory: Callable[[SimulatedSites], ClientApp] | None = None
+) -> RunResult:
     """Run the federation in Flower's simulation engine, one virtual SuperNode per site.
+
+    Args:
+        cfg: The run configuration.
+        client_app_factory: Builds the sites' ClientApp from their identities; the
+            medfed site agent by default.
 
     Raises:
         FederationError: The run stopped before it finished.
@@ -84,7 +94,7 @@ def run_simulation(cfg: MedfedConfig) -> RunResult:
     gpus = 1.0 / len(names) if torch.cuda.is_available() else 0.0
     flwr_run_simulation(
         server_app=create_server_app(cfg, on_done=results.append),
-        client_app=create_client_app(
+        client_app=(client_app_factory or create_client_app)(
             SimulatedSites(tuple(names), cfg.data.root, cfg.federation.site_state_root)
         ),
         num_supernodes=len(names),

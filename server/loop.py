@@ -122,7 +122,12 @@ def run_rounds(
 
     """
     log = context_logger(run=run_name)
-    guard = SiteGuard(build_strategy(cfg), min_sites=cfg.federation.min_sites, run_name=run_name)
+    guard = SiteGuard(
+        build_strategy(cfg),
+        min_sites=cfg.federation.min_sites,
+        run_name=run_name,
+        max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
+    )
     guard.summary()
     central = (
         CentralPrivacy(guard.inner, cfg, coordinator_dir) if cfg.privacy.mode == "central" else None
