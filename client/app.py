@@ -77,6 +77,7 @@ class _Job:
         self.model_cfg: ModelConfig = section_from_flat(self.flat, "model", ModelConfig)
         self.privacy: PrivacyConfig = section_from_flat(self.flat, "privacy", PrivacyConfig)
         self.seed = int(self.flat.get(keys.SEED, 0))
+        self.proximal_mu = float(self.flat.get(keys.PROXIMAL_MU, 0.0))
         # Reproducible shuffling without DP; under DP the task draws a secret seed.
         self.site_seed = self.seed + 1009 * self.round + zlib.crc32(self.site.name.encode())
         self.task = get_task(self.task_cfg.name)
@@ -141,7 +142,12 @@ def _train_private(job: _Job, msg: Message) -> Message:
     )
     privacy = dataclasses.replace(job.privacy, noise_multiplier=planned.noise_multiplier)
     outcome = job.task.train(
-        job.model, job.prepared.data, job.task_cfg, privacy, seed=job.site_seed
+        job.model,
+        job.prepared.data,
+        job.task_cfg,
+        privacy,
+        seed=job.site_seed,
+        proximal_mu=job.proximal_mu,
     )
     if {(s.noise_multiplier, s.sample_rate) for s in outcome.spent} != {
         (planned.noise_multiplier, planned.sample_rate)
@@ -210,7 +216,12 @@ def create_client_app(
         except SiteRefusal as err:
             return _refuse(msg, err, "train")
         outcome = job.task.train(
-            job.model, job.prepared.data, job.task_cfg, job.privacy, seed=job.site_seed
+            job.model,
+            job.prepared.data,
+            job.task_cfg,
+            job.privacy,
+            seed=job.site_seed,
+            proximal_mu=job.proximal_mu,
         )
         metrics = MetricRecord(
             {keys.NUM_EXAMPLES: outcome.num_examples, keys.TRAIN_LOSS: outcome.loss}

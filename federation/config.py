@@ -66,6 +66,15 @@ class StrategyConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     max_update_norm_ratio: float = 10.0
+    # FedProx: weight of the proximal term pulling local weights to the global model.
+    proximal_mu: float = 0.01
+    # FedAdam / FedYogi: server learning rate and optimiser constants.
+    server_lr: float = 0.01
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    # Krum: number of sites assumed malicious.
+    num_malicious: int = 0
 
 
 @dataclass

@@ -9,6 +9,7 @@ LEDGER = "ledger"
 
 # ConfigRecord keys sent by the coordinator (plus the dotted config keys).
 SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 RUN_NAME = "run-name"
 SEED = "seed"
 ROUNDS = "rounds"

@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedYogi,
+    Krum,
+    Strategy,
+)
 
 from federation import keys
 from federation.config import MedfedConfig
 from server.central import with_central_dp
 
 __all__ = ["aggregate_metrics", "build_strategy"]
+
+_STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedmedian": FedMedian,
+    "krum": Krum,
+}
 
 # Privacy figures are per site: the consortium-level figure is the worst site's.
 _MAX_METRICS = frozenset({keys.EPSILON, keys.DP_STEPS, keys.SAMPLE_RATE})
@@ -41,10 +58,30 @@ def build_strategy(cfg: MedfedConfig) -> Strategy:
 
     """
     s, fed = cfg.strategy, cfg.federation
-    if s.name != "fedavg":
-        raise ValueError(f"strategy.name={s.name!r} is unknown; available: ['fedavg'].")
+    extra: dict[str, dict[str, float | int]] = {
+        "fedavg": {},
+        "fedprox": {"proximal_mu": s.proximal_mu},
+        "fedadam": {
+            "eta": s.server_lr,
+            "eta_l": cfg.task.lr,
+            "beta_1": s.beta_1,
+            "beta_2": s.beta_2,
+            "tau": s.tau,
+        },
+        "fedyogi": {
+            "eta": s.server_lr,
+            "eta_l": cfg.task.lr,
+            "beta_1": s.beta_1,
+            "beta_2": s.beta_2,
+            "tau": s.tau,
+        },
+        "fedmedian": {},
+        "krum": {"num_malicious_nodes": s.num_malicious},
+    }
+    if s.name not in extra:
+        raise ValueError(f"strategy.name={s.name!r} is unknown; available: {sorted(_STRATEGIES)}.")
     central = cfg.privacy.mode == "central"
-    strategy = FedAvg(
+    strategy = _STRATEGIES[s.name](
         fraction_train=s.fraction_train,
         fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=fed.min_sites,
@@ -56,5 +93,6 @@ def build_strategy(cfg: MedfedConfig) -> Strategy:
         configrecord_key=keys.CONFIG,
         train_metrics_aggr_fn=aggregate_metrics,
         evaluate_metrics_aggr_fn=aggregate_metrics,
+        **extra[s.name],
     )
     return with_central_dp(strategy, cfg) if central else strategy

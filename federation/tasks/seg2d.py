@@ -137,9 +137,12 @@ def train(
     privacy: PrivacyConfig,
     *,
     seed: int,
+    proximal_mu: float = 0.0,
 ) -> TrainOutcome:
     """Train `model` in place for `task.local_epochs` epochs, with DP-SGD if configured.
 
+    `proximal_mu` > 0 adds FedProx's pull towards the received weights as a proximal
+    step after each optimiser step: data-independent, so it stays valid under DP-SGD.
     `seed` makes non-private training reproducible. Under DP the batch sampling and the
     noise draw from a fresh secret seed instead: the coordinator knows `seed`, and noise
     it could predict would protect nothing.
@@ -158,11 +161,21 @@ def train(
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         private = make_private(model, optimizer, loader, SegmentationLoss(), privacy)
     private.model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params]
+
+    def proximal_step() -> None:
+        if proximal_mu > 0:
+            with torch.no_grad():
+                for p, a in zip(params, anchor, strict=True):
+                    p.sub_(task.lr * proximal_mu * (p - a))
+
     total, batches = 0.0, 0
     for _ in range(task.local_epochs):
         for images, masks in private.loader:
             if len(images) == 0:  # Poisson sampling can draw an empty batch
                 private.empty_step()
+                proximal_step()
                 continue
             images, masks = images.to(dev), masks.to(dev)
             private.optimizer.zero_grad(set_to_none=True)
@@ -172,6 +185,7 @@ def train(
                 warnings.filterwarnings("ignore", message="Full backward hook")
                 loss.backward()
             private.optimizer.step()
+            proximal_step()
             total += float(loss.detach())
             batches += 1
     if private.engine is not None:

@@ -160,3 +160,18 @@ def test_too_few_usable_sites_stop_the_run_with_a_clear_error(tmp_path, consorti
     _, run = _mlflow_run(tmp_path, "doomed")
     assert run.info.status == "FAILED"
     assert "min_sites" in run.data.tags["medfed.error"]
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedyogi", "fedmedian", "krum"])
+def test_each_strategy_runs_a_federated_round(tmp_path, consortium, strategy):
+    root, _ = consortium
+    proc = medfed_run(tmp_path, root, f"run_name={strategy}", f"strategy={strategy}", "rounds=1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    history = RunHistory.load(tmp_path / "outputs" / strategy / "history.json")
+    assert set(history.rounds[1].site_train) == {"site-1", "site-2", "site-3"}
+    final = torch.load(tmp_path / "outputs" / strategy / "global_model.pt")
+    initial = build_model(ModelConfig(), seed=SEED).state_dict()
+    assert any(not torch.equal(final[k], initial[k]) for k in final)
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    _, run = _mlflow_run(tmp_path, strategy)
+    assert run.data.params["strategy.name"] == strategy

@@ -22,3 +22,21 @@ def test_unknown_strategy_is_rejected():
     cfg = compose_config(["strategy.name=fedsgd"])
     with pytest.raises(ValueError, match="fedsgd"):
         build_strategy(cfg)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("fedavg", "FedAvg"),
+        ("fedprox", "FedProx"),
+        ("fedadam", "FedAdam"),
+        ("fedyogi", "FedYogi"),
+        ("fedmedian", "FedMedian"),
+        ("krum", "Krum"),
+    ],
+)
+def test_strategy_groups_build_flowers_strategies(name, cls):
+    strategy = build_strategy(compose_config([f"strategy={name}"]))
+    assert type(strategy).__name__ == cls
+    if name == "fedprox":
+        assert strategy.proximal_mu == pytest.approx(0.01)

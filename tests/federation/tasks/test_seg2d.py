@@ -68,3 +68,16 @@ def test_dice_is_per_held_out_volume(data):
     expected = [2 * float(m.sum()) / (float(m.sum()) + m.numel()) for _, m in data.val_volumes]
     assert everything.dice == pytest.approx(sum(expected) / len(expected))
     assert everything.num_examples == data.num_val
+
+
+@pytest.mark.parametrize("privacy", [PrivacyConfig(mode="none"), PrivacyConfig()])
+def test_fedprox_term_pulls_weights_back_to_the_received_model(data, privacy):
+    model = build_model(ModelConfig(), seed=0)
+    start = _weights(model)
+    # lr * mu = 1: every proximal step lands exactly on the received weights.
+    seg2d.train(model, data, TASK, privacy, seed=0, proximal_mu=1 / TASK.lr)
+    params = dict(model.named_parameters())
+    assert all(torch.allclose(params[k], start[k], atol=1e-6) for k in params)
+    free = build_model(ModelConfig(), seed=0)
+    seg2d.train(free, data, TASK, privacy, seed=0)
+    assert any(not torch.allclose(v, start[k]) for k, v in free.named_parameters())
