@@ -30,10 +30,11 @@ _STRATEGIES: dict[str, type[FedAvg]] = {
 
 # Privacy figures are per site: the consortium-level figure is the worst site's.
 _MAX_METRICS = frozenset({keys.EPSILON, keys.DP_STEPS, keys.SAMPLE_RATE})
+_MIN_METRICS = frozenset({keys.NOISE_MULTIPLIER})
 
 
 def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Sample-weighted mean of the sites' metrics; the maximum for privacy figures."""
+    """Sample-weighted mean of the sites' metrics; the worst site's for privacy figures."""
     metrics = [next(iter(r.metric_records.values())) for r in records]
     weights = [float(m[weight_key]) for m in metrics]  # type: ignore[arg-type]
     total = sum(weights) or 1.0
@@ -44,6 +45,8 @@ def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecor
         values = [float(m[name]) for m in metrics]  # type: ignore[arg-type]
         if name in _MAX_METRICS:
             out[name] = max(values)
+        elif name in _MIN_METRICS:
+            out[name] = min(values)
         else:
             out[name] = sum(v * w for v, w in zip(values, weights, strict=True)) / total
     out[weight_key] = int(sum(weights))
@@ -58,27 +61,20 @@ def build_strategy(cfg: MedfedConfig) -> Strategy:
 
     """
     s, fed = cfg.strategy, cfg.federation
+    server_optimiser: dict[str, float | int] = {
+        "eta": s.server_lr,
+        "eta_l": cfg.task.lr,
+        "beta_1": s.beta_1,
+        "beta_2": s.beta_2,
+        "tau": s.tau,
+    }
     extra: dict[str, dict[str, float | int]] = {
-        "fedavg": {},
         "fedprox": {"proximal_mu": s.proximal_mu},
-        "fedadam": {
-            "eta": s.server_lr,
-            "eta_l": cfg.task.lr,
-            "beta_1": s.beta_1,
-            "beta_2": s.beta_2,
-            "tau": s.tau,
-        },
-        "fedyogi": {
-            "eta": s.server_lr,
-            "eta_l": cfg.task.lr,
-            "beta_1": s.beta_1,
-            "beta_2": s.beta_2,
-            "tau": s.tau,
-        },
-        "fedmedian": {},
+        "fedadam": server_optimiser,
+        "fedyogi": server_optimiser,
         "krum": {"num_malicious_nodes": s.num_malicious},
     }
-    if s.name not in extra:
+    if s.name not in _STRATEGIES:
         raise ValueError(f"strategy.name={s.name!r} is unknown; available: {sorted(_STRATEGIES)}.")
     central = cfg.privacy.mode == "central"
     strategy = _STRATEGIES[s.name](
@@ -93,6 +89,6 @@ def build_strategy(cfg: MedfedConfig) -> Strategy:
         configrecord_key=keys.CONFIG,
         train_metrics_aggr_fn=aggregate_metrics,
         evaluate_metrics_aggr_fn=aggregate_metrics,
-        **extra[s.name],
+        **extra.get(s.name, {}),
     )
     return with_central_dp(strategy, cfg) if central else strategy
