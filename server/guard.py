@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import Strategy
 from federation import keys
 from federation.errors import FederationError
 from federation.logs import context_logger
-from server.validation import check_update, norm_outliers, update_norm
+from server.validation import check_update, conform, norm_outliers, update_norm
 
 __all__ = ["RoundReport", "SiteGuard"]
 
@@ -29,12 +29,6 @@ class RoundReport:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     ledger: dict[str, str] = field(default_factory=dict)  # signed entries, as JSON
-
-
-def _site_of(msg: Message) -> str:
-    if msg.has_content() and keys.STATUS in msg.content:
-        return str(msg.content.config_records[keys.STATUS][keys.SITE])
-    return f"node-{msg.metadata.src_node_id}"
 
 
 class SiteGuard(Strategy):
@@ -59,6 +53,8 @@ class SiteGuard(Strategy):
         self.min_sites = min_sites
         self.max_update_norm_ratio = max_update_norm_ratio
         self._sent = ArrayRecord()
+        self._asked: dict[str, set[int]] = {"train": set(), "evaluate": set()}
+        self._names: dict[int, str] = {}  # node id -> site name, learned from replies
         self.log = context_logger(run=run_name)
         self.train_report = RoundReport()
         self.evaluate_report = RoundReport()
@@ -75,13 +71,17 @@ class SiteGuard(Strategy):
     ) -> Iterable[Message]:
         """Delegate to the wrapped strategy, keeping the arrays updates are checked against."""
         self._sent = arrays
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._asked["train"] = {m.metadata.dst_node_id for m in messages}
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Delegate to the wrapped strategy."""
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        self._asked["evaluate"] = {m.metadata.dst_node_id for m in messages}
+        return messages
 
     def _sort(
         self, server_round: int, replies: Iterable[Message], *, train: bool
@@ -89,8 +89,13 @@ class SiteGuard(Strategy):
         usable: list[Message] = []
         report = RoundReport()
         norms: dict[str, float] = {}
+        replies = list(replies)
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in sorted(self._asked["train" if train else "evaluate"] - answered):
+            name = self._names.get(node, f"node-{node}")
+            report.failures[name] = "no reply within federation.round_timeout"
         for msg in replies:
-            site = _site_of(msg)
+            site = self._site_of(msg)
             if msg.has_error():
                 # Ray and Flower wrap the site's traceback; its last line says what broke.
                 lines = (msg.error.reason or "unknown error").strip().splitlines() or [""]
@@ -115,12 +120,19 @@ class SiteGuard(Strategy):
         for site, reason in outliers.items():
             report.failures[site] = f"update rejected: {reason}"
             report.metrics.pop(site)
-        usable = [m for m in usable if _site_of(m) not in outliers]
+        usable = [m for m in usable if self._site_of(m) not in outliers]
         for site, reason in sorted(report.failures.items()):
             self.log.log(
                 logging.WARNING, "[round %d] site %s left out: %s", server_round, site, reason
             )
         return usable, report
+
+    def _site_of(self, msg: Message) -> str:
+        """The replying site's name; a crashed site's from its earlier replies."""
+        node = msg.metadata.src_node_id
+        if msg.has_content() and keys.STATUS in msg.content:
+            self._names[node] = str(msg.content.config_records[keys.STATUS][keys.SITE])
+        return self._names.get(node, f"node-{node}")
 
     def _check(self, msg: Message, *, train: bool) -> str | None:
         """Why a reply's content cannot be used, or None."""
@@ -144,7 +156,9 @@ class SiteGuard(Strategy):
                 f"round {server_round}: only {len(usable)} site(s) delivered an update, "
                 f"federation.min_sites={self.min_sites}. Failed sites: {failed or 'none replied'}"
             )
-        return self.inner.aggregate_train(server_round, usable)
+        arrays, metrics = self.inner.aggregate_train(server_round, usable)
+        # The global model keeps the model's dtypes, whatever the strategy computed in.
+        return (None if arrays is None else conform(arrays, self._sent)), metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -6,9 +6,9 @@ import math
 import statistics
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, MetricRecord
 
-__all__ = ["check_update", "norm_outliers", "update_norm"]
+__all__ = ["check_update", "conform", "norm_outliers", "update_norm"]
 
 
 def check_update(update: ArrayRecord, reference: ArrayRecord, metrics: MetricRecord) -> str | None:
@@ -34,6 +34,16 @@ def check_update(update: ArrayRecord, reference: ArrayRecord, metrics: MetricRec
     if bad:
         return f"non-finite metrics {bad}"
     return None
+
+
+def conform(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """`arrays` in the reference's dtypes (server optimisers compute in float64)."""
+    return ArrayRecord(
+        {
+            k: Array(np.asarray(v.numpy(), dtype=reference[k].numpy().dtype))
+            for k, v in arrays.items()
+        }
+    )
 
 
 def update_norm(update: ArrayRecord, reference: ArrayRecord) -> float:

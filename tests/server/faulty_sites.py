@@ -1,6 +1,7 @@
 """A consortium in which some sites send malformed updates; run as a script by the tests.
 
-Sites named `<kind>-N` corrupt their reply in that way; `good-N` sites record theirs
+Sites named `<kind>-N` corrupt their reply in that way, `crash-N` sites raise and
+`slow-N` sites answer after the round's timeout; `good-N` sites record their update
 (as `<record dir>/<site>.pt`) so the test can recompute the honest aggregate.
 
     python -m tests.server.faulty_sites RECORD_DIR [hydra overrides...]
@@ -9,6 +10,7 @@ Sites named `<kind>-N` corrupt their reply in that way; `good-N` sites record th
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,8 +46,16 @@ CORRUPT: dict[str, Callable[[ArrayRecord], ArrayRecord]] = {
 }
 
 
-def make_mod(record_dir: Path):
+SLOW_SECONDS = 40.0
+
+
+def make_mod(record_dir: Path, sites: list[str]):
     def corrupt_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        site = sites[int(context.node_config["partition-id"])]
+        if site.startswith("crash-"):
+            raise RuntimeError(f"{site} lost its GPU")
+        if site.startswith("slow-"):
+            time.sleep(SLOW_SECONDS)
         reply = call_next(msg, context)
         site = str(reply.content.config_records[keys.STATUS][keys.SITE])
         kind = site.split("-")[0]
@@ -68,9 +78,10 @@ def main(argv: list[str]) -> int:
     setup_logging()
     record_dir = Path(argv[0])
     record_dir.mkdir(parents=True, exist_ok=True)
-    mod = make_mod(record_dir)
+    cfg = compose_config(argv[1:])
+    mod = make_mod(record_dir, cfg.federation.names())
     run_simulation(
-        compose_config(argv[1:]),
+        cfg,
         client_app_factory=lambda sites: create_client_app(sites, train_mods=[mod]),
     )
     return 0

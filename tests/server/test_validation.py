@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord
 
-from server.validation import check_update, norm_outliers, update_norm
+from server.validation import check_update, conform, norm_outliers, update_norm
 
 REF = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "n": Array(np.zeros(1, np.int64))})
 OK_METRICS = MetricRecord({"num-examples": 4, "train-loss": 0.5})
@@ -42,3 +42,11 @@ def test_norm_outliers_need_three_updates_and_use_the_others_median():
     out = norm_outliers({"a": 1.0, "b": 1.2, "c": 0.9, "d": 50.0}, max_ratio=10)
     assert list(out) == ["d"] and "50" in out["d"]
     assert norm_outliers({"a": 1.0, "b": 1.2, "c": 0.9, "d": 5.0}, max_ratio=10) == {}
+
+
+def test_conform_keeps_the_reference_dtypes():
+    wide = ArrayRecord(
+        {"w": Array(np.ones((2, 3), np.float64)), "n": Array(np.ones(1, np.float64))}
+    )
+    out = conform(wide, REF)
+    assert out["w"].numpy().dtype == np.float32 and out["n"].numpy().dtype == np.int64
