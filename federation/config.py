@@ -69,7 +69,7 @@ class StrategyConfig:
     # FedProx: weight of the proximal term pulling local weights to the global model.
     proximal_mu: float = 0.01
     # FedAdam / FedYogi: server learning rate and optimiser constants.
-    server_lr: float = 0.01
+    server_lr: float = 0.1
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-3
