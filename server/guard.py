@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import Strategy
 from federation import keys
 from federation.errors import FederationError
 from federation.logs import context_logger
-from server.validation import check_update, conform, norm_outliers, update_norm
+from server.validation import check_arrays, check_metrics, conform, norm_outliers, update_norm
 
 __all__ = ["RoundReport", "SiteGuard"]
 
@@ -96,26 +96,19 @@ class SiteGuard(Strategy):
             report.failures[name] = "no reply within federation.round_timeout"
         for msg in replies:
             site = self._site_of(msg)
-            if msg.has_error():
-                # Ray and Flower wrap the site's traceback; its last line says what broke.
-                lines = (msg.error.reason or "unknown error").strip().splitlines() or [""]
-                reason = lines[-1][-300:]
-                report.failures[site] = f"site process failed: {reason}"
-            elif refused := str(msg.content.config_records[keys.STATUS][keys.REFUSED]):
-                report.failures[site] = refused
-            else:
-                if keys.LEDGER in msg.content:  # released, so recorded, even if rejected
-                    entry = msg.content.config_records[keys.LEDGER][keys.LEDGER_ENTRY]
-                    report.ledger[site] = str(entry)
-                problem = self._check(msg, train=train)
-                if problem:
-                    report.failures[site] = f"update rejected: {problem}"
-                    continue
-                usable.append(msg)
-                metrics = msg.content.metric_records[keys.METRICS]
-                report.metrics[site] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
-                if train:
-                    norms[site] = update_norm(msg.content.array_records[keys.ARRAYS], self._sent)
+            if msg.has_content() and keys.LEDGER in msg.content:
+                # A released update is recorded even when it is then rejected.
+                entry = msg.content.config_records[keys.LEDGER][keys.LEDGER_ENTRY]
+                report.ledger[site] = str(entry)
+            reason = self._reason_left_out(msg, train=train)
+            if reason:
+                report.failures[site] = reason
+                continue
+            usable.append(msg)
+            metrics = msg.content.metric_records[keys.METRICS]
+            report.metrics[site] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+            if train:
+                norms[site] = update_norm(msg.content.array_records[keys.ARRAYS], self._sent)
         outliers = norm_outliers(norms, max_ratio=self.max_update_norm_ratio)
         for site, reason in outliers.items():
             report.failures[site] = f"update rejected: {reason}"
@@ -134,16 +127,22 @@ class SiteGuard(Strategy):
             self._names[node] = str(msg.content.config_records[keys.STATUS][keys.SITE])
         return self._names.get(node, f"node-{node}")
 
-    def _check(self, msg: Message, *, train: bool) -> str | None:
-        """Why a reply's content cannot be used, or None."""
+    def _reason_left_out(self, msg: Message, *, train: bool) -> str | None:
+        """Why a reply cannot be used (crash, refusal, malformed content), or None."""
+        if msg.has_error():
+            # Ray and Flower wrap the site's traceback; its last line says what broke.
+            lines = (msg.error.reason or "unknown error").strip().splitlines() or [""]
+            return f"site process failed: {lines[-1][-300:]}"
+        if refused := str(msg.content.config_records[keys.STATUS][keys.REFUSED]):
+            return refused
         if keys.METRICS not in msg.content.metric_records:
-            return "no metrics"
-        metrics = msg.content.metric_records[keys.METRICS]
-        if not train:
-            return check_update(ArrayRecord(), ArrayRecord(), metrics)
-        if keys.ARRAYS not in msg.content.array_records:
-            return "no model update"
-        return check_update(msg.content.array_records[keys.ARRAYS], self._sent, metrics)
+            return "update rejected: no metrics"
+        problem = check_metrics(msg.content.metric_records[keys.METRICS])
+        if train and not problem:
+            if keys.ARRAYS not in msg.content.array_records:
+                return "update rejected: no model update"
+            problem = check_arrays(msg.content.array_records[keys.ARRAYS], self._sent)
+        return f"update rejected: {problem}" if problem else None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

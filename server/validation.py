@@ -8,14 +8,19 @@ import statistics
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
 
-__all__ = ["check_update", "conform", "norm_outliers", "update_norm"]
+__all__ = ["check_arrays", "check_metrics", "conform", "norm_outliers", "update_norm"]
 
 
-def check_update(update: ArrayRecord, reference: ArrayRecord, metrics: MetricRecord) -> str | None:
+def check_metrics(metrics: MetricRecord) -> str | None:
+    """Why reported metrics cannot be aggregated (non-finite values), or None."""
+    bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+    return f"non-finite metrics {bad}" if bad else None
+
+
+def check_arrays(update: ArrayRecord, reference: ArrayRecord) -> str | None:
     """Why an update cannot be aggregated, or None when it can.
 
-    The update must have exactly the reference's keys, shapes and dtypes, and only
-    finite values; its metrics must be finite too.
+    It must have exactly the reference's keys, shapes and dtypes, and finite values.
     """
     missing = sorted(set(reference) - set(update))
     extra = sorted(set(update) - set(reference))
@@ -30,9 +35,6 @@ def check_update(update: ArrayRecord, reference: ArrayRecord, metrics: MetricRec
         values = got.numpy()
         if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
             return f"non-finite values (NaN or Inf) in {key!r}"
-    bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
-    if bad:
-        return f"non-finite metrics {bad}"
     return None
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord
 
-from server.validation import check_update, conform, norm_outliers, update_norm
+from server.validation import check_arrays, check_metrics, conform, norm_outliers, update_norm
 
 REF = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "n": Array(np.zeros(1, np.int64))})
 OK_METRICS = MetricRecord({"num-examples": 4, "train-loss": 0.5})
@@ -14,7 +14,7 @@ def _rec(w, n=None):
 
 def test_a_well_formed_update_passes_and_its_norm_is_the_change():
     update = _rec(np.full((2, 3), 2.0, np.float32))
-    assert check_update(update, REF, OK_METRICS) is None
+    assert check_arrays(update, REF) is None and check_metrics(OK_METRICS) is None
     assert update_norm(update, REF) == pytest.approx(np.sqrt(6 * 4.0))
 
 
@@ -34,7 +34,8 @@ def test_a_well_formed_update_passes_and_its_norm_is_the_change():
     ],
 )
 def test_malformed_updates_are_named(update, metrics, fragment):
-    assert fragment in check_update(update, REF, metrics)
+    problems = [check_arrays(update, REF), check_metrics(metrics)]
+    assert fragment in " ".join(p for p in problems if p)
 
 
 def test_norm_outliers_need_three_updates_and_use_the_others_median():
