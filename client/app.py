@@ -155,7 +155,7 @@ def _train_private(job: _Job, msg: Message) -> Message:
         raise RuntimeError(f"training spent {outcome.spent}, not the planned {planned}")
     spent = dataclasses.replace(planned, steps=sum(s.steps for s in outcome.spent))
     try:
-        entry = state.ledger().append(
+        entry = state.ledger.append(
             run=job.run,
             server_round=job.round,
             dataset=fingerprint,

@@ -10,21 +10,19 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from federation.errors import SiteRefusal
-from federation.ledger import Ledger, LedgerEntry, Mechanism, history_of
+from federation.ledger import Ledger, LedgerEntry, Mechanism, history_of, open_ledger
 from federation.privacy import MechanismStep
-from federation.security import load_or_create_signing_key
 
 __all__ = ["POLICY_FILE", "SitePolicy", "SiteState"]
 
 POLICY_FILE = "policy.yaml"
-KEY_FILE = "site_key.pem"
-LEDGER_FILE = "ledger.jsonl"
 REPLIES_DIR = "replies"
 
 
@@ -104,11 +102,10 @@ class SiteState:
         except ValueError as err:
             raise SiteRefusal(self.site, str(err)) from err
 
+    @cached_property
     def ledger(self) -> Ledger:
-        """The site's signed privacy ledger."""
-        return Ledger(
-            self.root / LEDGER_FILE, load_or_create_signing_key(self.root / KEY_FILE), self.site
-        )
+        """The site's signed privacy ledger (its entries are re-read on every use)."""
+        return open_ledger(self.root, self.site)
 
     def check_budget(
         self, *, dataset: str, planned: Mechanism, accountant: str
@@ -126,7 +123,7 @@ class SiteState:
                 f"delta={policy.delta:g}; ask the coordinator for privacy.delta={policy.delta:g}",
             )
         budget = policy.budget_for(dataset)
-        history = history_of(self.ledger().entries(), dataset)
+        history = history_of(self.ledger.entries(), dataset)
         spent = history.epsilon(delta=policy.delta, accountant=accountant)
         history.extend(
             [MechanismStep(planned.noise_multiplier, planned.sample_rate, planned.steps)]
@@ -163,7 +160,7 @@ class SiteState:
         """
         import torch
 
-        entry = self.ledger().find(run, server_round)
+        entry = self.ledger.find(run, server_round)
         if entry is None:
             return None
         path = self._reply_path(run)

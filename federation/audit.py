@@ -12,7 +12,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from federation.ledger import LedgerEntry, LedgerFormatError, read_ledger, verify_ledger
+from federation.ledger import (
+    PUBLIC_KEY_FILE,
+    LedgerEntry,
+    LedgerFormatError,
+    read_ledger,
+    verify_ledger,
+)
 from federation.security import load_public_key
 
 __all__ = ["LedgerAudit", "audit_ledgers", "load_keys", "write_report"]
@@ -33,7 +39,7 @@ def load_keys(paths: list[Path]) -> dict[str, Ed25519PublicKey]:
             raise ValueError(f"key path {path} does not exist")
         files = sorted(path.rglob("*.pub")) if path.is_dir() else [path]
         for file in files:
-            site = file.parent.name if file.name == "site_key.pub" else file.stem
+            site = file.parent.name if file.name == PUBLIC_KEY_FILE else file.stem
             if site in keys:
                 raise ValueError(f"two public keys for site {site!r} (second: {file})")
             keys[site] = load_public_key(file)

@@ -108,7 +108,7 @@ def _cmd_site_policy(args: argparse.Namespace) -> int:
         print(f"wrote {state.policy_path}")
     policy = state.policy()
     print(f"budget: epsilon {policy.max_epsilon:g} per dataset at delta {policy.delta:g}")
-    entries = state.ledger().entries()
+    entries = state.ledger.entries()
     for dataset in sorted({e.dataset for e in entries}):
         rows = [e for e in entries if e.dataset == dataset]
         spent = history_of(entries, dataset).epsilon(

@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from federation.privacy import MechanismStep, PrivacyHistory
-from federation.security import key_id
+from federation.security import key_id, load_or_create_signing_key
 
 __all__ = [
     "GENESIS",
@@ -31,12 +31,17 @@ __all__ = [
     "LedgerFormatError",
     "Mechanism",
     "history_of",
+    "open_ledger",
     "read_ledger",
     "verify_ledger",
 ]
 
 GENESIS = "0" * 64
 EPSILON_RTOL = 1e-6
+# A ledger owner's state folder holds these (a site's, or the coordinator's).
+LEDGER_FILE = "ledger.jsonl"
+KEY_FILE = "site_key.pem"
+PUBLIC_KEY_FILE = "site_key.pub"
 
 
 class LedgerFormatError(ValueError):
@@ -216,6 +221,11 @@ class Ledger:
             handle.write(entry.to_json() + "\n")
             handle.flush()
         return entry
+
+
+def open_ledger(state_dir: Path, owner: str) -> Ledger:
+    """The ledger in an owner's state folder, signed with the key kept there."""
+    return Ledger(state_dir / LEDGER_FILE, load_or_create_signing_key(state_dir / KEY_FILE), owner)
 
 
 def verify_ledger(

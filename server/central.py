@@ -18,8 +18,7 @@ from flwr.serverapp.strategy import (
 )
 
 from federation.config import MedfedConfig
-from federation.ledger import Ledger, LedgerEntry, Mechanism
-from federation.security import load_or_create_signing_key
+from federation.ledger import LedgerEntry, Mechanism, open_ledger
 
 __all__ = ["COORDINATOR", "CentralPrivacy", "with_central_dp"]
 
@@ -55,11 +54,7 @@ class CentralPrivacy:
     def __init__(self, wrapper: Strategy, cfg: MedfedConfig, state_dir: Path) -> None:
         self.wrapper = wrapper
         self.cfg = cfg
-        self.ledger = Ledger(
-            state_dir / "ledger.jsonl",
-            load_or_create_signing_key(state_dir / "site_key.pem"),
-            COORDINATOR,
-        )
+        self.ledger = open_ledger(state_dir, COORDINATOR)
         self._clip_before = self.clipping_norm
 
     @property

@@ -16,7 +16,7 @@ def _mech(steps=20, delta=1e-5):
 
 
 def _charge(state, run="run-1", server_round=1, dataset="ds-1"):
-    entry = state.ledger().append(
+    entry = state.ledger.append(
         run=run,
         server_round=server_round,
         dataset=dataset,
@@ -63,7 +63,7 @@ def test_the_round_that_would_cross_the_budget_is_refused(tmp_path):
             charged += 1
     assert "no training was done" in str(err.value)
     assert 0 < charged < 49
-    assert state.ledger().entries()[-1].epsilon <= 5.0
+    assert state.ledger.entries()[-1].epsilon <= 5.0
     # Another dataset has its own budget.
     state.check_budget(dataset="ds-2", planned=_mech(), accountant="rdp")
 
@@ -88,7 +88,7 @@ def test_a_repeated_round_is_answered_from_store_never_charged_twice(tmp_path):
     _charge(state, server_round=2)  # the store keeps only the run's latest reply
     with pytest.raises(SiteRefusal, match="spend privacy twice"):
         state.stored_reply("run-1", 1)
-    assert len(state.ledger().entries()) == 2
+    assert len(state.ledger.entries()) == 2
 
 
 def test_a_run_at_another_delta_is_refused(tmp_path):
@@ -100,9 +100,9 @@ def test_a_run_at_another_delta_is_refused(tmp_path):
 
 
 def test_signing_key_is_private_to_the_site(tmp_path):
-    SiteState(tmp_path, "s").ledger()
+    _ = SiteState(tmp_path, "s").ledger
     mode = stat.S_IMODE(os.stat(tmp_path / "site_key.pem").st_mode)
     assert mode == 0o600
     os.chmod(tmp_path / "site_key.pem", 0o644)
     with pytest.raises(PermissionError, match="chmod 600"):
-        SiteState(tmp_path, "s").ledger()
+        _ = SiteState(tmp_path, "s").ledger
