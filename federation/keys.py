@@ -14,10 +14,12 @@ RUN_NAME = "run-name"
 SEED = "seed"
 ROUNDS = "rounds"
 CPUS_PER_SITE = "federation.cpus_per_site"
+LOCAL_NORM = "local-norm"  # FedBN: the site keeps its normalisation layers
 
 # ConfigRecord keys in a site's STATUS reply.
 SITE = "site"
 REFUSED = "refused"
+DATASET = "dataset"  # the fingerprint of the data the site used (a hash of instance UIDs)
 # ConfigRecord key in a site's LEDGER reply: the signed ledger entry as JSON.
 LEDGER_ENTRY = "entry"
 

@@ -29,6 +29,7 @@ class RoundReport:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     ledger: dict[str, str] = field(default_factory=dict)  # signed entries, as JSON
+    datasets: dict[str, str] = field(default_factory=dict)  # dataset fingerprints
 
 
 class SiteGuard(Strategy):
@@ -105,6 +106,8 @@ class SiteGuard(Strategy):
                 report.failures[site] = reason
                 continue
             usable.append(msg)
+            if dataset := str(msg.content.config_records[keys.STATUS].get(keys.DATASET, "")):
+                report.datasets[site] = dataset
             metrics = msg.content.metric_records[keys.METRICS]
             report.metrics[site] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
             if train:
