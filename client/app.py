@@ -21,6 +21,7 @@ from client.mods import central_clipping_mod
 from client.site import SiteIdentity, load_site_dataset, site_from_node_config
 from client.state import SiteState
 from federation import keys
+from federation.compression import encode_update
 from federation.config import (
     ModelConfig,
     PrivacyConfig,
@@ -91,7 +92,8 @@ class _Job:
         self.local_keys = (
             norm_state_keys(self.model) if self.flat.get(keys.LOCAL_NORM, False) else frozenset()
         )
-        weights = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
+        self.received = msg.content.array_records[keys.ARRAYS]
+        weights = self.received.to_torch_state_dict()
         if self.local_keys:
             own = self.state.local_layers(self.run)
             weights.update(own or split_norm_state(self.model.state_dict(), self.local_keys)[1])
@@ -102,11 +104,12 @@ class _Job:
         return _reply(msg, self.site.name, dataset=self.prepared.fingerprint, **content)
 
     def release(self) -> ArrayRecord:
-        """The trained weights the site shares; FedBN's norm layers are kept at the site."""
+        """The update the site sends, encoded; FedBN's norm layers are kept at the site."""
         shared, own = split_norm_state(self.model.state_dict(), self.local_keys)
         if self.local_keys:
             self.state.save_local_layers(self.run, own)
-        return ArrayRecord(shared)
+        encoding = str(self.flat.get(keys.UPDATE_ENCODING, "full"))
+        return encode_update(ArrayRecord(shared), self.received, encoding=encoding)
 
     def plan_mechanism(self) -> Mechanism:
         """The DP mechanism this round will run: noise given, or calibrated to a target."""

@@ -14,6 +14,7 @@ RUN_NAME = "run-name"
 SEED = "seed"
 ROUNDS = "rounds"
 CPUS_PER_SITE = "federation.cpus_per_site"
+UPDATE_ENCODING = "update-encoding"  # how the site encodes its update
 LOCAL_NORM = "local-norm"  # FedBN: the site keeps its normalisation layers
 
 # ConfigRecord keys in a site's STATUS reply.

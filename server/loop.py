@@ -51,6 +51,7 @@ class RoundRecord:
     site_evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     holdout: dict[str, float] = field(default_factory=dict)
+    update_bytes: dict[str, int] = field(default_factory=dict)  # as received, per site
 
 
 @dataclass
@@ -87,6 +88,7 @@ def site_config(cfg: MedfedConfig, run_name: str) -> ConfigRecord:
     flat[keys.CPUS_PER_SITE] = cfg.federation.cpus_per_site
     flat[keys.RUN_NAME] = run_name
     flat[keys.LOCAL_NORM] = cfg.strategy.local_norm
+    flat[keys.UPDATE_ENCODING] = cfg.federation.update_encoding
     return ConfigRecord(flat)
 
 
@@ -99,6 +101,7 @@ def _tracked(record: RoundRecord) -> dict[str, float]:
             out.update(
                 {f"site/{site}/{k}": v for k, v in metrics.items() if k != keys.NUM_EXAMPLES}
             )
+    out.update({f"site/{s}/update-bytes": float(b) for s, b in record.update_bytes.items()})
     out["sites/delivered"] = float(len(record.site_train or record.site_evaluate))
     return out
 
@@ -186,6 +189,7 @@ def run_rounds(
         min_sites=cfg.federation.min_sites,
         run_name=run_name,
         max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
+        update_encoding=cfg.federation.update_encoding,
     )
     guard.summary()
     central = (
@@ -260,6 +264,7 @@ def run_rounds(
         record.site_train = report.metrics
         record.failures.update(report.failures)
         history.datasets.update(report.datasets)
+        record.update_bytes = report.update_bytes
         if central is not None and new_arrays is not None:
             entry = central.record(
                 run=run_name, server_round=server_round, delivered=len(report.metrics)
