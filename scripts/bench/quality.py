@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+from _runs import final_dice, medfed_run
 
 SITES = ("site-1", "site-2", "site-3", "site-4")
 FULL = {"rounds": 10, "patients": [16, 12, 20, 10], "slices": 24, "overrides": []}
@@ -96,36 +96,15 @@ def pooled_dataset(sites: dict[str, Any]) -> Any:
 
 
 def federated(work: Path, root: Path, name: str, overrides: list[str]) -> dict[str, Any]:
-    """One `medfed run`; its final aggregated held-out Dice."""
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "federation.cli",
-            "run",
-            f"run_name={name}",
-            f"data.root={root}",
-            "data.generate=false",
-            f"federation.num_sites={len(SITES)}",
-            f"output_dir={work / 'outputs'}",
-            f"federation.site_state_root={work / 'site-state' / name}",
-            f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
-            "tracking.registered_model=",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    """One `medfed run` over all sites; its final aggregated held-out Dice."""
+    history = medfed_run(
+        name, work=work, data=root, overrides=[f"federation.num_sites={len(SITES)}", *overrides]
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"run {name} failed: {proc.stderr[-2000:]}")
-    history = json.loads((work / "outputs" / name / "history.json").read_text())
     last = history["rounds"][-1]
     return {
-        "dice": last["evaluate"]["dice"],
+        "dice": final_dice(history),
         "epsilon": last["train"].get("epsilon"),
-        "seconds": time.perf_counter() - started,
+        "seconds": history["wall_seconds"],
     }
 
 

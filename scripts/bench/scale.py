@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import psutil
+from _runs import medfed_run
 
 SMALL_MODEL = [
     "model.channels=[4,8,16]",
@@ -33,70 +30,26 @@ SMALL_MODEL = [
 ]
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MiB."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
-
-
 def run_size(n: int, *, work: Path, data: Path, rounds: int) -> dict[str, float]:
     """One run with `n` sites: seconds per round and peak memory of its process tree."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "federation.cli",
-            "run",
-            f"run_name=scale-{n}",
+    history = medfed_run(
+        f"scale-{n}",
+        work=work,
+        data=data,
+        overrides=[
             f"rounds={rounds}",
             f"federation.num_sites={n}",
             f"federation.min_sites={max(1, n // 2)}",
-            f"data.root={data}",
-            "data.generate=false",
-            f"output_dir={work / 'outputs'}",
-            f"federation.site_state_root={work / 'site-state' / str(n)}",
-            f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
-            "tracking.registered_model=",
             *SMALL_MODEL,
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        measure_memory=True,
     )
-    peak = 0.0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, tree_rss_mb(proc.pid))
-            time.sleep(0.2)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, err = proc.communicate()
-    done.set()
-    sampler.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{n} sites failed: {err[-2000:]}")
-    history = json.loads((work / "outputs" / f"scale-{n}" / "history.json").read_text())
     trained = history["rounds"][1:]
     return {
         "sites": n,
         "seconds_per_round": sum(r["seconds"] for r in trained) / len(trained),
-        "peak_rss_mb": peak,
-        "wall_seconds": time.perf_counter() - started,
+        "peak_rss_mb": history["peak_rss_mb"],
+        "wall_seconds": history["wall_seconds"],
         "delivered": min(len(r["site_train"]) for r in trained),
     }
 

@@ -18,8 +18,9 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _runs import final_dice, medfed_run
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "fedmedian", "krum")
 QUICK = ["task.image_size=32", "task.local_epochs=1", "task.batch_size=8"]
@@ -29,38 +30,22 @@ def run_strategy(
     strategy: str, *, work: Path, data: Path, rounds: int, extra: list[str]
 ) -> dict[str, object]:
     """One `medfed run` with `strategy`; its final and best federated Dice per round."""
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "federation.cli",
-            "run",
-            f"strategy={strategy}",
-            f"rounds={rounds}",
-            f"run_name={strategy}",
-            f"data.root={data}",
-            f"output_dir={work / 'outputs'}",
-            f"federation.site_state_root={work / 'site-state' / strategy}",
-            f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
-            "tracking.registered_model=",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        return {"ok": False, "error": proc.stderr.strip().splitlines()[-1:], "seconds": seconds}
-    history = json.loads((work / "outputs" / strategy / "history.json").read_text())
+    try:
+        history = medfed_run(
+            strategy,
+            work=work,
+            data=data,
+            overrides=[f"strategy={strategy}", f"rounds={rounds}", *extra],
+        )
+    except RuntimeError as err:
+        return {"ok": False, "error": str(err).splitlines()[-1:], "seconds": 0.0}
     dice = [r["evaluate"].get("dice", float("nan")) for r in history["rounds"]]
     return {
         "ok": True,
-        "final_dice": dice[-1],
+        "final_dice": final_dice(history),
         "best_dice": max(dice),
         "dice": dice,
-        "seconds": seconds,
+        "seconds": history["wall_seconds"],
     }
 
 

@@ -87,6 +87,18 @@ def render_scale(r: dict[str, Any]) -> str:
     return _table(["sites", "s / round", "s / site-round", "peak memory (MiB)"], rows)
 
 
+def render_communication(r: dict[str, Any]) -> str:
+    rows = [
+        [k, v["bytes_per_site_round"] / 1024, v["vs_float32_model"], v["final_dice"]]
+        for k, v in r["encodings"].items()
+    ]
+    return (
+        f"Model: {r['model_float32_bytes'] / 1024:.1f} KiB as float32; {r['rounds']} rounds.\n\n"
+        + _table(["encoding", "KiB / site / round", "vs float32 model", "final Dice"], rows)
+        + f"\n\nfp16 / full Dice: {_fmt(r['fp16_dice_ratio'])}."
+    )
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """A script of this folder, its arguments per mode and how its result reads."""
@@ -113,6 +125,7 @@ BENCHMARKS = {
         plots=True,
     ),
     "scale": Benchmark("scale.py", ["--quick"], render_scale),
+    "communication": Benchmark("communication.py", ["--quick"], render_communication),
 }
 
 
