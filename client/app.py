@@ -8,6 +8,7 @@ itself and the reason instead of crashing.
 from __future__ import annotations
 
 import dataclasses
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -99,6 +100,20 @@ class _Job:
             weights.update(own or split_norm_state(self.model.state_dict(), self.local_keys)[1])
         self.model.load_state_dict(weights)
 
+    def train(self, privacy: PrivacyConfig) -> Any:
+        """Train the model locally; the wall time goes into `train_seconds`."""
+        started = time.perf_counter()
+        outcome = self.task.train(
+            self.model,
+            self.prepared.data,
+            self.task_cfg,
+            privacy,
+            seed=self.site_seed,
+            proximal_mu=self.proximal_mu,
+        )
+        self.train_seconds = time.perf_counter() - started
+        return outcome
+
     def reply(self, msg: Message, **content: Any) -> Message:
         """A reply naming this site and the dataset it used."""
         return _reply(msg, self.site.name, dataset=self.prepared.fingerprint, **content)
@@ -165,14 +180,7 @@ def _train_private(job: _Job, msg: Message) -> Message:
         budget,
     )
     privacy = dataclasses.replace(job.privacy, noise_multiplier=planned.noise_multiplier)
-    outcome = job.task.train(
-        job.model,
-        job.prepared.data,
-        job.task_cfg,
-        privacy,
-        seed=job.site_seed,
-        proximal_mu=job.proximal_mu,
-    )
+    outcome = job.train(privacy)
     if {(s.noise_multiplier, s.sample_rate) for s in outcome.spent} != {
         (planned.noise_multiplier, planned.sample_rate)
     }:
@@ -195,6 +203,7 @@ def _train_private(job: _Job, msg: Message) -> Message:
         {
             keys.NUM_EXAMPLES: outcome.num_examples,
             keys.TRAIN_LOSS: outcome.loss,
+            keys.TRAIN_SECONDS: job.train_seconds,
             keys.EPSILON: entry.epsilon,
             keys.DP_STEPS: spent.steps,
             keys.SAMPLE_RATE: spent.sample_rate,
@@ -234,16 +243,13 @@ def create_client_app(
                 return _train_private(job, msg)
         except SiteRefusal as err:
             return _refuse(msg, err, "train")
-        outcome = job.task.train(
-            job.model,
-            job.prepared.data,
-            job.task_cfg,
-            job.privacy,
-            seed=job.site_seed,
-            proximal_mu=job.proximal_mu,
-        )
+        outcome = job.train(job.privacy)
         metrics = MetricRecord(
-            {keys.NUM_EXAMPLES: outcome.num_examples, keys.TRAIN_LOSS: outcome.loss}
+            {
+                keys.NUM_EXAMPLES: outcome.num_examples,
+                keys.TRAIN_LOSS: outcome.loss,
+                keys.TRAIN_SECONDS: job.train_seconds,
+            }
         )
         if job.privacy.mode == "central":
             metrics[keys.UNIT_WEIGHT] = 1

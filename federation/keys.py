@@ -27,6 +27,7 @@ LEDGER_ENTRY = "entry"
 # Metric names in a site's METRICS reply.
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"  # the site's local training wall time
 EVAL_LOSS = "eval-loss"
 DICE = "dice"
 EPSILON = "epsilon"

@@ -52,6 +52,15 @@ class RoundRecord:
     failures: dict[str, str] = field(default_factory=dict)
     holdout: dict[str, float] = field(default_factory=dict)
     update_bytes: dict[str, int] = field(default_factory=dict)  # as received, per site
+    train_phase_seconds: float = 0.0  # coordinator: from sending the model to aggregating
+
+    @property
+    def overhead_share(self) -> float | None:
+        """Share of the training phase not spent in the slowest site's local training."""
+        slowest = self.train.get(keys.TRAIN_SECONDS)
+        if slowest is None or self.train_phase_seconds <= 0:
+            return None
+        return max(0.0, 1.0 - slowest / self.train_phase_seconds)
 
 
 @dataclass
@@ -103,6 +112,9 @@ def _tracked(record: RoundRecord) -> dict[str, float]:
             )
     out.update({f"site/{s}/update-bytes": float(b) for s, b in record.update_bytes.items()})
     out["sites/delivered"] = float(len(record.site_train or record.site_evaluate))
+    if record.overhead_share is not None:
+        out["round/train-phase-seconds"] = record.train_phase_seconds
+        out["round/overhead-share"] = record.overhead_share
     return out
 
 
@@ -257,6 +269,7 @@ def run_rounds(
             timeout=timeout,
         )
         new_arrays, train_metrics = guard.aggregate_train(server_round, replies)
+        record.train_phase_seconds = time.perf_counter() - started
         report: RoundReport = guard.train_report
         if new_arrays is not None:
             arrays = new_arrays

@@ -99,6 +99,17 @@ def render_communication(r: dict[str, Any]) -> str:
     )
 
 
+def render_overhead(r: dict[str, Any]) -> str:
+    rows = [
+        [row["sites"], name, v["phase_seconds"], v["slowest_site_seconds"], v["overhead_share"]]
+        for row in r["rows"]
+        for name, v in (("medfed", row["medfed"]), ("plain Flower", row["plain_flower"]))
+    ]
+    return f"Engine: {r['engine']}; rounds after the first of {r['rounds']}.\n\n" + _table(
+        ["sites", "app", "training phase (s)", "slowest site (s)", "overhead share"], rows
+    )
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """A script of this folder, its arguments per mode and how its result reads."""
@@ -126,6 +137,7 @@ BENCHMARKS = {
     ),
     "scale": Benchmark("scale.py", ["--quick"], render_scale),
     "communication": Benchmark("communication.py", ["--quick"], render_communication),
+    "overhead": Benchmark("overhead.py", ["--quick"], render_overhead),
 }
 
 
