@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 __all__ = [
     "PHI_KEYWORDS",
@@ -64,7 +65,7 @@ UID_KEYWORDS: tuple[str, ...] = (
 def phi_attributes(ds: Dataset) -> list[str]:
     """Keywords of PHI-bearing attributes with a value in `ds` (plus "private tags")."""
     found = [k for k in PHI_KEYWORDS if k in ds and str(ds.get(k) or "").strip()]
-    if any(elem.tag.is_private for elem in ds):
+    if any(Tag(tag).is_private for tag in ds.keys()):  # keys(): no deferred reads
         found.append("private tags")
     return found
 

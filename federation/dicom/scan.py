@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -225,13 +226,17 @@ def scan_file(path: Path) -> Instance | Problem:
     name = str(path)
     try:
         stat = path.stat()
-        ds = _read_header(path)
+        with warnings.catch_warnings():  # malformed values are judged below, not warned
+            warnings.simplefilter("ignore")
+            ds = _read_header(path)
     except InvalidDicomError:
         return Problem(name, "not DICOM: no DICM preamble and no DICOM instance header")
     except (EOFError, OSError, ValueError, KeyError, TypeError, OverflowError) as err:
         return Problem(name, f"truncated or corrupt DICOM header: {type(err).__name__}: {err}")
     try:
-        return _classify(path, stat, ds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _classify(path, stat, ds)
     except Exception as err:  # a malformed header value must not stop the site
         return Problem(name, f"malformed DICOM header: {type(err).__name__}: {err}")
 
@@ -270,9 +275,12 @@ def _classify(path: Path, stat: os.stat_result, ds: Dataset) -> Instance | Probl
     if pixel_tag is None:
         kind = pydicom.uid.UID(sop_class).name if sop_class else "unknown SOP class"
         return Problem(name, f"no pixel data ({kind})")
-    raw = ds.get_item(pixel_tag)
-    length = int(getattr(raw, "length", 0))
+    raw = ds.get_item(pixel_tag, keep_deferred=True)
     tell = getattr(raw, "value_tell", None)
+    value = getattr(raw, "value", None)
+    length = int(getattr(raw, "length", 0) or 0) if value is None else len(value)
+    if value is not None:
+        tell = None  # read in full (small, or undefined length): no offset to reuse
     if length != _UNDEFINED and tell is not None and tell + length > stat.st_size:
         return Problem(
             name, f"truncated: pixel data needs {length} bytes, file ends {stat.st_size - tell} in"

@@ -1,8 +1,8 @@
 """What the generator writes reads back with the right geometry, intensities and labels."""
 
 import shutil
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -10,8 +10,8 @@ import pytest
 
 from federation.dicom.prepare import labelled_volumes
 from federation.dicom.scan import iter_files, scan_paths
-from federation.dicom.volume import group_series
 from federation.dicom.synth import generate_consortium, patient_id, phantom
+from federation.dicom.volume import group_series
 from tests.conftest import SEED, SLICES
 
 
@@ -119,8 +119,10 @@ def test_missing_slice_and_junk_files_are_reported_not_used(consortium, tmp_path
     reasons = {Path(p.path).name: p.reason for p in report.problems}
     assert reasons.pop("notes.txt").startswith("not DICOM")
     assert reasons.pop("seg.dcm").startswith("label of a quarantined series")
-    assert set(reasons.values()) == {"inconsistent series geometry: 1 missing slices "
-                                     f"(gaps of {_thickness(patient):.3f} mm expected)"}
+    assert set(reasons.values()) == {
+        "inconsistent series geometry: 1 missing slices "
+        f"(gaps of {_thickness(patient):.3f} mm expected)"
+    }
     assert len(reasons) == len(ct) - 1
 
 
