@@ -72,16 +72,19 @@ def prepare_source(
 
     """
     query = query or SourceQuery()
+    incoming = output / INCOMING_DIR
     if source.startswith(("dicomweb://", "http://", "https://")):
         from federation.dicom.sources.dicomweb import fetch_dicomweb
 
-        fetch_dicomweb(source, output / INCOMING_DIR, query=query)
-        return prepare_folder(output / INCOMING_DIR, output, options=options)
+        incoming.mkdir(parents=True, exist_ok=True)
+        fetch_dicomweb(source, incoming, query=query)
+        return prepare_folder(incoming, output, options=options)
     if source.startswith("dimse://"):
         from federation.dicom.sources.dimse import fetch_dimse
 
-        fetch_dimse(source, output / INCOMING_DIR, query=query)
-        return prepare_folder(output / INCOMING_DIR, output, options=options)
+        incoming.mkdir(parents=True, exist_ok=True)
+        fetch_dimse(source, incoming, query=query)
+        return prepare_folder(incoming, output, options=options)
     folder = Path(source)
     if not folder.is_dir():
         raise ValueError(
