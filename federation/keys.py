@@ -18,6 +18,9 @@ CPUS_PER_SITE = "federation.cpus_per_site"
 # ConfigRecord keys in a site's STATUS reply.
 SITE = "site"
 REFUSED = "refused"
+# Record and key of a site's reply to the data-quality query: aggregate summary as JSON.
+QUALITY = "quality"
+QUALITY_SUMMARY = "summary"
 # ConfigRecord key in a site's LEDGER reply: the signed ledger entry as JSON.
 LEDGER_ENTRY = "entry"
 

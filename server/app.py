@@ -24,6 +24,7 @@ from federation.logs import context_logger
 from federation.tracking import RunTracker, default_tracking_uri
 from server.central import COORDINATOR
 from server.loop import RunHistory, run_rounds
+from server.quality import collect_quality
 from server.report import plot_history
 
 __all__ = ["RunResult", "app", "config_from_run_config", "coordinate", "create_server_app"]
@@ -67,6 +68,7 @@ def coordinate(grid: Grid, cfg: MedfedConfig) -> RunResult:
     )
     log.info("MLflow run %s in %s", tracker.run_id, uri)
     try:
+        collect_quality(grid, cfg, run_name=run_name, out_dir=out_dir, tracker=tracker)
         arrays, history = run_rounds(
             grid,
             cfg,

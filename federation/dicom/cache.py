@@ -29,7 +29,7 @@ def file_hash(inst: Instance) -> str:
     """The content hash of an instance's file, computed once and kept in the instance."""
     if not inst.content_hash:
         with open(inst.path, "rb") as fh:
-            inst.content_hash = hashlib.blake2b(fh.read(), digest_size=16).hexdigest()
+            inst.content_hash = hashlib.sha256(fh.read()).hexdigest()[:32]
     return inst.content_hash
 
 

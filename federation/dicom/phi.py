@@ -8,6 +8,7 @@ pseudonyms and facts about geometry, vendor and labels.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -62,7 +63,7 @@ UID_KEYWORDS: tuple[str, ...] = (
 )
 
 
-def phi_attributes(ds: Dataset) -> list[str]:
+def phi_attributes(ds: Any) -> list[str]:
     """Keywords of PHI-bearing attributes with a value in `ds` (plus "private tags")."""
     found = [k for k in PHI_KEYWORDS if k in ds and str(ds.get(k) or "").strip()]
     if any(Tag(tag).is_private for tag in ds.keys()):  # keys(): no deferred reads

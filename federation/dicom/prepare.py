@@ -185,7 +185,7 @@ def _find_labels(
 def _label_hashes(uid: str, labels: _Labels) -> list[str]:
     hashes = [f"{i.kind}:{file_hash(i)}" for i in labels.by_series.get(uid, [])]
     if uid in labels.nifti:
-        hashes.append("nifti:" + hashlib.blake2b(labels.nifti[uid].read_bytes()).hexdigest())
+        hashes.append("nifti:" + hashlib.sha256(labels.nifti[uid].read_bytes()).hexdigest())
     return hashes
 
 
@@ -208,7 +208,9 @@ def _attach_label(volume: Volume, uid: str, labels: _Labels, problems: list[Prob
 
 
 def _entry(key: str, volume: Volume, files: int, label: str, *, cached: bool) -> SeriesEntry:
-    hist = np.histogram(np.clip(volume.hu, HU_BINS[0], HU_BINS[-1]), bins=HU_BINS)[0]
+    lo, hi = float(HU_BINS[0]), float(HU_BINS[-1])
+    # Uniform bins with a range: numpy bins by arithmetic, no sort of the volume.
+    hist = np.histogram(np.clip(volume.hu, lo, hi), bins=len(HU_BINS) - 1, range=(lo, hi))[0]
     fg = float(np.mean(volume.label)) if volume.label is not None else 0.0
     return SeriesEntry(
         key=key,

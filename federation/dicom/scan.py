@@ -18,6 +18,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from federation.dicom.fastheader import read_fast_header
 from federation.dicom.phi import phi_attributes
 
 __all__ = [
@@ -142,7 +143,7 @@ def _functional(ds: Dataset, frame: int, group: str, keyword: str) -> Any:
     return None
 
 
-def _image_geometry(ds: Dataset, inst: Instance) -> str | None:
+def _image_geometry(ds: Any, inst: Instance) -> str | None:
     """Fill per-frame geometry and rescale into `inst`; return a reason if unusable."""
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
     if not enhanced:
@@ -181,7 +182,7 @@ def _image_geometry(ds: Dataset, inst: Instance) -> str | None:
     return None
 
 
-def _decodable(ds: Dataset) -> str | None:
+def _decodable(ds: Any) -> str | None:
     from pydicom.pixels.decoders.base import get_decoder
 
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
@@ -226,6 +227,12 @@ def scan_file(path: Path) -> Instance | Problem:
     name = str(path)
     try:
         stat = path.stat()
+        fast = read_fast_header(name, stat.st_size)
+        if fast is not None:
+            try:
+                return _classify(path, stat, fast)
+            except Exception:
+                pass
         with warnings.catch_warnings():  # malformed values are judged below, not warned
             warnings.simplefilter("ignore")
             ds = _read_header(path)
@@ -241,7 +248,8 @@ def scan_file(path: Path) -> Instance | Problem:
         return Problem(name, f"malformed DICOM header: {type(err).__name__}: {err}")
 
 
-def _classify(path: Path, stat: os.stat_result, ds: Dataset) -> Instance | Problem:
+def _classify(path: Path, stat: os.stat_result, ds: Any) -> Instance | Problem:
+    """Classify from a pydicom `Dataset` or a `FastHeader` (same interface subset)."""
     name = str(path)
     if "SOPInstanceUID" not in ds:
         return Problem(name, "DICOM without SOPInstanceUID: not a storable instance")

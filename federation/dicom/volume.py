@@ -156,7 +156,7 @@ def read_volume(plan: SeriesPlan) -> Volume:
     for inst in plan.instances:
         with open(inst.path, "rb") as fh:
             data = fh.read()
-        inst.content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+        inst.content_hash = hashlib.sha256(data).hexdigest()[:32]
         hashes[inst.sop_uid] = inst.content_hash
         try:
             pixels = (
