@@ -54,3 +54,28 @@ def test_expected_files_are_quarantined_with_specific_reasons(report, name, reas
     result, names = report
     reasons = {p.reason for p in result.problems if names[p.path] == name}
     assert reasons and all(r.startswith(reason) for r in reasons), reasons
+
+
+def test_fast_header_reader_agrees_with_pydicom(report, consortium, monkeypatch):
+    import dataclasses
+
+    import federation.dicom.scan as scan
+
+    _, names = report
+    root, _ = consortium
+    paths = [Path(p) for p in names] + sorted((root / "site-1").rglob("*.dcm"))
+
+    def scanned() -> dict[Path, object]:
+        out = {}
+        for p in paths:
+            found = scan.scan_file(p)
+            if isinstance(found, scan.Instance):  # pydicom keeps small pixel data in memory
+                found = dataclasses.replace(found, pixel_offset=0)
+            out[p] = found
+        return out
+
+    fast_hits = sum(scan.read_fast_header(str(p), p.stat().st_size) is not None for p in paths)
+    fast = scanned()
+    monkeypatch.setattr(scan, "read_fast_header", lambda *_: None)
+    assert scanned() == fast
+    assert fast_hits > 100
