@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from collections import defaultdict
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +28,7 @@ __all__ = [
 ]
 
 _POSITION_TOLERANCE_MM = 0.01
+_READ_THREADS = min(4, os.cpu_count() or 1)
 _ORIENTATION_TOLERANCE = 1e-3
 
 
@@ -152,12 +155,12 @@ def read_volume(plan: SeriesPlan) -> Volume:
     first = plan.instances[0]
     out = np.empty((len(plan.frames), first.rows, first.columns), dtype=np.float32)
     index = {(id(f.instance), f.frame): k for k, f in enumerate(plan.frames)}
-    hashes: dict[str, str] = {}
-    for inst in plan.instances:
+
+    def load(inst: Instance) -> None:
+        # File reads, hashing and numpy release the GIL: files of a series overlap.
         with open(inst.path, "rb") as fh:
             data = fh.read()
         inst.content_hash = hashlib.sha256(data).hexdigest()[:32]
-        hashes[inst.sop_uid] = inst.content_hash
         try:
             pixels = (
                 _native_frames(inst, data)
@@ -170,6 +173,15 @@ def read_volume(plan: SeriesPlan) -> Volume:
             k = index[(id(inst), f)]
             np.multiply(pixels[f], inst.slopes[f], out=out[k], casting="unsafe")
             out[k] += inst.intercepts[f]
+
+    workers = min(_READ_THREADS, len(plan.instances))
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(load, plan.instances))
+    else:
+        for inst in plan.instances:
+            load(inst)
+    hashes = {inst.sop_uid: inst.content_hash for inst in plan.instances}
     sop_uids = []
     for fr in plan.frames:
         if fr.instance.frames == 1:

@@ -170,3 +170,25 @@ def test_privacy_gate_refuses_identified_files_and_names_them(consortium, tmp_pa
         ds.PatientIdentityRemoved = "YES"
         ds.save_as(path)
     assert main([*args, "--state", str(state)]) == 0
+
+
+def test_resampling_to_a_target_spacing_and_modality_aware_normalisation(consortium, tmp_path):
+    root, profiles = consortium
+    patient = _patient(root, tmp_path)
+    profile = profiles[0]
+    target = (2 * profile.slice_thickness, 2 * profile.pixel_spacing, 2 * profile.pixel_spacing)
+    options = PrepareOptions(target_spacing=target)
+    [entry] = prepare_folder(patient.parent, tmp_path / "out", options=options).entries
+    assert entry.shape == [SLICES // 2, profile.rows // 2, profile.rows // 2]
+    assert entry.spacing == pytest.approx(list(target))
+    volume = VolumeCache(tmp_path / "out").get(entry.key)
+    assert volume.label is not None and volume.label.shape == volume.hu.shape
+    assert set(np.unique(volume.label)) <= {0, 1} and volume.label.any()
+
+    from federation.dicom.volume import normalise
+
+    hu = np.array([[-1000.0, -160.0, 40.0, 240.0, 3000.0]], dtype=np.float32)
+    np.testing.assert_allclose(normalise(hu, modality="CT", window=None), [[0, 0, 0.5, 1, 1]])
+    mr = np.linspace(0.0, 1000.0, 1001, dtype=np.float32)
+    scaled = normalise(mr, modality="MR", window=None)
+    assert scaled.min() == 0.0 and scaled.max() == 1.0 and 0.45 < float(np.median(scaled)) < 0.55
