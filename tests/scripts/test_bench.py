@@ -22,3 +22,21 @@ def test_dp_overhead_quick_prints_ratios_for_every_mode():
     # Expanded weights has no rule for ConvTranspose: reported, not crashed.
     assert not result["modes"]["ew"]["ok"] and "conv_transpose" in result["modes"]["ew"]["error"]
     assert result["fastest_mode"] in {"hooks", "functorch", "ghost"}
+
+
+def test_prepare_speed_quick_prints_every_ratio():
+    script = SCRIPT.parent / "prepare_speed.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--series", "2", "--slices", "8", "--rows", "64"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "prepare_speed" and result["files"] == 16
+    assert set(result["seconds"]) == {"bytes", "naive", "monai", "cold", "warm"}
+    for key in ("naive_over_cold", "monai_over_cold", "cold_over_bytes", "cold_over_warm"):
+        assert result[key] > 0
+    assert set(result["peak_mb"]) == {"2", "8"} and result["peak_mb_growth"] > 0
