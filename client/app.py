@@ -22,6 +22,7 @@ from client.prepare import quality_reply
 from client.site import SiteIdentity, load_site_dataset, site_from_node_config
 from client.state import SiteState
 from federation import keys
+from federation.compression import encode_update
 from federation.config import (
     ModelConfig,
     PrivacyConfig,
@@ -32,7 +33,7 @@ from federation.config import (
 from federation.errors import SiteRefusal
 from federation.ledger import BudgetExceeded, LedgerEntry, Mechanism
 from federation.logs import context_logger, setup_logging
-from federation.models import build_model
+from federation.models import build_model, norm_state_keys, split_norm_state
 from federation.privacy import calibrate_noise, plan_round
 from federation.tasks import get_task
 
@@ -46,11 +47,13 @@ def _reply(
     site: str,
     *,
     refused: str = "",
+    dataset: str = "",
     arrays: ArrayRecord | None = None,
     metrics: MetricRecord | None = None,
     entry: LedgerEntry | None = None,
 ) -> Message:
-    content = RecordDict({keys.STATUS: ConfigRecord({keys.SITE: site, keys.REFUSED: refused})})
+    status = ConfigRecord({keys.SITE: site, keys.REFUSED: refused, keys.DATASET: dataset})
+    content = RecordDict({keys.STATUS: status})
     if arrays is not None:
         content[keys.ARRAYS] = arrays
     if metrics is not None:
@@ -84,8 +87,30 @@ class _Job:
         self.task = get_task(self.task_cfg.name)
         torch.set_num_threads(max(1, int(self.flat.get(keys.CPUS_PER_SITE, 1))))
         self.prepared = load_site_dataset(self.site, self.task, self.task_cfg, seed=self.seed)
-        self.model = build_model(self.model_cfg)
-        self.model.load_state_dict(msg.content.array_records[keys.ARRAYS].to_torch_state_dict())
+        self.state = SiteState(self.site.state_dir, self.site.name)
+        self.model = build_model(self.model_cfg, seed=self.seed)
+        # FedBN: the norm layers are the site's own; the coordinator never sees them.
+        self.local_keys = (
+            norm_state_keys(self.model) if self.flat.get(keys.LOCAL_NORM, False) else frozenset()
+        )
+        self.received = msg.content.array_records[keys.ARRAYS]
+        weights = self.received.to_torch_state_dict()
+        if self.local_keys:
+            own = self.state.local_layers(self.run)
+            weights.update(own or split_norm_state(self.model.state_dict(), self.local_keys)[1])
+        self.model.load_state_dict(weights)
+
+    def reply(self, msg: Message, **content: Any) -> Message:
+        """A reply naming this site and the dataset it used."""
+        return _reply(msg, self.site.name, dataset=self.prepared.fingerprint, **content)
+
+    def release(self) -> ArrayRecord:
+        """The update the site sends, encoded; FedBN's norm layers are kept at the site."""
+        shared, own = split_norm_state(self.model.state_dict(), self.local_keys)
+        if self.local_keys:
+            self.state.save_local_layers(self.run, own)
+        encoding = str(self.flat.get(keys.UPDATE_ENCODING, "full"))
+        return encode_update(ArrayRecord(shared), self.received, encoding=encoding)
 
     def plan_mechanism(self) -> Mechanism:
         """The DP mechanism this round will run: noise given, or calibrated to a target."""
@@ -115,14 +140,13 @@ def _refuse(msg: Message, err: SiteRefusal, action: str) -> Message:
 
 def _train_private(job: _Job, msg: Message) -> Message:
     """Train under DP-SGD within the site's own budget, and sign the spend."""
-    state = SiteState(job.site.state_dir, job.site.name)
+    state = job.state
     stored = state.stored_reply(job.run, job.round)
     if stored is not None:
         entry, payload = stored
         job.log.warning("round already trained: answering with the stored update, no new spend")
-        return _reply(
+        return job.reply(
             msg,
-            job.site.name,
             arrays=ArrayRecord(payload["state_dict"]),
             metrics=MetricRecord(payload["metrics"]),
             entry=entry,
@@ -178,8 +202,9 @@ def _train_private(job: _Job, msg: Message) -> Message:
             keys.NOISE_MULTIPLIER: spent.noise_multiplier,
         }
     )
+    arrays = job.release()
     state.store_reply(
-        job.run, entry, {"state_dict": job.model.state_dict(), "metrics": dict(metrics)}
+        job.run, entry, {"state_dict": arrays.to_torch_state_dict(), "metrics": dict(metrics)}
     )
     job.log.info(
         "trained: loss %.4f, epsilon %.3f (ledger entry %d)",
@@ -187,13 +212,7 @@ def _train_private(job: _Job, msg: Message) -> Message:
         entry.epsilon,
         entry.index,
     )
-    return _reply(
-        msg,
-        job.site.name,
-        arrays=ArrayRecord(job.model.state_dict()),
-        metrics=metrics,
-        entry=entry,
-    )
+    return job.reply(msg, arrays=arrays, metrics=metrics, entry=entry)
 
 
 def create_client_app(
@@ -236,9 +255,7 @@ def create_client_app(
             job.log.info("trained (client-level DP at the coordinator): loss %.4f", outcome.loss)
         else:
             job.log.info("trained without DP: loss %.4f", outcome.loss)
-        return _reply(
-            msg, job.site.name, arrays=ArrayRecord(job.model.state_dict()), metrics=metrics
-        )
+        return job.reply(msg, arrays=job.release(), metrics=metrics)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -257,7 +274,7 @@ def create_client_app(
         )
         if job.privacy.mode == "central":
             metrics[keys.UNIT_WEIGHT] = 1  # the coordinator averages sites uniformly
-        return _reply(msg, job.site.name, metrics=metrics)
+        return job.reply(msg, metrics=metrics)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

@@ -23,6 +23,7 @@ from federation.privacy import MechanismStep
 __all__ = ["POLICY_FILE", "SitePolicy", "SiteState"]
 
 POLICY_FILE = "policy.yaml"
+LOCAL_LAYERS_DIR = "local-layers"
 REPLIES_DIR = "replies"
 
 
@@ -138,8 +139,28 @@ class SiteState:
             )
         return after, budget
 
+    def _run_file(self, folder: str, run: str) -> Path:
+        return self.root / folder / f"{hashlib.sha256(run.encode()).hexdigest()[:24]}.pt"
+
     def _reply_path(self, run: str) -> Path:
-        return self.root / REPLIES_DIR / f"{hashlib.sha256(run.encode()).hexdigest()[:24]}.pt"
+        return self._run_file(REPLIES_DIR, run)
+
+    def save_local_layers(self, run: str, state: dict[str, Any]) -> None:
+        """Keep the layers this site never shares in a run (FedBN's norm layers)."""
+        import torch
+
+        path = self._run_file(LOCAL_LAYERS_DIR, run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    def local_layers(self, run: str) -> dict[str, Any] | None:
+        """The layers kept by `save_local_layers`, or None before the site's first round."""
+        import torch
+
+        path = self._run_file(LOCAL_LAYERS_DIR, run)
+        return torch.load(path, weights_only=True) if path.exists() else None
 
     def store_reply(self, run: str, entry: LedgerEntry, payload: dict[str, Any]) -> None:
         """Keep the latest reply of a run, so a repeated round is answered without new spend."""

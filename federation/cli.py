@@ -59,7 +59,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from server.launch import run_simulation
     from server.report import run_summary
 
-    cfg = compose_config(args.overrides)
+    if getattr(args, "resume", None):
+        from server.checkpoint import resume_config
+
+        cfg = resume_config(args.resume, args.overrides)
+    else:
+        cfg = compose_config(args.overrides)
     if args.command == "demo" and not any(
         o.startswith("federation.site_state_root=") for o in args.overrides
     ):
@@ -224,11 +229,17 @@ def _parser() -> argparse.ArgumentParser:
         )
         return p
 
-    for name, text in (
-        ("demo", "run the local consortium demo on embedded defaults"),
-        ("run", "run a federated training (coordinator)"),
-    ):
-        with_overrides(sub.add_parser(name, help=text)).set_defaults(func=_cmd_run)
+    with_overrides(
+        sub.add_parser("demo", help="run the local consortium demo on embedded defaults")
+    ).set_defaults(func=_cmd_run)
+    run = with_overrides(sub.add_parser("run", help="run a federated training (coordinator)"))
+    run.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue a run whose coordinator stopped (run name or MLflow run id), from "
+        "its last completed round; only output_dir= and tracking.uri= may be given",
+    )
+    run.set_defaults(func=_cmd_run)
     with_overrides(sub.add_parser("config", help="print the resolved configuration")).set_defaults(
         func=_cmd_config
     )
@@ -312,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose=args.verbose)
     try:
         return int(args.func(args))
-    except (ValueError, FederationError, SiteRefusal) as err:
+    except (ValueError, FederationError, SiteRefusal, FileNotFoundError, FileExistsError) as err:
         print(f"medfed: error: {err}", file=sys.stderr)
         return 2
 

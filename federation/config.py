@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 __all__ = [
     "DataConfig",
+    "EvaluationConfig",
     "FederationConfig",
     "MedfedConfig",
     "ModelConfig",
@@ -21,6 +22,7 @@ __all__ = [
     "TrackingConfig",
     "compose_config",
     "config_from_json",
+    "config_sha256",
     "config_to_json",
     "flatten",
     "plan_hash",
@@ -55,6 +57,8 @@ class ModelConfig:
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
     num_res_units: int = 1
     norm: str = "instance"
+    # Learnable scale and shift in the norm layers (FedBN keeps them at each site).
+    norm_affine: bool = True
     dropout: float = 0.0
 
 
@@ -75,6 +79,8 @@ class StrategyConfig:
     tau: float = 1e-3
     # Krum: number of sites assumed malicious.
     num_malicious: int = 0
+    # FedBN: normalisation layers stay at each site, never sent nor averaged.
+    local_norm: bool = False
 
 
 @dataclass
@@ -115,6 +121,8 @@ class FederationConfig:
     cpus_per_site: int = 1
     site_state_root: str = "site-state"
     site_budget: float = 10.0
+    # How sites send updates: full weights, or fp16 deltas to the received weights.
+    update_encoding: str = "full"
 
     def names(self) -> list[str]:
         """Site names, `site-1 ... site-N` unless given."""
@@ -129,6 +137,18 @@ class TrackingConfig:
 
     uri: str | None = None
     experiment: str = "medfed"
+    # Registry name of the best global model; null means `medfed-<task.name>`, "" none.
+    registered_model: str | None = None
+
+
+@dataclass
+class EvaluationConfig:
+    """How the coordinator judges the global model."""
+
+    # A labelled DICOM folder at the coordinator, evaluated every round; null for none.
+    holdout: str | None = None
+    # Metric that picks the best round's model (server hold-out when set, else federated).
+    select_metric: str = "dice"
 
 
 @dataclass
@@ -142,10 +162,13 @@ class MedfedConfig:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     rounds: int = 10
     seed: int = 0
     run_name: str | None = None
     output_dir: str = "outputs"
+    # Continue run `run_name` from its last checkpoint (set by `medfed run --resume`).
+    resume: bool = False
 
     def validate(self) -> None:
         """Reject settings that cannot run, saying which value and why."""
@@ -187,8 +210,35 @@ class MedfedConfig:
                 "DP needs privacy.noise_multiplier > 0 and privacy.max_grad_norm > 0; "
                 "to train without DP choose privacy=none."
             )
+        if self.strategy.name == "fedbn" and not self.strategy.local_norm:
+            raise ValueError(
+                "strategy.name=fedbn keeps normalisation layers local at each site; "
+                "drop strategy.local_norm=false or choose another strategy."
+            )
+        from federation.compression import ENCODINGS
+
+        if fed.update_encoding not in ENCODINGS:
+            raise ValueError(
+                f"federation.update_encoding={fed.update_encoding!r} is unknown; use one of "
+                f"{', '.join(ENCODINGS)}."
+            )
+        if (
+            fed.update_encoding != "full"
+            and self.privacy.mode == "central"
+            and self.privacy.clipping == "fixed-client"
+        ):
+            raise ValueError(
+                "privacy.clipping=fixed-client clips the weights a site sends, which an "
+                f"encoded update ({fed.update_encoding}) is not; use "
+                "federation.update_encoding=full or privacy.clipping=adaptive-server."
+            )
+        if self.resume and not self.run_name:
+            raise ValueError("resume=true needs the run_name of the run to continue.")
         if not 0 < self.task.val_fraction < 1:
             raise ValueError(f"task.val_fraction={self.task.val_fraction} must lie in (0, 1).")
+
+
+SCHEMA_NAME = "medfed_schema"
 
 
 def compose_config(overrides: list[str] | None = None) -> MedfedConfig:
@@ -206,11 +256,15 @@ def compose_config(overrides: list[str] | None = None) -> MedfedConfig:
 
     """
     from hydra import compose, initialize_config_module
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     GlobalHydra.instance().clear()
+    # The typed schema underlies conf/: every field can be overridden, even one a group's
+    # file leaves at its default.
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=MedfedConfig)
     try:
         with initialize_config_module(config_module="conf", version_base="1.3"):
             raw = compose(config_name="config", overrides=list(overrides or []))
@@ -237,6 +291,14 @@ def config_from_json(text: str) -> MedfedConfig:
     assert isinstance(cfg, MedfedConfig)
     cfg.validate()
     return cfg
+
+
+def config_sha256(cfg: MedfedConfig) -> str:
+    """Stable hash of a run's whole configuration (the same when it is resumed)."""
+    import dataclasses
+
+    text = config_to_json(dataclasses.replace(cfg, resume=False))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

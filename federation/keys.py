@@ -14,10 +14,13 @@ RUN_NAME = "run-name"
 SEED = "seed"
 ROUNDS = "rounds"
 CPUS_PER_SITE = "federation.cpus_per_site"
+UPDATE_ENCODING = "update-encoding"  # how the site encodes its update
+LOCAL_NORM = "local-norm"  # FedBN: the site keeps its normalisation layers
 
 # ConfigRecord keys in a site's STATUS reply.
 SITE = "site"
 REFUSED = "refused"
+DATASET = "dataset"  # the fingerprint of the data the site used (a hash of instance UIDs)
 # Record and key of a site's reply to the data-quality query: aggregate summary as JSON.
 QUALITY = "quality"
 QUALITY_SUMMARY = "summary"

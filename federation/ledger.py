@@ -148,6 +148,15 @@ def read_ledger(path: Path) -> list[LedgerEntry]:
     return entries
 
 
+def latest_entries(ledger_dir: Path) -> dict[str, LedgerEntry]:
+    """Each owner's newest entry among the ledger copies (`<owner>.jsonl`) in a folder."""
+    latest = {}
+    for path in sorted(ledger_dir.glob("*.jsonl")):
+        if entries := read_ledger(path):
+            latest[path.stem] = entries[-1]
+    return latest
+
+
 @dataclass
 class Ledger:
     """A site's own append-only ledger file, signed with the site's key."""

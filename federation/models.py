@@ -7,9 +7,15 @@ from torch import nn
 
 from federation.config import ModelConfig
 
-__all__ = ["build_model"]
+__all__ = ["build_model", "norm_state_keys", "split_norm_state"]
 
 _NORMS = {"instance": "instance", "group": "group", "batch": "batch"}
+_NORM_TYPES = (
+    nn.modules.batchnorm._NormBase,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
 
 
 def build_model(cfg: ModelConfig, *, seed: int | None = None) -> nn.Module:
@@ -48,7 +54,7 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None) -> nn.Module:
         channels=tuple(cfg.channels),
         strides=tuple(cfg.strides),
         num_res_units=cfg.num_res_units,
-        norm=_NORMS[cfg.norm],
+        norm=(_NORMS[cfg.norm], {"affine": cfg.norm_affine}),
         act=("relu", {"inplace": False}),
         dropout=cfg.dropout,
     )
@@ -60,3 +66,22 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None) -> nn.Module:
     if errors:
         raise ValueError(f"model is not DP-compatible after fix-ups: {errors}")
     return net
+
+
+def norm_state_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict keys of the model's normalisation layers (affine weights and statistics)."""
+    found: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, _NORM_TYPES):
+            prefix = f"{name}." if name else ""
+            found.update(prefix + k for k in module.state_dict())
+    return frozenset(found)
+
+
+def split_norm_state(
+    state: dict[str, torch.Tensor], norm_keys: frozenset[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a state dict into (shared, normalisation) parts."""
+    shared = {k: v for k, v in state.items() if k not in norm_keys}
+    local = {k: v for k, v in state.items() if k in norm_keys}
+    return shared, local

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunTracker", "default_tracking_uri"]
+__all__ = ["RunTracker", "code_version", "default_tracking_uri"]
 
 _MAX_PARAMS_PER_BATCH = 100
 
@@ -15,6 +15,33 @@ _MAX_PARAMS_PER_BATCH = 100
 def default_tracking_uri(base: Path | None = None) -> str:
     """An SQLite store `mlflow.db` in `base` (default: the working directory)."""
     return f"sqlite:///{((base or Path.cwd()) / 'mlflow.db').resolve()}"
+
+
+def code_version() -> str:
+    """Medfed's version, with the git commit when running from a checkout."""
+    import subprocess
+
+    from federation import __version__
+
+    source = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    dirty = subprocess.run(
+        ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    ).stdout.strip()
+    return f"{__version__}+g{commit}{'.dirty' if dirty else ''}"
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -66,6 +93,30 @@ class RunTracker:
         self.experiment_id: str = exp_id
         self._log_params(params)
 
+    @classmethod
+    def reopen(cls, uri: str, run_id: str) -> RunTracker:
+        """Continue logging into an existing run (a resumed federated run).
+
+        Raises:
+            ValueError: The store has no such run.
+        """
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        tracker = cls.__new__(cls)
+        tracker.uri = uri
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            tracker.client = MlflowClient(tracking_uri=uri)
+            try:
+                run = tracker.client.get_run(run_id)
+            except MlflowException as err:
+                raise ValueError(f"MLflow run {run_id} is not in {uri}: {err.message}") from err
+        tracker.run_id = run_id
+        tracker.experiment_id = run.info.experiment_id
+        tracker.client.update_run(run_id, status="RUNNING")
+        return tracker
+
     def _log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -93,6 +144,30 @@ class RunTracker:
     def set_tag(self, key: str, value: str) -> None:
         """Set a run tag."""
         self.client.set_tag(self.run_id, key, value)
+
+    def register_model(
+        self, name: str, path: Path, *, tags: dict[str, str], description: str
+    ) -> str:
+        """Attach a model file to the run and register it as a new version of `name`.
+
+        Returns:
+            The new model version.
+        """
+        from mlflow.exceptions import MlflowException
+
+        artifact_dir = "registered_model"
+        self.log_artifact(path, artifact_dir)
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(
+                name, description="Global models of medfed federated runs."
+            )
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_dir}"
+        version = self.client.create_model_version(
+            name, source, run_id=self.run_id, tags=tags, description=description
+        )
+        return str(version.version)
 
     def finish(self, *, ok: bool) -> None:
         """Mark the run FINISHED or FAILED."""

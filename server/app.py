@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -17,13 +18,17 @@ from federation.config import (
     MedfedConfig,
     compose_config,
     config_from_json,
+    config_sha256,
+    config_to_json,
     flatten,
     resolve_path,
 )
+from federation.ledger import latest_entries
 from federation.logs import context_logger
-from federation.tracking import RunTracker, default_tracking_uri
+from federation.tracking import RunTracker, code_version, default_tracking_uri
 from server.central import COORDINATOR
-from server.loop import RunHistory, run_rounds
+from server.checkpoint import CONFIG_FILE, RUN_DIR_TAG, Checkpoint, check_run_dir
+from server.loop import BEST_MODEL_FILE, RunHistory, run_rounds
 from server.quality import collect_quality
 from server.report import plot_history
 
@@ -48,13 +53,20 @@ def config_from_run_config(run_config: UserConfig) -> MedfedConfig:
     return config_from_json(text) if text else compose_config([])
 
 
-def coordinate(grid: Grid, cfg: MedfedConfig) -> RunResult:
-    """Run the federation and record it: MLflow run, final model, history, plot."""
-    run_name = cfg.run_name or dt.datetime.now().strftime("medfed-%Y%m%d-%H%M%S")
-    out_dir = resolve_path(cfg.output_dir) / run_name
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _start_tracking(
+    cfg: MedfedConfig, run_name: str, run_dir: Path
+) -> tuple[RunTracker, Checkpoint | None]:
+    """A new MLflow run, or the checkpointed run's own when resuming.
+
+    Raises:
+        FileExistsError: A run of this name exists and `resume` is not set.
+        FileNotFoundError: `resume` is set but the run has no checkpoint.
+    """
     uri = cfg.tracking.uri or default_tracking_uri()
-    log = context_logger(run=run_name)
+    check_run_dir(run_dir, resume=cfg.resume)
+    if cfg.resume:
+        checkpoint = Checkpoint.load(run_dir)
+        return RunTracker.reopen(uri, checkpoint.mlflow_run_id), checkpoint
     tracker = RunTracker(
         uri,
         experiment=cfg.tracking.experiment,
@@ -64,34 +76,89 @@ def coordinate(grid: Grid, cfg: MedfedConfig) -> RunResult:
             "medfed.engine": cfg.federation.engine,
             "medfed.sites": ",".join(cfg.federation.names()),
             "medfed.task": cfg.task.name,
+            "medfed.strategy": cfg.strategy.name,
+            RUN_DIR_TAG: str(run_dir),
         },
     )
-    log.info("MLflow run %s in %s", tracker.run_id, uri)
+    return tracker, None
+
+
+def _register_best(tracker: RunTracker, cfg: MedfedConfig, run_dir: Path) -> str | None:
+    """Register the best round's model with tags that trace it to its run and data."""
+    checkpoint = Checkpoint.load(run_dir)
+    name = cfg.tracking.registered_model
+    if name == "" or checkpoint.best_round < 0:
+        return None
+    spend = latest_entries(run_dir / "ledger")
+    datasets = RunHistory.from_dict(checkpoint.history).datasets
+    tags = {
+        "medfed.run_name": str(cfg.run_name),
+        "medfed.config_sha256": config_sha256(cfg),
+        "medfed.code_version": code_version(),
+        "medfed.strategy": cfg.strategy.name,
+        "medfed.privacy": cfg.privacy.mode,
+        "medfed.best_round": str(checkpoint.best_round),
+        f"medfed.best_{cfg.evaluation.select_metric}": f"{checkpoint.best_value:.6f}",
+        **{f"medfed.site.{site}.dataset": d for site, d in datasets.items()},
+        **{f"medfed.site.{site}.epsilon": f"{e.epsilon:.6f}" for site, e in spend.items()},
+    }
+    version = tracker.register_model(
+        name or f"medfed-{cfg.task.name}",
+        run_dir / BEST_MODEL_FILE,
+        tags=tags,
+        description=(
+            f"Best global model of run {cfg.run_name} (round {checkpoint.best_round}); "
+            "the run's config.json and the sites' signed ledgers are the run's artifacts."
+        ),
+    )
+    return version
+
+
+def coordinate(grid: Grid, cfg: MedfedConfig) -> RunResult:
+    """Run (or resume) the federation and record it: MLflow, checkpoints, models, plot."""
+    run_name = cfg.run_name or dt.datetime.now().strftime("medfed-%Y%m%d-%H%M%S")
+    cfg = dataclasses.replace(cfg, run_name=run_name)
+    run_dir = resolve_path(cfg.output_dir) / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = context_logger(run=run_name)
+    tracker, checkpoint = _start_tracking(cfg, run_name, run_dir)
+    log.info("MLflow run %s in %s", tracker.run_id, tracker.uri)
+    if checkpoint is None:
+        (run_dir / CONFIG_FILE).write_text(config_to_json(dataclasses.replace(cfg, resume=False)))
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        for name in (CONFIG_FILE, "config.yaml"):
+            tracker.log_artifact(run_dir / name)
     try:
-        collect_quality(grid, cfg, run_name=run_name, out_dir=out_dir, tracker=tracker)
+        if checkpoint is None:  # a resumed run showed its sites' data quality already
+            collect_quality(grid, cfg, run_name=run_name, out_dir=run_dir, tracker=tracker)
         arrays, history = run_rounds(
             grid,
             cfg,
             run_name=run_name,
-            ledger_dir=out_dir / "ledger",
+            run_dir=run_dir,
             coordinator_dir=resolve_path(cfg.output_dir) / COORDINATOR,
             tracker=tracker,
+            resume_from=checkpoint,
         )
     except BaseException as err:
         tracker.set_tag("medfed.error", str(err)[:4000])
         tracker.finish(ok=False)
         raise
-    model_path = out_dir / "global_model.pt"
+    model_path = run_dir / "global_model.pt"
     torch.save(arrays.to_torch_state_dict(), model_path)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    history.save(out_dir / "history.json")
-    plot_history(history, out_dir / "rounds.png")
+    history.save(run_dir / "history.json")
+    plot_history(history, run_dir / "rounds.png")
     tracker.log_artifact(model_path, "model")
-    for name in ("config.yaml", "history.json", "rounds.png"):
-        tracker.log_artifact(out_dir / name)
+    for name in ("history.json", "rounds.png"):
+        tracker.log_artifact(run_dir / name)
+    version = _register_best(tracker, cfg, run_dir)
     tracker.finish(ok=True)
-    log.info("final model saved to %s", model_path)
-    return RunResult(run_name, history, out_dir, uri, tracker.run_id, tracker.experiment_id)
+    log.info(
+        "final model saved to %s%s",
+        model_path,
+        f"; best model registered as version {version}" if version else "",
+    )
+    return RunResult(run_name, history, run_dir, tracker.uri, tracker.run_id, tracker.experiment_id)
 
 
 def create_server_app(

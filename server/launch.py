@@ -16,6 +16,7 @@ from federation.errors import FederationError
 from federation.logs import context_logger
 from federation.tracking import default_tracking_uri
 from server.app import RunResult, create_server_app
+from server.checkpoint import check_run_dir
 
 __all__ = ["anchor_paths", "ensure_consortium", "ensure_site_policies", "run_simulation"]
 
@@ -87,6 +88,8 @@ def run_simulation(
     # Keep today's Ray behaviour for CPU-only actors without its FutureWarning.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     cfg = anchor_paths(cfg)
+    if cfg.run_name:
+        check_run_dir(resolve_path(cfg.output_dir) / cfg.run_name, resume=cfg.resume)
     ensure_consortium(cfg)
     ensure_site_policies(cfg)
     names = cfg.federation.names()

@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from federation import keys
-from federation.config import MedfedConfig, flatten
+from federation.config import MedfedConfig, flatten, resolve_path
 from federation.logs import context_logger
-from federation.models import build_model
+from federation.models import build_model, norm_state_keys, split_norm_state
 from federation.tracking import RunTracker
 from server.central import COORDINATOR, CentralPrivacy
+from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
 from server.guard import RoundReport, SiteGuard
+from server.holdout import Holdout
 from server.strategy import build_strategy
 
-__all__ = ["RoundRecord", "RunHistory", "run_rounds", "site_config"]
+__all__ = [
+    "BEST_MODEL_FILE",
+    "RoundRecord",
+    "RunHistory",
+    "initial_arrays",
+    "run_rounds",
+    "site_config",
+]
+
+BEST_MODEL_FILE = "best_model.pt"
 
 # Config sections the sites need; coordinator-only settings stay at the coordinator.
 _SITE_SECTIONS = ("task", "model", "privacy")
@@ -36,6 +50,8 @@ class RoundRecord:
     site_train: dict[str, dict[str, float]] = field(default_factory=dict)
     site_evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    holdout: dict[str, float] = field(default_factory=dict)
+    update_bytes: dict[str, int] = field(default_factory=dict)  # as received, per site
 
 
 @dataclass
@@ -45,16 +61,22 @@ class RunHistory:
     run_name: str
     sites: list[str]
     rounds: list[RoundRecord] = field(default_factory=list)
+    datasets: dict[str, str] = field(default_factory=dict)  # site -> dataset fingerprint
 
     def save(self, path: Path) -> None:
         """Write the history as JSON."""
         path.write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunHistory:
+        """Rebuild a history from `dataclasses.asdict` output."""
+        rounds = [RoundRecord(**r) for r in raw["rounds"]]
+        return cls(raw["run_name"], raw["sites"], rounds, raw.get("datasets", {}))
+
+    @classmethod
     def load(cls, path: Path) -> RunHistory:
         """Read a history written by `save`."""
-        raw = json.loads(path.read_text())
-        return cls(raw["run_name"], raw["sites"], [RoundRecord(**r) for r in raw["rounds"]])
+        return cls.from_dict(json.loads(path.read_text()))
 
 
 def site_config(cfg: MedfedConfig, run_name: str) -> ConfigRecord:
@@ -65,17 +87,21 @@ def site_config(cfg: MedfedConfig, run_name: str) -> ConfigRecord:
     flat[keys.ROUNDS] = cfg.rounds
     flat[keys.CPUS_PER_SITE] = cfg.federation.cpus_per_site
     flat[keys.RUN_NAME] = run_name
+    flat[keys.LOCAL_NORM] = cfg.strategy.local_norm
+    flat[keys.UPDATE_ENCODING] = cfg.federation.update_encoding
     return ConfigRecord(flat)
 
 
 def _tracked(record: RoundRecord) -> dict[str, float]:
     out = {f"train/{k}": v for k, v in record.train.items()}
     out.update({f"eval/{k}": v for k, v in record.evaluate.items()})
+    out.update({f"holdout/{k}": v for k, v in record.holdout.items()})
     for part in (record.site_train, record.site_evaluate):
         for site, metrics in part.items():
             out.update(
                 {f"site/{site}/{k}": v for k, v in metrics.items() if k != keys.NUM_EXAMPLES}
             )
+    out.update({f"site/{s}/update-bytes": float(b) for s, b in record.update_bytes.items()})
     out["sites/delivered"] = float(len(record.site_train or record.site_evaluate))
     return out
 
@@ -93,14 +119,45 @@ def _as_dict(record: MetricRecord | None) -> dict[str, float]:
 
 
 def _record_ledger(report: RoundReport, ledger_dir: Path, tracker: RunTracker | None) -> None:
-    """Keep the coordinator's copy of each site's signed ledger entries, in MLflow too."""
+    """Keep the coordinator's copy of each site's signed ledger entries, in MLflow too.
+
+    An entry already copied (a round repeated after a resume) is not copied twice.
+    """
     ledger_dir.mkdir(parents=True, exist_ok=True)
     for site, entry in sorted(report.ledger.items()):
         path = ledger_dir / f"{site}.jsonl"
+        if path.exists() and entry in path.read_text().splitlines():
+            continue
         with path.open("a") as handle:
             handle.write(entry + "\n")
         if tracker is not None:
             tracker.log_artifact(path, "ledger")
+
+
+def initial_arrays(cfg: MedfedConfig) -> ArrayRecord:
+    """The round-1 global model: every layer, or all but the norm layers under FedBN.
+
+    Raises:
+        ValueError: FedBN was asked for a model without learnable norm layers.
+    """
+    model = build_model(cfg.model, seed=cfg.seed)
+    state = model.state_dict()
+    if not cfg.strategy.local_norm:
+        return ArrayRecord(state)
+    norm_keys = norm_state_keys(model)
+    if not norm_keys:
+        raise ValueError(
+            "strategy.local_norm keeps normalisation layers at the sites, but the model "
+            "has none with parameters; set model.norm_affine=true."
+        )
+    return ArrayRecord(split_norm_state(state, norm_keys)[0])
+
+
+def _selected(record: RoundRecord, cfg: MedfedConfig) -> float | None:
+    """The round's value of the metric that picks the best model."""
+    source = record.holdout if cfg.evaluation.holdout else record.evaluate
+    value = source.get(cfg.evaluation.select_metric)
+    return None if value is None or not math.isfinite(value) else value
 
 
 def run_rounds(
@@ -108,11 +165,16 @@ def run_rounds(
     cfg: MedfedConfig,
     *,
     run_name: str,
-    ledger_dir: Path,
+    run_dir: Path,
     coordinator_dir: Path,
-    tracker: RunTracker | None = None,
+    tracker: RunTracker,
+    resume_from: Checkpoint | None = None,
 ) -> tuple[ArrayRecord, RunHistory]:
-    """Run `cfg.rounds` federated rounds over the sites reachable through `grid`.
+    """Run the federated rounds over the sites reachable through `grid`.
+
+    After each round the state is checkpointed to `run_dir` and the best model so far
+    is kept as `run_dir/best_model.pt`; with `resume_from`, rounds continue after the
+    checkpoint's.
 
     Returns:
         The final global weights and the round history.
@@ -127,13 +189,22 @@ def run_rounds(
         min_sites=cfg.federation.min_sites,
         run_name=run_name,
         max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
+        update_encoding=cfg.federation.update_encoding,
     )
     guard.summary()
     central = (
         CentralPrivacy(guard.inner, cfg, coordinator_dir) if cfg.privacy.mode == "central" else None
     )
-    arrays = ArrayRecord(build_model(cfg.model, seed=cfg.seed).state_dict())
+    holdout = Holdout(resolve_path(cfg.evaluation.holdout), cfg) if cfg.evaluation.holdout else None
+    arrays = initial_arrays(cfg)
     history = RunHistory(run_name, cfg.federation.names())
+    best_round, best_value = -1, float("-inf")
+    if resume_from is not None:
+        restore_strategy_state(guard, resume_from.strategy)
+        arrays = ArrayRecord(resume_from.arrays)
+        history = RunHistory.from_dict(resume_from.history)
+        best_round, best_value = resume_from.best_round, resume_from.best_value
+        log.info("resuming after round %d of %d", resume_from.round, cfg.rounds)
     timeout = cfg.federation.round_timeout
 
     def evaluate(server_round: int, record: RoundRecord) -> None:
@@ -144,20 +215,39 @@ def run_rounds(
         record.evaluate = _as_dict(guard.aggregate_evaluate(server_round, replies))
         record.site_evaluate = guard.evaluate_report.metrics
         record.failures.update(guard.evaluate_report.failures)
+        if holdout is not None:
+            record.holdout = holdout.evaluate(arrays)
 
     def finish(record: RoundRecord, started: float) -> None:
+        nonlocal best_round, best_value
         record.seconds = time.perf_counter() - started
         history.rounds.append(record)
-        if tracker is not None:
-            tracker.log_metrics(_tracked(record), step=record.round)
+        tracker.log_metrics(_tracked(record), step=record.round)
+        value = _selected(record, cfg)
+        if value is not None and value > best_value:
+            best_round, best_value = record.round, value
+            torch.save(arrays.to_torch_state_dict(), run_dir / BEST_MODEL_FILE)
+        Checkpoint(
+            round=record.round,
+            arrays=arrays.to_torch_state_dict(),
+            strategy=strategy_state(guard),
+            history=asdict(history),
+            mlflow_run_id=tracker.run_id,
+            best_round=best_round,
+            best_value=best_value,
+        ).save(run_dir)
 
-    started = time.perf_counter()
-    initial = RoundRecord(0, 0.0)
-    evaluate(0, initial)
-    finish(initial, started)
-    log.info("[round 0] initial model: dice %.4f", initial.evaluate.get(keys.DICE, float("nan")))
+    if resume_from is None:
+        started = time.perf_counter()
+        initial = RoundRecord(0, 0.0)
+        evaluate(0, initial)
+        finish(initial, started)
+        log.info(
+            "[round 0] initial model: dice %.4f", initial.evaluate.get(keys.DICE, float("nan"))
+        )
 
-    for server_round in range(1, cfg.rounds + 1):
+    first = 1 if resume_from is None else resume_from.round + 1
+    for server_round in range(first, cfg.rounds + 1):
         started = time.perf_counter()
         record = RoundRecord(server_round, 0.0)
         if central is not None:
@@ -173,23 +263,27 @@ def run_rounds(
         record.train = _as_dict(train_metrics)
         record.site_train = report.metrics
         record.failures.update(report.failures)
+        history.datasets.update(report.datasets)
+        record.update_bytes = report.update_bytes
         if central is not None and new_arrays is not None:
             entry = central.record(
                 run=run_name, server_round=server_round, delivered=len(report.metrics)
             )
             report.ledger[COORDINATOR] = entry.to_json()
             record.train[keys.CENTRAL_EPSILON] = entry.epsilon
-        _record_ledger(report, ledger_dir, tracker)
+        _record_ledger(report, run_dir / "ledger", tracker)
         evaluate(server_round, record)
         finish(record, started)
         log.info(
-            "[round %d/%d] %d sites trained, loss %.4f, dice %.4f, max epsilon %s (%.1f s)",
+            "[round %d/%d] %d sites trained, loss %.4f, dice %.4f%s, max epsilon %s (%.1f s)",
             server_round,
             cfg.rounds,
             len(report.metrics),
             record.train.get(keys.TRAIN_LOSS, float("nan")),
             record.evaluate.get(keys.DICE, float("nan")),
+            f", hold-out dice {record.holdout[keys.DICE]:.4f}" if record.holdout else "",
             _epsilon_text(record),
             record.seconds,
         )
+    log.info("best round %d: %s %.4f", best_round, cfg.evaluation.select_metric, best_value)
     return arrays, history

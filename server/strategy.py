@@ -21,6 +21,7 @@ __all__ = ["aggregate_metrics", "build_strategy"]
 
 _STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
+    "fedbn": FedAvg,  # over the shared layers; sites keep their norm layers
     "fedprox": FedProx,
     "fedadam": FedAdam,
     "fedyogi": FedYogi,

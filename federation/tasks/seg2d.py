@@ -25,6 +25,7 @@ __all__ = [
     "device",
     "evaluate",
     "prepare",
+    "prepare_holdout",
     "train",
 ]
 
@@ -101,6 +102,12 @@ def prepare(volumes: list[Volume], cfg: TaskConfig, *, seed: int) -> SiteDataset
             train_x.append(image)
             train_y.append(mask)
     return SiteDataset(torch.cat(train_x), torch.cat(train_y), val)
+
+
+def prepare_holdout(volumes: list[Volume], cfg: TaskConfig) -> SiteDataset:
+    """All labelled volumes as held-out data: the coordinator's own evaluation set."""
+    empty = torch.zeros(0, 1, cfg.image_size, cfg.image_size)
+    return SiteDataset(empty, empty.clone(), [_to_slices(v, cfg) for v in volumes])
 
 
 def device() -> torch.device:

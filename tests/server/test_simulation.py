@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from federation.config import ModelConfig
-from federation.models import build_model
+from federation.models import build_model, norm_state_keys
 from server.loop import RunHistory
 from tests.conftest import SEED
 
@@ -179,3 +179,58 @@ def test_each_strategy_runs_a_federated_round(tmp_path, consortium, strategy):
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
     _, run = _mlflow_run(tmp_path, strategy)
     assert run.data.params["strategy.name"] == strategy
+
+
+def test_fedbn_keeps_norm_layers_at_the_sites_with_fp16_updates(tmp_path, consortium):
+    root, _ = consortium
+    proc = medfed_run(
+        tmp_path, root, "run_name=fedbn", "strategy=fedbn", "federation.update_encoding=fp16-delta"
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    model = build_model(ModelConfig(), seed=SEED)
+    norm_keys = norm_state_keys(model)
+    assert norm_keys  # the default model has learnable norm layers
+    initial = model.state_dict()
+
+    # The coordinator never holds (so never averages) a norm layer.
+    final = torch.load(tmp_path / "outputs" / "fedbn" / "global_model.pt")
+    assert set(final) == set(initial) - norm_keys
+    assert any(not torch.equal(final[k], initial[k]) for k in final)
+    # What each site released lacks them too; each site kept and trained its own.
+    own = {}
+    for site in ("site-1", "site-2", "site-3"):
+        state = tmp_path / "site-state" / site
+        (released,) = (state / "replies").glob("*.pt")
+        assert not norm_keys & set(torch.load(released)["state_dict"])
+        (kept,) = (state / "local-layers").glob("*.pt")
+        own[site] = torch.load(kept)
+        assert set(own[site]) == norm_keys
+    for key in norm_keys:
+        values = [own[s][key] for s in own]
+        assert not torch.equal(values[0], initial[key])
+        assert not torch.equal(values[0], values[1]) and not torch.equal(values[1], values[2])
+    history = RunHistory.load(tmp_path / "outputs" / "fedbn" / "history.json")
+    assert set(history.rounds[2].site_evaluate) == {"site-1", "site-2", "site-3"}
+    # Each site sent fp16 deltas of the shared layers: about half their float32 size.
+    float32_bytes = 4 * sum(v.numel() for k, v in initial.items() if k not in norm_keys)
+    sent = history.rounds[2].update_bytes
+    assert set(sent) == set(own)
+    assert all(0.5 < b / float32_bytes < 0.55 for b in sent.values()), sent
+
+
+def test_all_sites_failing_stops_the_run_instead_of_hanging(tmp_path, consortium):
+    root, _ = consortium
+    mixed = _mixed_root(tmp_path, root)
+    proc = medfed_run(
+        tmp_path,
+        mixed,
+        "run_name=allfail",
+        "federation.num_sites=2",
+        "federation.site_names=[junk,ghost]",
+        "federation.min_sites=1",
+    )
+    assert proc.returncode == 2
+    assert "round 1: only 0 site(s) delivered an update" in proc.stderr
+    assert "ghost: " in proc.stderr and "junk: " in proc.stderr
+    _, run = _mlflow_run(tmp_path, "allfail")
+    assert run.info.status == "FAILED"

@@ -1,0 +1,204 @@
+"""Coordinator checkpoints: what a run needs to continue after its coordinator died.
+
+After every completed round the coordinator writes the global model, the mutable state
+of its strategy (server optimiser moments, adaptive clipping norm), the round history,
+the best round so far and its MLflow run, atomically, to `<run dir>/checkpoint.pt`.
+The privacy state needs no copy here: the sites' ledgers and the coordinator's own are
+on disk, and a site asked again for a round it trained answers from its stored reply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
+
+from federation.config import MedfedConfig, compose_config, config_from_json, resolve_path
+from federation.tracking import default_tracking_uri
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CONFIG_FILE",
+    "RUN_DIR_TAG",
+    "Checkpoint",
+    "check_run_dir",
+    "find_run_dir",
+    "restore_strategy_state",
+    "resume_config",
+    "strategy_layers",
+    "strategy_state",
+]
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.json"  # the run's exact configuration, read back on resume
+RUN_DIR_TAG = "medfed.run_dir"  # MLflow tag: where the run's checkpoint lives
+
+# Attributes Flower's strategies change from round to round (FedOpt family, DP wrappers).
+_MUTABLE = ("current_arrays", "m_t", "v_t", "clipping_norm")
+_ARRAY_RECORD = "__array_record__"
+# Overrides `--resume` accepts: they only say where the run is.
+_LOCATING = ("output_dir", "tracking.uri")
+
+
+@dataclass
+class Checkpoint:
+    """State of a run after its last completed round."""
+
+    round: int
+    arrays: dict[str, torch.Tensor]
+    strategy: list[dict[str, Any]]
+    history: dict[str, Any]
+    mlflow_run_id: str
+    best_round: int = -1
+    best_value: float = float("-inf")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, run_dir: Path) -> Path:
+        """Write the checkpoint atomically (a crash mid-write keeps the previous one)."""
+        path = run_dir / CHECKPOINT_FILE
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.__dict__, tmp)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Checkpoint:
+        """Read the checkpoint of the run in `run_dir`.
+
+        Raises:
+            FileNotFoundError: The run has no checkpoint (it never completed a round).
+        """
+        path = run_dir / CHECKPOINT_FILE
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no checkpoint at {path}: the run did not complete a round, so there is "
+                "nothing to resume; start it again instead."
+            )
+        # Plain tensors, numbers and strings only: nothing executable is unpickled.
+        return cls(**torch.load(path, weights_only=True))
+
+
+def strategy_layers(strategy: Strategy) -> list[Strategy]:
+    """The strategy and those it wraps (guard, DP wrapper, aggregator), outermost first."""
+    layers = [strategy]
+    while True:
+        inner = getattr(layers[-1], "inner", None) or getattr(layers[-1], "strategy", None)
+        if not isinstance(inner, Strategy):
+            return layers
+        layers.append(inner)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, ArrayRecord):
+        return {_ARRAY_RECORD: value.to_torch_state_dict()}
+    if isinstance(value, dict):
+        return {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
+    return value
+
+
+def _decode(value: Any, like: Any) -> Any:
+    if isinstance(value, dict) and _ARRAY_RECORD in value:
+        return ArrayRecord(value[_ARRAY_RECORD])
+    if isinstance(value, dict):
+        return {k: v.numpy() for k, v in value.items()}
+    return type(like)(value) if isinstance(like, float | int) else value
+
+
+def strategy_state(strategy: Strategy) -> list[dict[str, Any]]:
+    """The round-to-round state of each strategy layer, outermost first."""
+    return [
+        {name: _encode(getattr(layer, name)) for name in _MUTABLE if hasattr(layer, name)}
+        for layer in strategy_layers(strategy)
+    ]
+
+
+def restore_strategy_state(strategy: Strategy, state: list[dict[str, Any]]) -> None:
+    """Put back state saved by `strategy_state` into an identically built strategy.
+
+    Raises:
+        ValueError: The strategy is built differently from the checkpointed one.
+    """
+    layers = strategy_layers(strategy)
+    if len(layers) != len(state) or any(
+        set(saved) != {n for n in _MUTABLE if hasattr(layer, n)}
+        for layer, saved in zip(layers, state, strict=True)
+    ):
+        raise ValueError(
+            "the checkpoint was written by a differently configured strategy; resume "
+            "with the run's own configuration (medfed run --resume NAME, no overrides)."
+        )
+    for layer, saved in zip(layers, state, strict=True):
+        for name, value in saved.items():
+            setattr(layer, name, _decode(value, getattr(layer, name)))
+
+
+def check_run_dir(run_dir: Path, *, resume: bool) -> None:
+    """Refuse to start a run over an existing one, or to resume one that never started.
+
+    Raises:
+        FileExistsError: A new run would reuse an existing run's name.
+        FileNotFoundError: There is nothing to resume.
+    """
+    exists = (run_dir / CHECKPOINT_FILE).exists()
+    if exists and not resume:
+        raise FileExistsError(
+            f"run {run_dir.name!r} already exists in {run_dir}; continue it with "
+            f"`medfed run --resume {run_dir.name}` or give the new run another run_name."
+        )
+    if resume and not exists:
+        Checkpoint.load(run_dir)  # raises, saying why
+
+
+def find_run_dir(run: str, *, output_dir: Path, tracking_uri: str) -> Path:
+    """The folder of a run, given its name (under `output_dir`) or its MLflow run id.
+
+    Raises:
+        FileNotFoundError: Neither names a run with a saved configuration.
+    """
+    candidate = output_dir / run
+    if not (candidate / CONFIG_FILE).exists():
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        try:
+            tag = MlflowClient(tracking_uri).get_run(run).data.tags.get(RUN_DIR_TAG)
+        except MlflowException:
+            tag = None
+        if tag is None:
+            raise FileNotFoundError(
+                f"no run {run!r}: neither {candidate / CONFIG_FILE} exists nor is it an MLflow "
+                f"run id in {tracking_uri}; pass the run name with output_dir=... or the "
+                "MLflow run id with tracking.uri=..."
+            )
+        candidate = Path(tag)
+    return candidate
+
+
+def resume_config(run: str, overrides: list[str]) -> MedfedConfig:
+    """The saved configuration of `run` (its name or MLflow run id), set to resume.
+
+    Raises:
+        ValueError: An override would change the run rather than locate it.
+        FileNotFoundError: No such run.
+    """
+    changing = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in _LOCATING]
+    if changing:
+        raise ValueError(
+            f"--resume continues a run with its own configuration; only {', '.join(_LOCATING)} "
+            f"may be given (to find it), not {' '.join(changing)}"
+        )
+    where = compose_config(overrides)
+    run_dir = find_run_dir(
+        run,
+        output_dir=resolve_path(where.output_dir),
+        tracking_uri=where.tracking.uri or default_tracking_uri(),
+    )
+    saved = config_from_json((run_dir / CONFIG_FILE).read_text())
+    return dataclasses.replace(saved, resume=True)
