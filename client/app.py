@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.mods import central_clipping_mod
+from client.prepare import quality_reply
 from client.site import SiteIdentity, load_site_dataset, site_from_node_config
 from client.state import SiteState
 from federation import keys
@@ -224,7 +225,10 @@ def _train_private(job: _Job, msg: Message) -> Message:
 
 
 def create_client_app(
-    resolve: SiteResolver = site_from_node_config, *, train_mods: Sequence[Mod] = ()
+    resolve: SiteResolver = site_from_node_config,
+    *,
+    train_mods: Sequence[Mod] = (),
+    mods: Sequence[Mod] = (),
 ) -> ClientApp:
     """Build the site's ClientApp.
 
@@ -232,8 +236,9 @@ def create_client_app(
         resolve: Maps the node's context to the site's identity and folders; in
             deployment the SuperNode's node config, in simulation `SimulatedSites`.
         train_mods: Extra Flower mods around training, outermost first.
+        mods: Flower mods around every message (train, evaluate, query).
     """
-    app = ClientApp()
+    app = ClientApp(mods=list(mods))
 
     @app.train(mods=[*train_mods, central_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
@@ -276,6 +281,10 @@ def create_client_app(
         if job.privacy.mode == "central":
             metrics[keys.UNIT_WEIGHT] = 1  # the coordinator averages sites uniformly
         return job.reply(msg, metrics=metrics)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return quality_reply(msg, context, resolve)
 
     return app
 

@@ -21,6 +21,9 @@ LOCAL_NORM = "local-norm"  # FedBN: the site keeps its normalisation layers
 SITE = "site"
 REFUSED = "refused"
 DATASET = "dataset"  # the fingerprint of the data the site used (a hash of instance UIDs)
+# Record and key of a site's reply to the data-quality query: aggregate summary as JSON.
+QUALITY = "quality"
+QUALITY_SUMMARY = "summary"
 # ConfigRecord key in a site's LEDGER reply: the signed ledger entry as JSON.
 LEDGER_ENTRY = "entry"
 

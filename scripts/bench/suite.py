@@ -110,6 +110,17 @@ def render_overhead(r: dict[str, Any]) -> str:
     )
 
 
+def render_prepare_speed(r: dict[str, Any]) -> str:
+    rows = [[k, v, 1e3 * v / r["files"]] for k, v in r["seconds"].items()]
+    return (
+        f"{r['files']} files ({r['series']} series, {r['rows']}x{r['rows']}).\n\n"
+        + _table(["path", "seconds", "ms / file"], rows)
+        + f"\n\nnaive / cold {_fmt(r['naive_over_cold'])}, MONAI / cold "
+        f"{_fmt(r['monai_over_cold'])}, cold / bytes {_fmt(r['cold_over_bytes'])}, "
+        f"cold / warm {_fmt(r['cold_over_warm'])}; peak MB by series {r['peak_mb']}."
+    )
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """A script of this folder, its arguments per mode and how its result reads."""
@@ -138,6 +149,7 @@ BENCHMARKS = {
     "scale": Benchmark("scale.py", ["--quick"], render_scale),
     "communication": Benchmark("communication.py", ["--quick"], render_communication),
     "overhead": Benchmark("overhead.py", ["--quick"], render_overhead),
+    "prepare_speed": Benchmark("prepare_speed.py", ["--quick"], render_prepare_speed),
 }
 
 

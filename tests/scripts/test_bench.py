@@ -71,3 +71,21 @@ def test_suite_quick_runs_benchmarks_and_writes_the_docs(tmp_path):
     assert 0.5 <= fp16["vs_float32_model"] < 0.55
     page = (tmp_path / "benchmarks.md").read_text()
     assert "## communication" in page and "cores" in page and "fp16-delta" in page
+
+
+def test_prepare_speed_quick_prints_every_ratio():
+    script = SCRIPT.parent / "prepare_speed.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--series", "2", "--slices", "8", "--rows", "64"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "prepare_speed" and result["files"] == 16
+    assert set(result["seconds"]) == {"bytes", "naive", "monai", "cold", "warm"}
+    for key in ("naive_over_cold", "monai_over_cold", "cold_over_bytes", "cold_over_warm"):
+        assert result[key] > 0
+    assert set(result["peak_mb"]) == {"2", "8"} and result["peak_mb_growth"] > 0
