@@ -115,6 +115,10 @@ class FederationConfig:
     cpus_per_site: int = 1
     site_state_root: str = "site-state"
     site_budget: float = 10.0
+    # Deployment: the coordinator kit written by `medfed provision`.
+    kit: str | None = None
+    # Deployment: seconds between the coordinator's polls for the sites' replies.
+    poll_interval: float = 0.5
 
     def names(self) -> list[str]:
         """Site names, `site-1 ... site-N` unless given."""
@@ -162,6 +166,11 @@ class MedfedConfig:
             raise ValueError(
                 f"federation.min_sites={fed.min_sites} must be between 1 and "
                 f"federation.num_sites={fed.num_sites}."
+            )
+        if fed.engine not in ("simulation", "deployment"):
+            raise ValueError(
+                f"federation.engine={fed.engine!r} is unknown; use federation=local "
+                "(simulation) or federation=deploy (deployment)."
             )
         if self.rounds < 1:
             raise ValueError(f"rounds={self.rounds}: a run needs at least one round.")
