@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,10 @@ __all__ = [
     "supernode_env",
 ]
 
-# flower-supernode exits with this code when the SuperLink does not know its key.
-EXIT_NOT_REGISTERED = 305
+# `medfed site start` exits with this code when the SuperLink does not know the site's
+# key (Flower logs its own code 305 and exits with 1).
+EXIT_NOT_REGISTERED = 3
+_FLOWER_NOT_REGISTERED = "Exit Code: 305"
 POLL_INTERVAL_ENV = "MEDFED_SUPERNODE_POLL_INTERVAL"
 HEARTBEAT_ENV = "MEDFED_SUPERNODE_HEARTBEAT"
 _DEFAULT_POLL = 0.5
@@ -190,9 +193,14 @@ def run_site(agent: SiteAgent) -> int:
         agent.state,
     )
     proc = subprocess.Popen(
-        supernode_command(agent), env=supernode_env(agent), start_new_session=True
+        supernode_command(agent),
+        env=supernode_env(agent),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     stopping = False
+    rejected = False
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
@@ -203,22 +211,34 @@ def run_site(agent: SiteAgent) -> int:
             pass
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    def pump() -> None:  # pass the SuperNode's log through, watching for refusals
+        nonlocal rejected
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            sys.stdout.buffer.write(raw)
+            sys.stdout.buffer.flush()
+            rejected = rejected or _FLOWER_NOT_REGISTERED.encode() in raw
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     try:
         code = proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _reap_group(proc.pid)
+        reader.join(timeout=5)
     if stopping:
         return 0
-    if code == EXIT_NOT_REGISTERED:
+    if rejected:
         log.error(
             "the SuperLink rejected this site's key (%s): it is not registered or was "
             "revoked; ask the coordinator to register site-keys/%s.pub (medfed server start)",
             agent.kit.node_pub,
             agent.site,
         )
-    elif code:
+        return EXIT_NOT_REGISTERED
+    if code:
         log.error("SuperNode exited with code %d", code)
     return code
 
@@ -227,7 +247,7 @@ def _reap_group(pgid: int, grace: float = 5.0) -> None:
     """Stop what is left of the SuperNode's process group (ClientApps, SuperExec)."""
     deadline = time.monotonic() + grace
     sig = signal.SIGTERM
-    while True:
+    while time.monotonic() < deadline + grace:  # zombies may linger: give up eventually
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:

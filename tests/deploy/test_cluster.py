@@ -30,7 +30,7 @@ def launch(cluster: Cluster, name: str, *overrides: str) -> tuple[object, list[s
 def finish(proc, timeout: float = 600) -> str:
     try:
         proc.popen.wait(timeout=timeout)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise AssertionError(f"{proc.name} did not finish:\n{proc.text()[-5000:]}") from err
     return proc.text()
 
