@@ -222,7 +222,6 @@ class SuperLink:
         env = dict(os.environ, FLWR_HOME=str(home))
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         with log_file.open("ab") as out:
@@ -470,7 +469,7 @@ def run_deployment(
         if time.monotonic() - started > limit:
             cli.call("stop", str(run_id))
             raise FederationError(f"run {run_id} did not finish within {limit:.0f} s; stopped it")
-        time.sleep(2.0)
+        time.sleep(5.0)  # each look is a `flwr` process: keep the coordinator's CPU free
     text = cli.log_text(run_id)
     outcome = RunOutcome(run_id, status, time.monotonic() - started, text)
     if status != _DONE + "completed":

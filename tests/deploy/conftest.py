@@ -6,6 +6,7 @@ each by PID (and the processes it started, found through /proc), even on failure
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -53,7 +54,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def kill_tree(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, grace: float = 15):
+def kill_tree(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, grace: float = 5):
     """Stop a process and its descendants, by PID."""
     tree = [proc.pid, *_children(proc.pid)]
     for pid in tree:
@@ -219,19 +220,32 @@ def make_consortium(root: Path, data: Path, sites: list[str], *, name: str = "lo
     return cluster
 
 
+@contextlib.contextmanager
+def teardown_on_sigterm() -> Iterator[None]:
+    """A SIGTERM (e.g. from `timeout`) still runs the fixtures' teardown."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, consortium) -> Iterator[Cluster]:
     """SuperLink (TLS, node auth) and three SuperNodes, shared by a test module."""
     data, _ = consortium
     made = make_consortium(tmp_path_factory.mktemp("deploy"), data, list(SITES))
-    try:
+    with teardown_on_sigterm(), contextlib.ExitStack() as stack:
+        stack.callback(made.stop_all)
         made.start_superlink()
         for site in SITES:
             made.start_site(site)
         made.wait_online(len(SITES))
         yield made
-    finally:
-        made.stop_all()
 
 
 RunMedfed = Callable[..., subprocess.Popen[bytes]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
@@ -16,7 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.supernode import EXIT_NOT_REGISTERED
 from tests.conftest import SITES
-from tests.deploy.conftest import Cluster, kill_tree, make_consortium, medfed_env
+from tests.deploy.conftest import (
+    Cluster,
+    kill_tree,
+    make_consortium,
+    medfed_env,
+    teardown_on_sigterm,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +31,10 @@ def link(tmp_path_factory: pytest.TempPathFactory, consortium) -> Iterator[Clust
     """A SuperLink with TLS and node authentication; no site connected yet."""
     data, _ = consortium
     made = make_consortium(tmp_path_factory.mktemp("secure"), data, list(SITES))
-    try:
+    with teardown_on_sigterm(), contextlib.ExitStack() as stack:
+        stack.callback(made.stop_all)
         made.start_superlink()
         yield made
-    finally:
-        made.stop_all()
 
 
 def _never_online(link: Cluster, proc, seconds: float) -> None:
@@ -74,7 +80,7 @@ def test_site_trusting_another_ca_cannot_connect(link: Cluster, tmp_path, consor
         pass
     proc = link.start_site("site-1", "--superlink", f"127.0.0.1:{link.port}", kit=kit)
     try:
-        _never_online(link, proc, 15)
+        _never_online(link, proc, 10)
     finally:
         kill_tree(proc.popen)
 
@@ -104,7 +110,7 @@ def test_plain_connection_is_refused(link: Cluster):
             stdout=out, stderr=subprocess.STDOUT, env=medfed_env(), start_new_session=True,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             assert link.online() == 0, log.read_text()[-3000:]
             time.sleep(1)
