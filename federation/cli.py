@@ -12,6 +12,12 @@ medfed audit verify site-state/*/ledger.jsonl --keys site-state
 medfed audit epsilon --sample-rate 0.04 --noise-multiplier 1.5 --steps 2250 --delta 1e-5
 medfed audit report site-state/*/ledger.jsonl --keys site-state --output audit
 medfed config privacy=none
+medfed provision consortium.yaml --output kits        # CA, SuperLink cert, site kits
+medfed provision consortium.yaml --output kits --add-site site-4
+medfed provision consortium.yaml --output kits --revoke site-2
+medfed server start --kit kits/coordinator            # SuperLink: TLS + node auth
+medfed site start --kit kits/sites/site-1 --data /data/dicom
+medfed run federation=deploy federation.kit=kits/coordinator rounds=10
 """
 
 from __future__ import annotations
@@ -77,15 +83,96 @@ def _cmd_run(args: argparse.Namespace) -> int:
             run_name=name,
             federation=dataclasses.replace(cfg.federation, site_state_root=str(state)),
         )
-    if cfg.federation.engine != "simulation":
-        raise ValueError(
-            f"federation.engine={cfg.federation.engine!r} is not available yet; "
-            "use the simulation engine (federation=local)."
-        )
+    if cfg.federation.engine == "deployment":
+        return _run_deployment(cfg)
     result = run_simulation(cfg)
     print()
     print(run_summary(result, cfg))
     return 0
+
+
+def _run_deployment(cfg: Any) -> int:
+    import dataclasses
+    import datetime as dt
+
+    from federation.config import resolve_path
+    from server.deploy import run_deployment
+    from server.loop import RunHistory
+    from server.report import format_table
+
+    name = cfg.run_name or dt.datetime.now().strftime("medfed-%Y%m%d-%H%M%S")
+    cfg = dataclasses.replace(cfg, run_name=name)
+    outcome = run_deployment(cfg, progress=print)
+    out = resolve_path(cfg.output_dir) / name
+    history = RunHistory.load(out / "history.json")
+    print()
+    print(format_table(history))
+    print(f"Flower run {outcome.run_id} finished in {outcome.seconds:.0f} s")
+    print(f"Model, history, plot and ledger copies: {out}")
+    uri = cfg.tracking.uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    print(f"MLflow: mlflow ui --backend-store-uri {uri}  (run name {name})")
+    return 0
+
+
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from federation.provision import provision, revoke_site
+
+    description, output = Path(args.description), Path(args.output)
+    if args.revoke:
+        from server.deploy import unregister_site
+
+        coordinator = output / "coordinator"
+        revoke_site(coordinator, args.revoke, description=description)
+        print(f"site {args.revoke} revoked in {coordinator.resolve()} and {description}")
+        if unregister_site(coordinator, args.revoke):
+            print("unregistered from the running SuperLink: it can no longer connect")
+        else:
+            print("no SuperLink running here: it unregisters the site at its next start")
+        return 0
+    kit = provision(description, output, add_sites=args.add_site)
+    for site, entry in kit.manifest()["sites"].items():
+        print(f"{site}: {entry['status']} (SuperNode key {entry['auth_key']})")
+    print(f"coordinator kit: {kit.root}  (start: medfed server start --kit {kit.root})")
+    print(f"site kits: {output.resolve() / 'sites'}/<site>  (hand each to its site)")
+    return 0
+
+
+def _cmd_server_start(args: argparse.Namespace) -> int:
+    import signal
+
+    from server.deploy import SuperLink
+
+    link = SuperLink.start(
+        Path(args.kit),
+        host=args.host,
+        port=args.port,
+        database=Path(args.database) if args.database else None,
+    )
+    print(f"SuperLink running (pid {link.process.pid}), log: {link.log_file}; Ctrl-C stops it")
+
+    def stop(signum: int, _frame: Any) -> None:
+        link.stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = link.process.wait()
+    link.stop()
+    print(f"SuperLink exited with code {code}; see {link.log_file}", file=sys.stderr)
+    return 1
+
+
+def _cmd_site_start(args: argparse.Namespace) -> int:
+    from client.supernode import SiteAgent, run_site
+
+    agent = SiteAgent.from_kit(
+        Path(args.kit),
+        data=Path(args.data) if args.data else Path(args.kit) / "data",
+        state=Path(args.state) if args.state else None,
+        superlink=args.superlink,
+        poll_interval=args.poll_interval,
+    )
+    return run_site(agent)
 
 
 def _cmd_site_check(args: argparse.Namespace) -> int:
@@ -248,9 +335,37 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--sites", type=int, default=0, help="number of sites (default: config)")
     gen.set_defaults(func=_cmd_generate)
 
+    prov = sub.add_parser(
+        "provision", help="consortium CA, SuperLink certificate and startup kits (idempotent)"
+    )
+    prov.add_argument("description", help="consortium description (YAML)")
+    prov.add_argument("--output", required=True, help="folder for ca/, coordinator/, sites/")
+    prov.add_argument("--add-site", action="append", default=[], help="add a site (repeatable)")
+    prov.add_argument("--revoke", metavar="SITE", help="revoke a site: it can no longer connect")
+    prov.set_defaults(func=_cmd_provision)
+
+    server = sub.add_parser("server", help="coordinator commands").add_subparsers(
+        dest="server_command", required=True
+    )
+    start = server.add_parser("start", help="start the SuperLink (TLS, node authentication)")
+    start.add_argument("--kit", required=True, help="the coordinator kit")
+    start.add_argument("--host", default="0.0.0.0", help="interface to listen on")
+    start.add_argument("--port", type=int, help="port (default: the kit's address)")
+    start.add_argument("--database", help="SuperLink state file (default: in the kit)")
+    start.set_defaults(func=_cmd_server_start)
+
     site = sub.add_parser("site", help="site (hospital) commands").add_subparsers(
         dest="site_command", required=True
     )
+    site_start = site.add_parser("start", help="start the site agent (Flower SuperNode)")
+    site_start.add_argument("--kit", required=True, help="the site's startup kit")
+    site_start.add_argument("--data", help="the site's DICOM folder (default: KIT/data)")
+    site_start.add_argument("--state", help="policy/ledger folder (default: KIT/state)")
+    site_start.add_argument("--superlink", help="host:port (default: the kit's address)")
+    site_start.add_argument(
+        "--poll-interval", type=float, default=0.5, help="seconds between idle polls"
+    )
+    site_start.set_defaults(func=_cmd_site_start)
     check = site.add_parser("check", help="check that a site folder holds usable labelled DICOM")
     check.add_argument("--data", required=True, help="the site's DICOM folder")
     check.set_defaults(func=_cmd_site_check)

@@ -123,6 +123,10 @@ class FederationConfig:
     site_budget: float = 10.0
     # How sites send updates: full weights, or fp16 deltas to the received weights.
     update_encoding: str = "full"
+    # Deployment: the coordinator kit written by `medfed provision`.
+    kit: str | None = None
+    # Deployment: seconds between the coordinator's polls for the sites' replies.
+    poll_interval: float = 0.5
 
     def names(self) -> list[str]:
         """Site names, `site-1 ... site-N` unless given."""
@@ -185,6 +189,11 @@ class MedfedConfig:
             raise ValueError(
                 f"federation.min_sites={fed.min_sites} must be between 1 and "
                 f"federation.num_sites={fed.num_sites}."
+            )
+        if fed.engine not in ("simulation", "deployment"):
+            raise ValueError(
+                f"federation.engine={fed.engine!r} is unknown; use federation=local "
+                "(simulation) or federation=deploy (deployment)."
             )
         if self.rounds < 1:
             raise ValueError(f"rounds={self.rounds}: a run needs at least one round.")

@@ -175,7 +175,12 @@ def create_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        result = coordinate(grid, cfg or config_from_run_config(context.run_config))
+        run_cfg = cfg or config_from_run_config(context.run_config)
+        if run_cfg.federation.engine == "deployment":
+            from server.deploy import PollingGrid
+
+            grid = PollingGrid(grid, run_cfg.federation.poll_interval)
+        result = coordinate(grid, run_cfg)
         if on_done is not None:
             on_done(result)
 

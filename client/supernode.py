@@ -1,0 +1,290 @@
+"""The site agent in deployment: `medfed site start --kit DIR` runs Flower's SuperNode.
+
+The SuperNode dials the coordinator's SuperLink (outbound only, TLS verified against the
+consortium CA, authenticated with the site's key from its kit) and runs the medfed
+ClientApp for each message, with a node config that names the site, its DICOM folder
+and its state folder (policy, ledger signing key, ledger).
+
+Run as `python -m client.supernode FLOWER-SUPERNODE-ARGS` it is `flower-supernode` with
+two timings of the installed Flower (1.41) changed: its fixed 3 s sleep between empty
+polls of the SuperLink (up to 3 s added to every message a site receives) is capped at
+`MEDFED_SUPERNODE_POLL_INTERVAL`, and its heartbeat interval (30 s; the SuperLink
+declares a node gone after two missed beats, so a crashed site stalls a round for about
+a minute) is `MEDFED_SUPERNODE_HEARTBEAT` (10 s, Flower's minimum).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from federation import keys
+from federation.logs import context_logger
+from federation.provision import SiteKit
+
+__all__ = [
+    "EXIT_NOT_REGISTERED",
+    "HEARTBEAT_ENV",
+    "POLL_INTERVAL_ENV",
+    "SiteAgent",
+    "free_port",
+    "supernode_command",
+    "supernode_env",
+]
+
+# `medfed site start` exits with this code when the SuperLink does not know the site's
+# key (Flower logs its own code 305 and exits with 1).
+EXIT_NOT_REGISTERED = 3
+_FLOWER_NOT_REGISTERED = "Exit Code: 305"
+POLL_INTERVAL_ENV = "MEDFED_SUPERNODE_POLL_INTERVAL"
+HEARTBEAT_ENV = "MEDFED_SUPERNODE_HEARTBEAT"
+_DEFAULT_POLL = 0.5
+_DEFAULT_HEARTBEAT = 10.0
+# SuperExec (started by the SuperNode) polls for ClientApp tasks; Flower's default is 1 s.
+_SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class SiteAgent:
+    """How one site's SuperNode is started."""
+
+    kit: SiteKit
+    data: Path
+    state: Path
+    superlink: str
+    runtime_port: int
+    poll_interval: float = _DEFAULT_POLL
+
+    @classmethod
+    def from_kit(
+        cls,
+        kit_dir: Path,
+        *,
+        data: Path,
+        state: Path | None = None,
+        superlink: str | None = None,
+        runtime_port: int | None = None,
+        poll_interval: float = _DEFAULT_POLL,
+    ) -> SiteAgent:
+        """Check the kit and the folders, and fill in the defaults.
+
+        Raises:
+            ValueError: The kit, the data folder or the state folder is unusable; the
+                message says which and what to do.
+        """
+        kit = SiteKit(kit_dir.resolve())
+        info = kit.info()
+        for path, what in ((kit.ca, "CA certificate"), (kit.node_key, "SuperNode key")):
+            if not path.is_file():
+                raise ValueError(f"site kit {kit.root} has no {what} ({path.name})")
+        if kit.node_key.stat().st_mode & 0o077:
+            raise ValueError(
+                f"{kit.node_key} is readable by group or others; run `chmod 600 {kit.node_key}`"
+            )
+        data = data.resolve()
+        if not data.is_dir():
+            raise ValueError(
+                f"site {info['site']!r}: data folder {data} does not exist or is not a folder; "
+                "pass the site's DICOM folder with --data (check it with `medfed site check`)"
+            )
+        state = (state or kit.state).resolve()
+        if not (state / "policy.yaml").exists():
+            context_logger(site=info["site"]).warning(
+                "no privacy policy in %s: the site will refuse DP training until it has "
+                "one (medfed site policy --state %s --max-epsilon E --delta D)",
+                state,
+                state,
+            )
+        if poll_interval <= 0:
+            raise ValueError(f"poll interval {poll_interval} must be > 0 seconds")
+        return cls(
+            kit,
+            data,
+            state,
+            superlink or str(info["superlink"]),
+            runtime_port or free_port(),
+            poll_interval,
+        )
+
+    @property
+    def site(self) -> str:
+        """The site's name."""
+        return self.kit.name
+
+    def node_config(self) -> str:
+        """The `--node-config` string: site name, data path, state folder."""
+        values = {
+            keys.NODE_SITE_NAME: self.site,
+            keys.NODE_DATA_PATH: str(self.data),
+            keys.NODE_STATE_DIR: str(self.state),
+        }
+        for value in values.values():
+            if '"' in value:
+                raise ValueError(f"path {value!r} contains a double quote; rename the folder")
+        return " ".join(f'{k}="{v}"' for k, v in values.items())
+
+
+def supernode_command(agent: SiteAgent) -> list[str]:
+    """The command line that starts the site's SuperNode (TLS and node authentication)."""
+    return [
+        sys.executable,
+        "-m",
+        "client.supernode",
+        "--superlink",
+        agent.superlink,
+        "--root-certificates",
+        str(agent.kit.ca),
+        "--auth-supernode-private-key",
+        str(agent.kit.node_key),
+        "--node-config",
+        agent.node_config(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(agent.runtime_port),
+    ]
+
+
+def supernode_env(agent: SiteAgent, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of the SuperNode: its own Flower home, short polls, this Python's tools."""
+    env = dict(os.environ if base is None else base)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    env["FLWR_HOME"] = str(agent.kit.root / "flwr-home")
+    env[POLL_INTERVAL_ENV] = str(agent.poll_interval)
+    env.setdefault(HEARTBEAT_ENV, str(_DEFAULT_HEARTBEAT))
+    env.setdefault(_SUPEREXEC_POLL_ENV, str(min(agent.poll_interval, 1.0)))
+    # The code runs from the shipped Flower app; the site's medfed comes from this Python.
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_site(agent: SiteAgent) -> int:
+    """Run the SuperNode in the foreground until it exits or is told to stop.
+
+    SIGINT/SIGTERM stop the SuperNode and the ClientApps it started.
+
+    Returns:
+        The SuperNode's exit code (0 after a requested stop).
+    """
+    log = context_logger(site=agent.site)
+    log.info(
+        "starting SuperNode: SuperLink %s (TLS, CA %s), data %s, state %s",
+        agent.superlink,
+        agent.kit.ca,
+        agent.data,
+        agent.state,
+    )
+    proc = subprocess.Popen(
+        supernode_command(agent),
+        env=supernode_env(agent),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    stopping = False
+    rejected = False
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    def pump() -> None:  # pass the SuperNode's log through, watching for refusals
+        nonlocal rejected
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            sys.stdout.buffer.write(raw)
+            sys.stdout.buffer.flush()
+            rejected = rejected or _FLOWER_NOT_REGISTERED.encode() in raw
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _reap_group(proc.pid)
+        reader.join(timeout=5)
+    if stopping:
+        return 0
+    if rejected:
+        log.error(
+            "the SuperLink rejected this site's key (%s): it is not registered or was "
+            "revoked; ask the coordinator to register site-keys/%s.pub (medfed server start)",
+            agent.kit.node_pub,
+            agent.site,
+        )
+        return EXIT_NOT_REGISTERED
+    if code:
+        log.error("SuperNode exited with code %d", code)
+    return code
+
+
+def _reap_group(pgid: int, grace: float = 5.0) -> None:
+    """Stop what is left of the SuperNode's process group (ClientApps, SuperExec)."""
+    deadline = time.monotonic() + grace
+    sig = signal.SIGTERM
+    while time.monotonic() < deadline + grace:  # zombies may linger: give up eventually
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            sig = signal.SIGKILL
+        time.sleep(0.2)
+
+
+class _ShortPollClock:
+    """`time` for Flower's SuperNode loop, with idle sleeps capped at the poll interval."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.cap))
+
+
+def _main(argv: list[str]) -> None:
+    """`flower-supernode` with medfed's idle poll and heartbeat interval."""
+    from flwr.supercore import heartbeat as flwr_heartbeat
+    from flwr.supernode import fleet_http_connection, start_client_internal
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    cap = float(os.environ.get(POLL_INTERVAL_ENV, _DEFAULT_POLL))
+    start_client_internal.time = _ShortPollClock(cap)  # type: ignore[assignment]
+    heartbeat = float(os.environ.get(HEARTBEAT_ENV, _DEFAULT_HEARTBEAT))
+    # The interval the node announces, and the one its sender beats at: keep them equal.
+    fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = heartbeat  # type: ignore[assignment]
+    flwr_heartbeat.HEARTBEAT_DEFAULT_INTERVAL = heartbeat  # type: ignore[assignment]
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

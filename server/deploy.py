@@ -1,0 +1,480 @@
+"""The coordinator in deployment: SuperLink, site registration and runs on it.
+
+`medfed server start --kit DIR` runs `flower-superlink` with TLS (the kit's certificate,
+signed by the consortium CA) and SuperNode authentication, and registers the public
+keys of the kit's active sites (revoked ones are unregistered). `medfed run
+federation=deploy federation.kit=DIR` submits the medfed Flower app with the resolved
+Hydra config as its run config, follows it, and fails loudly when the ServerApp failed.
+
+The `flwr` CLI talks to the SuperLink through a connection in the Flower config file of
+the kit's own Flower home (`flwr-home/config.toml`), written here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from federation.config import MedfedConfig, config_to_json, resolve_path
+from federation.errors import FederationError
+from federation.keys import RUN_CONFIG_JSON
+from federation.logs import context_logger
+from federation.provision import CoordinatorKit
+
+__all__ = [
+    "FlowerCli",
+    "PollingGrid",
+    "RunOutcome",
+    "SuperLink",
+    "deployment_config",
+    "run_deployment",
+    "superlink_command",
+    "sync_registrations",
+    "unregister_site",
+]
+
+_SUPERLINK_HOME = "superlink-home"
+_CLI_HOME = "flwr-home"
+_NODES = "nodes.json"
+_DONE = "finished:"
+
+
+def _app_dir() -> Path:
+    """The medfed Flower app (the folder with pyproject.toml's [tool.flwr.app])."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise FederationError(
+            f"no pyproject.toml beside the medfed code in {root}: launching a deployment "
+            "run ships the Flower app, so run medfed from a source checkout"
+        )
+    return root
+
+
+class FlowerCli:
+    """The `flwr` CLI bound to a coordinator kit's SuperLink connection."""
+
+    def __init__(self, kit: CoordinatorKit, *, address: str | None = None) -> None:
+        self.kit = kit
+        manifest = kit.manifest()
+        self.connection = str(manifest["name"])
+        self.address = address or str(manifest["superlink"])
+        self.home = kit.root / _CLI_HOME
+        self.home.mkdir(exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.connection}"\n\n'
+            f"[superlink.{self.connection}]\n"
+            f'address = "{self.address}"\n'
+            f'root-certificates = "{kit.ca.resolve()}"\n'
+        )
+
+    def call(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Run `flwr ARGS CONNECTION --format json` and return its JSON answer.
+
+        Raises:
+            FederationError: The command failed; the message holds Flower's reason.
+        """
+        env = dict(os.environ, FLWR_HOME=str(self.home))
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        proc = subprocess.run(
+            ["flwr", *args, self.connection, "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        try:
+            answer: dict[str, Any] = json.loads(proc.stdout[proc.stdout.find("{") :])
+        except ValueError:
+            answer = {"success": False, "error-message": (proc.stdout + proc.stderr)[-2000:]}
+        if not answer.get("success"):
+            raise FederationError(
+                f"`flwr {' '.join(args[:2])}` failed: {answer.get('error-message', answer)}"
+            )
+        return answer
+
+    def log_text(self, run_id: int, *, timeout: float = 60.0) -> str:
+        """The run's log as the SuperLink kept it."""
+        env = dict(os.environ, FLWR_HOME=str(self.home))
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        try:
+            proc = subprocess.run(
+                ["flwr", "log", str(run_id), self.connection, "--show"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as err:
+            return f"(flwr log timed out: {err})"
+        return proc.stdout + proc.stderr
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The SuperNodes known to the SuperLink, with their status."""
+        return list(self.call("supernode", "ls")["nodes"])
+
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        """Status of one run (`flwr ls --run-id`)."""
+        runs = self.call("ls", "--run-id", str(run_id))["runs"]
+        return dict(runs[0])
+
+
+def superlink_command(kit: CoordinatorKit, *, host: str, port: int, database: Path) -> list[str]:
+    """The SuperLink's command line: TLS, node authentication, no dependency installs."""
+    return [
+        str(Path(sys.executable).parent / "flower-superlink"),
+        "--ssl-ca-certfile",
+        str(kit.ca),
+        "--ssl-certfile",
+        str(kit.cert),
+        "--ssl-keyfile",
+        str(kit.key),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(database),
+    ]
+
+
+def _wait_tls(address: str, ca: Path, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise FederationError(f"flower-superlink exited with code {proc.returncode}")
+        try:
+            with (
+                socket.create_connection((host.strip("[]"), int(port)), timeout=2) as raw,
+                context.wrap_socket(raw, server_hostname=host.strip("[]")),
+            ):
+                return
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise FederationError(
+                    f"the SuperLink did not accept TLS connections on {address} within "
+                    f"{timeout:.0f} s: {err}"
+                ) from err
+            time.sleep(0.3)
+
+
+@dataclass
+class SuperLink:
+    """A running SuperLink started from a coordinator kit."""
+
+    kit: CoordinatorKit
+    process: subprocess.Popen[bytes]
+    address: str
+    database: Path
+    log_file: Path
+
+    @classmethod
+    def start(
+        cls,
+        kit_dir: Path,
+        *,
+        host: str = "0.0.0.0",
+        port: int | None = None,
+        database: Path | None = None,
+        log_file: Path | None = None,
+        timeout: float = 60.0,
+    ) -> SuperLink:
+        """Start the SuperLink and register the kit's sites.
+
+        Args:
+            kit_dir: The coordinator kit.
+            host: Interface to listen on (all by default; sites dial in).
+            port: Port; the kit's coordinator address's port by default.
+            database: SuperLink state (registered keys, runs); in the kit by default,
+                so registrations survive restarts.
+            log_file: Where the SuperLink's output goes (default: in the kit).
+            timeout: Seconds to wait for it to accept TLS connections.
+
+        Raises:
+            FederationError: It did not start; the message holds its log's end.
+        """
+        kit = CoordinatorKit(kit_dir.resolve())
+        manifest = kit.manifest()
+        port = port or int(str(manifest["superlink"]).rsplit(":", 1)[1])
+        home = kit.root / _SUPERLINK_HOME
+        home.mkdir(exist_ok=True)
+        database = (database or home / "state.db").resolve()
+        log_file = (log_file or home / "superlink.log").resolve()
+        env = dict(os.environ, FLWR_HOME=str(home))
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        with log_file.open("ab") as out:
+            proc = subprocess.Popen(
+                superlink_command(kit, host=host, port=port, database=database),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        local = f"127.0.0.1:{port}" if host in ("0.0.0.0", "::") else f"{host}:{port}"
+        link = cls(kit, proc, local, database, log_file)
+        try:
+            _wait_tls(local, kit.ca, proc, timeout)
+            sync_registrations(kit, FlowerCli(kit, address=local), database)
+        except BaseException as err:
+            link.stop()
+            tail = log_file.read_text(errors="replace")[-3000:]
+            raise FederationError(f"{err}\n--- superlink log ---\n{tail}") from err
+        context_logger().info(
+            "SuperLink listening on %s:%d (TLS, SuperNode authentication); sites: %s",
+            host,
+            port,
+            ", ".join(kit.active_sites()),
+        )
+        return link
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop the SuperLink and everything it started (ServerApps, SuperExec)."""
+        _stop_group(self.process, grace)
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # Children left in the group after the leader exited.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _nodes_file(database: Path) -> Path:
+    return database.with_name(database.name + "." + _NODES)
+
+
+def sync_registrations(kit: CoordinatorKit, cli: FlowerCli, database: Path) -> dict[str, int]:
+    """Register the active sites' keys and unregister revoked ones.
+
+    Node ids are kept beside the SuperLink database, so a later revocation knows which
+    node to unregister.
+
+    Returns:
+        Node id of each registered site.
+    """
+    log = context_logger()
+    path = _nodes_file(database)
+    nodes: dict[str, int] = json.loads(path.read_text()) if path.exists() else {}
+    for site, entry in kit.manifest()["sites"].items():
+        if entry["status"] == "active" and site not in nodes:
+            try:
+                answer = cli.call("supernode", "register", str(kit.site_key(site)), "--name", site)
+            except FederationError as err:
+                if "already in use" not in str(err):
+                    raise
+                log.warning("site %s: key already registered (node id unknown here)", site)
+                continue
+            nodes[site] = int(answer["node-id"])
+            log.info("site %s registered as node %d", site, nodes[site])
+        elif entry["status"] == "revoked" and site in nodes:
+            cli.call("supernode", "unregister", str(nodes.pop(site)))
+            log.info("site %s (revoked) unregistered", site)
+        path.write_text(json.dumps(nodes, indent=2))
+    return nodes
+
+
+def unregister_site(kit_dir: Path, site: str, *, database: Path | None = None) -> bool:
+    """Unregister a revoked site from a running SuperLink.
+
+    Returns:
+        False when the SuperLink is not reachable (it unregisters at its next start).
+    """
+    kit = CoordinatorKit(kit_dir.resolve())
+    database = (database or kit.root / _SUPERLINK_HOME / "state.db").resolve()
+    port = str(kit.manifest()["superlink"]).rsplit(":", 1)[1]
+    try:
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=2):
+            pass
+    except OSError:
+        return False
+    sync_registrations(kit, FlowerCli(kit, address=f"127.0.0.1:{port}"), database)
+    return True
+
+
+class PollingGrid(Grid):
+    """A Grid whose `send_and_receive` polls for replies every `interval` seconds.
+
+    Flower's deployment Grid sleeps a fixed 3 s between polls; every round waits on
+    two exchanges (train, evaluate).
+    """
+
+    def __init__(self, inner: Grid, interval: float = 0.5) -> None:
+        self.inner = inner
+        self.interval = interval
+
+    def set_run(self, run: Any) -> None:  # noqa: D102
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Any:  # noqa: D102
+        return self.inner.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # noqa: D102
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push messages and collect the replies until all came or `timeout` passed."""
+        pending = set(self.inner.push_messages(messages))
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        replies: list[Message] = []
+        while pending and (timeout is None or time.time() < end):
+            got = list(self.inner.pull_messages(pending))
+            replies.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending:
+                time.sleep(self.interval)
+        return replies
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """A finished deployment run."""
+
+    run_id: int
+    status: str
+    seconds: float
+    log: str
+
+
+def deployment_config(cfg: MedfedConfig) -> tuple[MedfedConfig, CoordinatorKit]:
+    """The config as the ServerApp will read it: absolute paths, the kit's sites.
+
+    Raises:
+        ValueError: `federation.kit` is unset or not a coordinator kit.
+    """
+    from server.launch import anchor_paths
+
+    if not cfg.federation.kit:
+        raise ValueError(
+            "federation.kit is unset: point it to the coordinator kit written by "
+            "`medfed provision` (federation.kit=OUTPUT/coordinator)"
+        )
+    kit = CoordinatorKit(resolve_path(cfg.federation.kit))
+    sites = kit.active_sites()
+    fed = cfg.federation
+    if not fed.site_names:
+        fed = dataclasses.replace(fed, site_names=sites, num_sites=len(sites))
+    fed = dataclasses.replace(fed, kit=str(kit.root))
+    cfg = anchor_paths(dataclasses.replace(cfg, federation=fed))
+    cfg.validate()
+    return cfg, kit
+
+
+def _wait_sites(cli: FlowerCli, cfg: MedfedConfig, timeout: float) -> int:
+    """Wait until every site is online (or `timeout`); returns how many are."""
+    log = context_logger(run=cfg.run_name)
+    want = cfg.federation.num_sites
+    deadline = time.monotonic() + timeout
+    while True:
+        online = sum(1 for n in cli.nodes() if n.get("status") == "online")
+        if online >= want or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    if online < cfg.federation.min_sites:
+        raise FederationError(
+            f"only {online} of {want} sites are connected to the SuperLink, fewer than "
+            f"federation.min_sites={cfg.federation.min_sites}; start the sites "
+            "(medfed site start --kit DIR) and launch again"
+        )
+    if online < want:
+        log.warning("%d of %d sites connected; starting anyway (min_sites met)", online, want)
+    return online
+
+
+def run_deployment(
+    cfg: MedfedConfig,
+    *,
+    wait_sites: float = 60.0,
+    timeout: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> RunOutcome:
+    """Submit the run to the kit's SuperLink and follow it to the end.
+
+    Args:
+        cfg: The run configuration (`federation.kit` set), as for simulation.
+        wait_sites: Seconds to wait for all sites to be connected before launching.
+        timeout: Seconds to wait for the run (default: enough for every round).
+        progress: Called with a line at each change of the run's status.
+
+    Raises:
+        FederationError: The run failed, was stopped or did not finish in time; the
+            message holds the end of the run's log.
+    """
+    cfg, kit = deployment_config(cfg)
+    cli = FlowerCli(kit)
+    _wait_sites(cli, cfg, wait_sites)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_config = Path(tmp) / "run-config.toml"
+        run_config.write_text(f"{RUN_CONFIG_JSON} = {json.dumps(config_to_json(cfg))}\n")
+        answer = cli.call("run", str(_app_dir()), "--run-config", str(run_config))
+    run_id = int(answer["run-id"])
+    say = progress or context_logger(run=cfg.run_name).info
+    say(f"submitted run {run_id} to {cli.address} ({cli.connection})")
+    limit = timeout or (cfg.rounds + 1) * 2 * cfg.federation.round_timeout + 300
+    started = time.monotonic()
+    status = ""
+    while True:
+        info = cli.run_info(run_id)
+        if info["status"] != status:
+            status = info["status"]
+            say(f"run {run_id}: {status}")
+        if status.startswith(_DONE):
+            break
+        if time.monotonic() - started > limit:
+            cli.call("stop", str(run_id))
+            raise FederationError(f"run {run_id} did not finish within {limit:.0f} s; stopped it")
+        time.sleep(5.0)  # each look is a `flwr` process: keep the coordinator's CPU free
+    text = cli.log_text(run_id)
+    outcome = RunOutcome(run_id, status, time.monotonic() - started, text)
+    if status != _DONE + "completed":
+        raise FederationError(
+            f"run {run_id} ended as {status!r} ({info.get('status-details')}); the end of "
+            f"its log:\n{text[-6000:]}"
+        )
+    return outcome

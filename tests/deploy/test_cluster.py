@@ -1,0 +1,109 @@
+"""SuperLink + 3 SuperNodes over TLS with node authentication, on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+from mlflow.tracking import MlflowClient
+
+from server.loop import RunHistory
+from tests.conftest import SITES
+from tests.deploy.conftest import SMALL, Cluster, kill_tree
+
+
+def launch(cluster: Cluster, name: str, *overrides: str) -> tuple[object, list[str]]:
+    args = [
+        "run",
+        "federation=deploy",
+        f"federation.kit={cluster.coordinator}",
+        *SMALL,
+        f"run_name={name}",
+        f"output_dir={cluster.root / 'outputs'}",
+        f"tracking.uri=sqlite:///{cluster.root / 'mlflow.db'}",
+        *overrides,
+    ]
+    return cluster.spawn(f"run-{name}", *args), args
+
+
+def finish(proc, timeout: float = 1800) -> str:
+    try:
+        proc.popen.wait(timeout=timeout)
+    except Exception as err:
+        raise AssertionError(f"{proc.name} did not finish:\n{proc.text()[-5000:]}") from err
+    return proc.text()
+
+
+def test_three_sites_complete_rounds_over_tls_and_mlflow_holds_them(cluster: Cluster):
+    proc, _ = launch(cluster, "tls")
+    out = finish(proc)
+    assert proc.popen.returncode == 0, out[-6000:] + cluster.logs()
+    assert "finished:completed" in out
+    history = RunHistory.load(cluster.root / "outputs" / "tls" / "history.json")
+    assert [r.round for r in history.rounds] == [0, 1, 2]
+    for record in history.rounds[1:]:
+        assert set(record.site_train) == set(SITES), record
+        assert set(record.site_evaluate) == set(SITES), record
+        assert 0 < record.train["epsilon"]
+    seconds = [r.seconds for r in history.rounds[1:]]
+    print(json.dumps({"deploy_round_seconds": seconds}))
+
+    client = MlflowClient(f"sqlite:///{cluster.root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("medfed")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'tls'")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["medfed.engine"] == "deployment"
+    assert all(site in run.data.params["federation.site_names"] for site in SITES)
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/dice"))
+    assert steps == [0, 1, 2]
+    for site in SITES:
+        eps = client.get_metric_history(run.info.run_id, f"site/{site}/epsilon")
+        assert sorted(m.step for m in eps) == [1, 2]
+    # Each site's ledger, kept in its own kit's state folder, holds the two rounds.
+    for site in SITES:
+        ledger = cluster.site_kit(site) / "state" / "ledger.jsonl"
+        rows = [json.loads(line) for line in ledger.read_text().splitlines()]
+        assert [(r["run"], r["round"]) for r in rows if r["run"] == "tls"] == [
+            ("tls", 1),
+            ("tls", 2),
+        ]
+
+
+def test_a_failed_serverapp_fails_the_launch_loudly(cluster: Cluster):
+    # Every site refuses: its budget's delta is not the run's; the run cannot reach
+    # min_sites, the ServerApp raises, and `medfed run` must say so.
+    proc, _ = launch(cluster, "doomed", "rounds=1", "privacy.delta=1e-6")
+    out = finish(proc)
+    assert proc.popen.returncode != 0, out[-4000:]
+    assert "finished:failed" in out, out[-4000:]
+    assert "min_sites" in out, out[-4000:]
+
+
+def test_killed_site_round_completes_with_the_others_and_site_rejoins(cluster: Cluster):
+    proc, _ = launch(
+        cluster, "crash", "rounds=4", "federation.min_sites=2", "federation.round_timeout=300"
+    )
+    site3 = next(p for p in cluster.procs if p.name == "site-3" and p.popen.poll() is None)
+    # Round 1 done at site-3 (trained and evaluated); kill it when round 2 reaches it.
+    site3.wait_for("[run crash][site site-3][round 1] evaluated", 900)
+    seen = site3.text().count("Start `flwr-clientapp` process")
+    deadline = time.monotonic() + 300
+    while site3.text().count("Start `flwr-clientapp` process") == seen:
+        assert time.monotonic() < deadline, site3.text()[-4000:]
+        time.sleep(0.1)
+    kill_tree(site3.popen, sig=signal.SIGKILL)
+    # The round goes on without site-3 (the SuperLink declares it gone after two missed
+    # heartbeats); once it is over, site-3 comes back with the same kit.
+    site1 = next(p for p in cluster.procs if p.name == "site-1")
+    site1.wait_for("[run crash][site site-1][round 2] evaluated", 900)
+    restarted = cluster.start_site("site-3")
+    out = finish(proc)
+    assert proc.popen.returncode == 0, out[-6000:] + cluster.logs()
+    history = RunHistory.load(cluster.root / "outputs" / "crash" / "history.json")
+    by_round = {r.round: r for r in history.rounds}
+    assert set(by_round[1].site_train) == set(SITES)
+    assert set(by_round[2].site_train) == {"site-1", "site-2"}, by_round[2]
+    later = [set(by_round[r].site_train) for r in (3, 4)]
+    assert any("site-3" in s for s in later), (later, restarted.text()[-3000:])
+    assert len(history.rounds) == 5
