@@ -62,6 +62,9 @@ class Volume:
     direction: np.ndarray  # rows: column-, row- and slice-direction unit vectors
     sop_uids: list[str]
     label: np.ndarray | None = None
+    # Series- or study-level class from the site's labels CSV (federation.dicom.classlabels).
+    class_label: str | None = None
+    study_uid: str = ""
 
 
 @dataclass
@@ -80,7 +83,7 @@ def _patient_key(patient_id: str) -> str:
 
 def _files(root: Path) -> Iterator[Path]:
     for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.name.startswith("."):
+        if path.is_file() and not path.name.startswith(".") and path.name != "labels.csv":
             yield path
 
 
@@ -185,6 +188,7 @@ def load_volume(head: SeriesHeader) -> Volume:
         origin=head.positions[order[0]],
         direction=direction,
         sop_uids=[head.sop_uids[i] for i in order],
+        study_uid=head.study_uid,
     )
 
 
