@@ -33,7 +33,7 @@ def test_shipped_tasks_are_found_by_name_and_implement_the_interface():
         task.check(cfg.task, cfg.model)
         assert cfg.select_metric() == task.primary_metric
     assert primary == {"seg2d": "dice", "seg3d": "dice", "classify": "auroc"}
-    with pytest.raises(ValueError, match="task.name='nope' is unknown; available tasks"):
+    with pytest.raises(ValueError, match=r"task\.name='nope' is unknown; available tasks"):
         get_task("nope")
 
 
