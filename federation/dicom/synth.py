@@ -49,7 +49,7 @@ _ORG_ROOT = "1.2.826.0.1.3680043.10.1137."  # UID prefix for medfed's synthetic 
 # Series-level class labels written to each site's labels CSV.
 ABNORMAL = "abnormal"
 NORMAL = "normal"
-_LESION_HU = -170.0  # hypodense: below the soft-tissue background, distinct from structures
+_LESION_HU = -250.0  # hypodense: well below the soft-tissue background and the structures
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _add_lesion(
 ) -> None:
     """Paint a hypodense ellipsoid into the background of `hu` (slices, rows, cols)."""
     depth, rows, cols = hu.shape
-    r_xy, r_z = max(3.0, rows / 9), max(1.5, depth / 6)
+    r_xy, r_z = max(3.0, rows / 7), max(2.0, depth / 4)
     centre = [
         rng.uniform(r_z, depth - 1 - r_z),
         rng.uniform(r_xy + 2, rows - 3 - r_xy),
