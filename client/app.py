@@ -270,12 +270,13 @@ def create_client_app(
         except SiteRefusal as err:
             return _refuse(msg, err, "evaluate")
         outcome = job.task.evaluate(job.model, job.prepared.data)
-        job.log.info("evaluated: dice %.4f, loss %.4f", outcome.dice, outcome.loss)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items())
+        job.log.info("evaluated: %s, loss %.4f", shown, outcome.loss)
         metrics = MetricRecord(
             {
                 keys.NUM_EXAMPLES: outcome.num_examples,
                 keys.EVAL_LOSS: outcome.loss,
-                keys.DICE: outcome.dice,
+                **outcome.metrics,
             }
         )
         if job.privacy.mode == "central":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from flwr.app import Context
@@ -13,10 +12,12 @@ from flwr.app import Context
 from client.prepare import prepare_options, prepared_dir
 from federation import keys
 from federation.config import TaskConfig
+from federation.dicom.classlabels import attach_class_labels
 from federation.dicom.phi import DeidentificationRequired
 from federation.dicom.prepare import PrepareReport, labelled_volumes
 from federation.errors import SiteDataError
 from federation.logs import context_logger
+from federation.tasks.base import Task
 
 __all__ = [
     "PreparedSite",
@@ -91,7 +92,7 @@ def dataset_fingerprint(sop_uids: list[str]) -> str:
 
 
 def load_site_dataset(
-    site: SiteIdentity, task: ModuleType, cfg: TaskConfig, *, seed: int
+    site: SiteIdentity, task: Task, cfg: TaskConfig, *, seed: int
 ) -> PreparedSite:
     """Read, check and prepare the site's DICOM for the task (cached per process).
 
@@ -139,6 +140,7 @@ def load_site_dataset(
             "the site's log lists each with its reason)",
         )
     try:
+        attach_class_labels(volumes, path)
         dataset = task.prepare(volumes, cfg, seed=seed)
     except ValueError as err:
         raise SiteDataError(site.name, path, str(err)) from err
@@ -149,9 +151,11 @@ def load_site_dataset(
         report,
     )
     log.info(
-        "prepared %d series (dataset %s): %d training and %d held-out slices (%d not used)",
+        "prepared %d series (dataset %s) for %s: %d training and %d held-out examples "
+        "(%d not used)",
         len(volumes),
         prepared.fingerprint,
+        task.name,
         dataset.num_train,
         dataset.num_val,
         len(problems),

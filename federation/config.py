@@ -43,6 +43,8 @@ class TaskConfig:
     local_epochs: int = 2
     batch_size: int = 32
     lr: float = 0.01
+    # Task-specific settings, checked by the task itself (see federation/tasks/base.py).
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,6 +62,10 @@ class ModelConfig:
     # Learnable scale and shift in the norm layers (FedBN keeps them at each site).
     norm_affine: bool = True
     dropout: float = 0.0
+    # DenseNet (model.name=densenet) only: initial features, growth rate, layers per block.
+    init_features: int = 16
+    growth_rate: int = 8
+    block_config: list[int] = field(default_factory=lambda: [2, 2, 2])
 
 
 @dataclass
@@ -151,8 +157,9 @@ class EvaluationConfig:
 
     # A labelled DICOM folder at the coordinator, evaluated every round; null for none.
     holdout: str | None = None
-    # Metric that picks the best round's model (server hold-out when set, else federated).
-    select_metric: str = "dice"
+    # Metric that picks the best round (server hold-out when set, else federated);
+    # null: the task's primary metric (dice for segmentation, auroc for classification).
+    select_metric: str | None = None
 
 
 @dataclass
@@ -245,6 +252,23 @@ class MedfedConfig:
             raise ValueError("resume=true needs the run_name of the run to continue.")
         if not 0 < self.task.val_fraction < 1:
             raise ValueError(f"task.val_fraction={self.task.val_fraction} must lie in (0, 1).")
+        from federation.tasks import get_task
+
+        task = get_task(self.task.name)
+        task.check(self.task, self.model)
+        select = self.evaluation.select_metric
+        if select is not None and select not in task.metrics:
+            raise ValueError(
+                f"evaluation.select_metric={select!r} is not a metric of task "
+                f"{task.name!r}; use one of {list(task.metrics)} or null for "
+                f"{task.primary_metric!r}."
+            )
+
+    def select_metric(self) -> str:
+        """The metric that picks the best round: the configured one or the task's primary."""
+        from federation.tasks import get_task
+
+        return self.evaluation.select_metric or get_task(self.task.name).primary_metric
 
 
 SCHEMA_NAME = "medfed_schema"
@@ -325,7 +349,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def section_from_flat(flat: dict[str, Any], section: str, schema: type[Any]) -> Any:
     """Rebuild one typed section (e.g. `privacy`) from dotted keys."""
     prefix = f"{section}."
-    values = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+    values: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key.startswith(prefix):
+            *parents, leaf = key[len(prefix) :].split(".")
+            node = values
+            for part in parents:  # nested mappings such as task.params
+                node = node.setdefault(part, {})
+            node[leaf] = value
     typed = OmegaConf.merge(OmegaConf.structured(schema), values)
     return OmegaConf.to_object(typed)
 

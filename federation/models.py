@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -25,6 +27,10 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None) -> nn.Module:
     Opacus can compute per-sample gradients; the coordinator and the sites call this
     same function, so state-dict keys always match.
 
+    `unet` is MONAI's U-Net (2D or 3D, `spatial_dims`), `densenet` MONAI's DenseNet
+    classifier (`block_config` (6, 12, 24, 16) with 64 initial features and growth 32 is
+    DenseNet121).
+
     Args:
         cfg: Model section of the run configuration.
         seed: Seed for the initial weights; `None` keeps torch's global state.
@@ -39,15 +45,31 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None) -> nn.Module:
     """
     from opacus.validators import ModuleValidator
 
-    if cfg.name != "unet":
-        raise ValueError(f"model.name={cfg.name!r} is unknown; the shipped model is 'unet'.")
+    if cfg.name not in _BUILDERS:
+        raise ValueError(
+            f"model.name={cfg.name!r} is unknown; shipped models: {sorted(_BUILDERS)}."
+        )
     if cfg.norm not in _NORMS:
         raise ValueError(f"model.norm={cfg.norm!r} is unknown; use one of {sorted(_NORMS)}.")
-    from monai.networks.nets import UNet
-
+    if cfg.spatial_dims not in (2, 3):
+        raise ValueError(f"model.spatial_dims={cfg.spatial_dims} must be 2 or 3.")
     if seed is not None:
         torch.manual_seed(seed)
-    net = UNet(
+    net = _BUILDERS[cfg.name](cfg)
+    net = ModuleValidator.fix(net)
+    for module in net.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    errors = ModuleValidator.validate(net, strict=False)
+    if errors:
+        raise ValueError(f"model is not DP-compatible after fix-ups: {errors}")
+    return net
+
+
+def _unet(cfg: ModelConfig) -> nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(
         spatial_dims=cfg.spatial_dims,
         in_channels=cfg.in_channels,
         out_channels=cfg.out_channels,
@@ -58,14 +80,29 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None) -> nn.Module:
         act=("relu", {"inplace": False}),
         dropout=cfg.dropout,
     )
-    net = ModuleValidator.fix(net)
-    for module in net.modules():
-        if hasattr(module, "inplace"):
-            module.inplace = False
-    errors = ModuleValidator.validate(net, strict=False)
-    if errors:
-        raise ValueError(f"model is not DP-compatible after fix-ups: {errors}")
-    return net
+
+
+def _densenet(cfg: ModelConfig) -> nn.Module:
+    from monai.networks.nets import DenseNet
+
+    return DenseNet(
+        spatial_dims=cfg.spatial_dims,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        init_features=cfg.init_features,
+        growth_rate=cfg.growth_rate,
+        block_config=tuple(cfg.block_config),
+        norm=(_NORMS[cfg.norm], {"affine": cfg.norm_affine}),
+        act=("relu", {"inplace": False}),
+        dropout_prob=cfg.dropout,
+    )
+
+
+# model.name -> builder; every network goes through the same DP fix-ups.
+_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "unet": _unet,
+    "densenet": _densenet,
+}
 
 
 def norm_state_keys(model: nn.Module) -> frozenset[str]:

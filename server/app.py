@@ -98,7 +98,7 @@ def _register_best(tracker: RunTracker, cfg: MedfedConfig, run_dir: Path) -> str
         "medfed.strategy": cfg.strategy.name,
         "medfed.privacy": cfg.privacy.mode,
         "medfed.best_round": str(checkpoint.best_round),
-        f"medfed.best_{cfg.evaluation.select_metric}": f"{checkpoint.best_value:.6f}",
+        f"medfed.best_{cfg.select_metric()}": f"{checkpoint.best_value:.6f}",
         **{f"medfed.site.{site}.dataset": d for site, d in datasets.items()},
         **{f"medfed.site.{site}.epsilon": f"{e.epsilon:.6f}" for site, e in spend.items()},
     }

@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord
 
 from federation import keys
 from federation.config import MedfedConfig
+from federation.dicom.classlabels import attach_class_labels
 from federation.dicom.prepare import labelled_volumes
 from federation.errors import FederationError
 from federation.logs import context_logger
@@ -41,16 +42,20 @@ class Holdout:
                 f"({len(problems)} files or series not usable); point it at a folder of "
                 "labelled DICOM or set evaluation.holdout=null."
             )
-        self.data = self.task.prepare_holdout(volumes, cfg.task)
+        try:
+            attach_class_labels(volumes, path)
+            self.data = self.task.prepare_holdout(volumes, cfg.task)
+        except ValueError as err:
+            raise FederationError(f"evaluation.holdout={path}: {err}") from err
         log.info("server hold-out: %d series from %s", len(volumes), path)
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
-        """Dice and loss of the global model on the hold-out set."""
+        """The task's metrics and loss of the global model on the hold-out set."""
         model = build_model(self.cfg.model, seed=self.cfg.seed)
         model.load_state_dict(arrays.to_torch_state_dict(), strict=not self.cfg.strategy.local_norm)
         outcome = self.task.evaluate(model, self.data)
         return {
-            keys.DICE: outcome.dice,
+            **outcome.metrics,
             keys.EVAL_LOSS: outcome.loss,
             keys.NUM_EXAMPLES: float(outcome.num_examples),
         }

@@ -17,6 +17,7 @@ from federation import keys
 from federation.config import MedfedConfig, flatten, resolve_path
 from federation.logs import context_logger
 from federation.models import build_model, norm_state_keys, split_norm_state
+from federation.tasks import get_task
 from federation.tracking import RunTracker
 from server.central import COORDINATOR, CentralPrivacy
 from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
@@ -71,6 +72,8 @@ class RunHistory:
     sites: list[str]
     rounds: list[RoundRecord] = field(default_factory=list)
     datasets: dict[str, str] = field(default_factory=dict)  # site -> dataset fingerprint
+    # The task's primary metric, shown in the round table and plot.
+    metric: str = keys.DICE
 
     def save(self, path: Path) -> None:
         """Write the history as JSON."""
@@ -80,7 +83,13 @@ class RunHistory:
     def from_dict(cls, raw: dict[str, Any]) -> RunHistory:
         """Rebuild a history from `dataclasses.asdict` output."""
         rounds = [RoundRecord(**r) for r in raw["rounds"]]
-        return cls(raw["run_name"], raw["sites"], rounds, raw.get("datasets", {}))
+        return cls(
+            raw["run_name"],
+            raw["sites"],
+            rounds,
+            raw.get("datasets", {}),
+            raw.get("metric", keys.DICE),
+        )
 
     @classmethod
     def load(cls, path: Path) -> RunHistory:
@@ -168,7 +177,7 @@ def initial_arrays(cfg: MedfedConfig) -> ArrayRecord:
 def _selected(record: RoundRecord, cfg: MedfedConfig) -> float | None:
     """The round's value of the metric that picks the best model."""
     source = record.holdout if cfg.evaluation.holdout else record.evaluate
-    value = source.get(cfg.evaluation.select_metric)
+    value = source.get(cfg.select_metric())
     return None if value is None or not math.isfinite(value) else value
 
 
@@ -196,6 +205,7 @@ def run_rounds(
 
     """
     log = context_logger(run=run_name)
+    metric = get_task(cfg.task.name).primary_metric
     guard = SiteGuard(
         build_strategy(cfg),
         min_sites=cfg.federation.min_sites,
@@ -209,7 +219,7 @@ def run_rounds(
     )
     holdout = Holdout(resolve_path(cfg.evaluation.holdout), cfg) if cfg.evaluation.holdout else None
     arrays = initial_arrays(cfg)
-    history = RunHistory(run_name, cfg.federation.names())
+    history = RunHistory(run_name, cfg.federation.names(), metric=metric)
     best_round, best_value = -1, float("-inf")
     if resume_from is not None:
         restore_strategy_state(guard, resume_from.strategy)
@@ -255,7 +265,9 @@ def run_rounds(
         evaluate(0, initial)
         finish(initial, started)
         log.info(
-            "[round 0] initial model: dice %.4f", initial.evaluate.get(keys.DICE, float("nan"))
+            "[round 0] initial model: %s %.4f",
+            metric,
+            initial.evaluate.get(metric, float("nan")),
         )
 
     first = 1 if resume_from is None else resume_from.round + 1
@@ -288,15 +300,18 @@ def run_rounds(
         evaluate(server_round, record)
         finish(record, started)
         log.info(
-            "[round %d/%d] %d sites trained, loss %.4f, dice %.4f%s, max epsilon %s (%.1f s)",
+            "[round %d/%d] %d sites trained, loss %.4f, %s %.4f%s, max epsilon %s (%.1f s)",
             server_round,
             cfg.rounds,
             len(report.metrics),
             record.train.get(keys.TRAIN_LOSS, float("nan")),
-            record.evaluate.get(keys.DICE, float("nan")),
-            f", hold-out dice {record.holdout[keys.DICE]:.4f}" if record.holdout else "",
+            metric,
+            record.evaluate.get(metric, float("nan")),
+            f", hold-out {metric} {record.holdout.get(metric, float('nan')):.4f}"
+            if record.holdout
+            else "",
             _epsilon_text(record),
             record.seconds,
         )
-    log.info("best round %d: %s %.4f", best_round, cfg.evaluation.select_metric, best_value)
+    log.info("best round %d: %s %.4f", best_round, cfg.select_metric(), best_value)
     return arrays, history

@@ -21,14 +21,14 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 
 def format_table(history: RunHistory) -> str:
-    """Per-round table: loss, Dice per site and aggregated, epsilon per site."""
-    sites = history.sites
+    """Per-round table: loss, the task's metric per site and aggregated, epsilon per site."""
+    sites, metric = history.sites, history.metric
     central = any(keys.CENTRAL_EPSILON in r.train for r in history.rounds)
     header = [
         "round",
         "train loss",
-        *(f"dice {s}" for s in sites),
-        "dice (all)",
+        *(f"{metric} {s}" for s in sites),
+        f"{metric} (all)",
         *(f"eps {s}" for s in sites),
         *(["eps client-level"] if central else []),
         "seconds",
@@ -39,8 +39,8 @@ def format_table(history: RunHistory) -> str:
             [
                 str(r.round),
                 _num(r.train.get(keys.TRAIN_LOSS)),
-                *(_num(r.site_evaluate.get(s, {}).get(keys.DICE)) for s in sites),
-                _num(r.evaluate.get(keys.DICE)),
+                *(_num(r.site_evaluate.get(s, {}).get(metric)) for s in sites),
+                _num(r.evaluate.get(metric)),
                 *(_num(r.site_train.get(s, {}).get(keys.EPSILON), 2) for s in sites),
                 *([_num(r.train.get(keys.CENTRAL_EPSILON), 2)] if central else []),
                 f"{r.seconds:.1f}",
@@ -57,10 +57,12 @@ def run_summary(result: RunResult, cfg: MedfedConfig) -> str:
     """What a coordinator reads at the end of a run: table, Dice, where things are."""
     rounds = result.history.rounds
     lines = [format_table(result.history), ""]
-    first, last = rounds[0].evaluate.get(keys.DICE), rounds[-1].evaluate.get(keys.DICE)
+    metric = result.history.metric
+    first, last = rounds[0].evaluate.get(metric), rounds[-1].evaluate.get(metric)
     if first is not None and last is not None:
+        name = "Dice" if metric == keys.DICE else metric
         lines.append(
-            f"Held-out Dice: {first:.3f} (initial model) -> {last:.3f} "
+            f"Held-out {name}: {first:.3f} (initial model) -> {last:.3f} "
             f"(after round {rounds[-1].round})"
         )
     lines.append(f"Model, history, plot and ledger copies: {result.output_dir}")
@@ -82,7 +84,7 @@ def run_summary(result: RunResult, cfg: MedfedConfig) -> str:
 
 
 def plot_history(history: RunHistory, path: Path) -> Path:
-    """Dice per site and aggregated, and epsilon per site, over rounds (PNG)."""
+    """The task's metric per site and aggregated, and epsilon per site, over rounds (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,13 +93,14 @@ def plot_history(history: RunHistory, path: Path) -> Path:
     rounds = [r.round for r in history.rounds]
     fig, (ax_dice, ax_eps) = plt.subplots(1, 2, figsize=(11, 4))
     for site in history.sites:
-        dice = [r.site_evaluate.get(site, {}).get(keys.DICE) for r in history.rounds]
+        dice = [r.site_evaluate.get(site, {}).get(history.metric) for r in history.rounds]
         ax_dice.plot(rounds, [float("nan") if d is None else d for d in dice], "o-", label=site)
         eps = [r.site_train.get(site, {}).get(keys.EPSILON) for r in history.rounds]
         ax_eps.plot(rounds, [float("nan") if e is None else e for e in eps], "o-", label=site)
-    agg = [r.evaluate.get(keys.DICE, float("nan")) for r in history.rounds]
+    agg = [r.evaluate.get(history.metric, float("nan")) for r in history.rounds]
     ax_dice.plot(rounds, agg, "k--", linewidth=2, label="aggregated")
-    ax_dice.set(title="Held-out Dice", xlabel="round", ylabel="Dice", ylim=(0, 1))
+    label = "Dice" if history.metric == keys.DICE else history.metric
+    ax_dice.set(title=f"Held-out {label}", xlabel="round", ylabel=label, ylim=(0, 1))
     ax_eps.set(title="Privacy spent per site", xlabel="round", ylabel="epsilon")
     for ax in (ax_dice, ax_eps):
         ax.grid(alpha=0.3)

@@ -21,3 +21,13 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Sit
         root, site_names=SITES, patients_per_site=[3, 3, 4], slices=SLICES, seed=SEED
     )
     return root, profiles
+
+
+@pytest.fixture(scope="session")
+def labelled_consortium(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[SiteProfile]]:
+    """Three sites x 4 patients x 8 slices: two of each class per site (classification)."""
+    root = tmp_path_factory.mktemp("labelled")
+    profiles = generate_consortium(
+        root, site_names=SITES, patients_per_site=[4], slices=8, seed=SEED
+    )
+    return root, profiles

@@ -3,11 +3,15 @@
 Shapes come from MONAI's synthetic generator; each site differs the way hospitals do:
 vendor, stored-value encoding (rescale slope/intercept, signedness), scanner intensity
 calibration, noise, in-plane matrix and spacing, slice order and number of patients.
-Everything is deterministic from the seed.
+Every series also carries a series-level finding for classification: a hypodense
+lesion is present in a site-specific fraction of its patients (`SiteProfile.prevalence`),
+listed in `labels.csv` (StudyInstanceUID, SeriesInstanceUID, label) at the top of the
+site's folder. Everything is deterministic from the seed.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,9 +22,15 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from federation.dicom.classlabels import LABELS_CSV
+
 __all__ = [
+    "ABNORMAL",
+    "LABELS_CSV",
+    "NORMAL",
     "SiteProfile",
     "generate_consortium",
+    "has_lesion",
     "patient_id",
     "phantom",
     "site_profiles",
@@ -36,6 +46,10 @@ _VENDORS: tuple[tuple[str, str, int, float, float, float, bool], ...] = (
     ("Canon Medical Systems", "Aquilion Prime SP", 104, 350.0, 1.0, -2048.0, False),
 )
 _ORG_ROOT = "1.2.826.0.1.3680043.10.1137."  # UID prefix for medfed's synthetic objects
+# Series-level class labels written to each site's labels CSV.
+ABNORMAL = "abnormal"
+NORMAL = "normal"
+_LESION_HU = -250.0  # hypodense: well below the soft-tissue background and the structures
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,8 @@ class SiteProfile:
     noise_hu: float
     descending: bool
     patients: int
+    # Fraction of the site's patients whose series shows the lesion (class "abnormal").
+    prevalence: float = 0.4
 
 
 def site_profiles(
@@ -84,6 +100,7 @@ def site_profiles(
                 noise_hu=float(rng.uniform(8.0, 30.0)),
                 descending=bool(i % 2),
                 patients=int(patients_per_site[i % len(patients_per_site)]),
+                prevalence=round(float(rng.uniform(0.2, 0.6)), 3),
             )
         )
     return profiles
@@ -98,12 +115,47 @@ def patient_id(profile: SiteProfile, index: int) -> str:
     return f"{profile.name.upper()}-P{index + 1:03d}"
 
 
+def has_lesion(profile: SiteProfile, index: int, *, seed: int) -> bool:
+    """Whether the site's `index`-th patient has the lesion.
+
+    round(prevalence x patients) patients are positive; with four or more patients each
+    class keeps at least two, so a site can hold out one of each.
+    """
+    n = profile.patients
+    positives = round(profile.prevalence * n)
+    if n >= 4:
+        positives = min(max(positives, 2), n - 2)
+    order = np.random.default_rng([seed, *profile.name.encode(), 11]).permutation(n)
+    return bool(index in set(order[:positives].tolist()))
+
+
+def _add_lesion(
+    hu: np.ndarray, mask: np.ndarray, rng: np.random.Generator, noise_hu: float
+) -> None:
+    """Paint a hypodense ellipsoid into the background of `hu` (slices, rows, cols)."""
+    depth, rows, cols = hu.shape
+    r_xy, r_z = max(3.0, rows / 7), max(2.0, depth / 4)
+    centre = [
+        rng.uniform(r_z, depth - 1 - r_z),
+        rng.uniform(r_xy + 2, rows - 3 - r_xy),
+        rng.uniform(r_xy + 2, cols - 3 - r_xy),
+    ]
+    z, y, x = np.ogrid[:depth, :rows, :cols]
+    inside = (
+        ((z - centre[0]) / r_z) ** 2 + ((y - centre[1]) / r_xy) ** 2 + ((x - centre[2]) / r_xy) ** 2
+    ) <= 1.0
+    inside &= mask == 0  # the segmented structures stay as they are
+    hu[inside] = _LESION_HU + rng.normal(0.0, noise_hu, int(inside.sum()))
+
+
 def phantom(
     profile: SiteProfile, index: int, *, slices: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ground truth of a patient: HU volume and binary label, both (slices, rows, rows).
 
     Slice `k` lies at z = k * slice_thickness, whatever order the files are written in.
+    The label marks the structures; a patient with `has_lesion` also shows a hypodense
+    lesion outside them (the series-level finding, not in the label).
     """
     from monai.data.synthetic import create_test_image_3d
 
@@ -125,7 +177,12 @@ def phantom(
     )
     hu = -50.0 + 200.0 * image  # soft-tissue background, enhancing objects
     hu = hu * profile.hu_scale + profile.hu_offset + rng.normal(0.0, profile.noise_hu, hu.shape)
-    return np.transpose(hu, (2, 0, 1)), np.transpose(labels > 0, (2, 0, 1)).astype(np.uint8)
+    hu, mask = np.transpose(hu, (2, 0, 1)), np.transpose(labels > 0, (2, 0, 1)).astype(np.uint8)
+    if has_lesion(profile, index, seed=seed):
+        lesion_rng = np.random.default_rng([seed, index, *profile.name.encode(), 5])
+        hu = np.ascontiguousarray(hu)
+        _add_lesion(hu, mask, lesion_rng, profile.noise_hu)
+    return hu, mask
 
 
 def _ct_slice(
@@ -227,13 +284,14 @@ def _seg(
 
 
 def write_site(profile: SiteProfile, out_dir: Path, *, slices: int, seed: int) -> int:
-    """Write one site's patients as CT series with SEG ground truth.
+    """Write one site's patients as CT series with SEG ground truth, and its labels CSV.
 
     Returns:
         The number of DICOM files written.
 
     """
     written = 0
+    rows: list[dict[str, str]] = []
     for p in range(profile.patients):
         pid = patient_id(profile, p)
         hu, mask = phantom(profile, p, slices=slices, seed=seed)
@@ -271,6 +329,18 @@ def write_site(profile: SiteProfile, out_dir: Path, *, slices: int, seed: int) -
         seg = _seg(profile, sources, mask, seed, pid)
         seg.save_as(folder / "seg.dcm")
         written += 1
+        label = ABNORMAL if has_lesion(profile, p, seed=seed) else NORMAL
+        rows.append(
+            {
+                "StudyInstanceUID": patient["study_uid"],
+                "SeriesInstanceUID": series_uid,
+                "label": label,
+            }
+        )
+    with (out_dir / LABELS_CSV).open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["StudyInstanceUID", "SeriesInstanceUID", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
     return written
 
 
@@ -310,6 +380,7 @@ def generate_consortium(
             progress(
                 f"{profile.name}: {profile.patients} patients, {count} files "
                 f"({profile.manufacturer}, {profile.rows}x{profile.rows} @ "
-                f"{profile.pixel_spacing:.2f} mm, noise {profile.noise_hu:.0f} HU)"
+                f"{profile.pixel_spacing:.2f} mm, noise {profile.noise_hu:.0f} HU, "
+                f"lesion prevalence {profile.prevalence:.0%})"
             )
     return profiles

@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
-import hashlib
-import secrets
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from federation.config import PrivacyConfig, TaskConfig
-from federation.dicom.volume import Volume
-from federation.privacy import MechanismStep, make_private
+from federation import keys
+from federation.config import ModelConfig, PrivacyConfig, TaskConfig
+from federation.tasks.base import (
+    EvalOutcome,
+    TaskVolume,
+    TrainOutcome,
+    device,
+    private_train,
+    split_patients,
+)
 
 __all__ = [
+    "TASK",
     "EvalOutcome",
+    "Seg2D",
     "SegmentationLoss",
     "SiteDataset",
     "TrainOutcome",
+    "check_segmentation_model",
     "device",
     "evaluate",
     "prepare",
@@ -49,25 +57,7 @@ class SiteDataset:
         return sum(int(x.shape[0]) for x, _ in self.val_volumes)
 
 
-@dataclass(frozen=True)
-class TrainOutcome:
-    """What one round of local training produced."""
-
-    loss: float
-    num_examples: int
-    spent: list[MechanismStep]
-
-
-@dataclass(frozen=True)
-class EvalOutcome:
-    """Held-out metrics of a model at one site."""
-
-    loss: float
-    dice: float
-    num_examples: int
-
-
-def _to_slices(volume: Volume, cfg: TaskConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_slices(volume: TaskVolume, cfg: TaskConfig) -> tuple[torch.Tensor, torch.Tensor]:
     hu = torch.from_numpy(volume.hu).float().unsqueeze(1)
     image = ((hu - cfg.window_min) / (cfg.window_max - cfg.window_min)).clamp_(0.0, 1.0)
     assert volume.label is not None
@@ -78,7 +68,7 @@ def _to_slices(volume: Volume, cfg: TaskConfig) -> tuple[torch.Tensor, torch.Ten
     return image, mask
 
 
-def prepare(volumes: list[Volume], cfg: TaskConfig, *, seed: int) -> SiteDataset:
+def prepare(volumes: Sequence[TaskVolume], cfg: TaskConfig, *, seed: int) -> SiteDataset:
     """Normalise, resize and split a site's labelled volumes by patient.
 
     Raises:
@@ -90,9 +80,7 @@ def prepare(volumes: list[Volume], cfg: TaskConfig, *, seed: int) -> SiteDataset
         raise ValueError(
             f"needs labelled series of at least 2 patients to hold one out, found {len(patients)}"
         )
-    ranked = sorted(patients, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
-    n_val = min(len(patients) - 1, max(1, round(cfg.val_fraction * len(patients))))
-    held_out = set(ranked[:n_val])
+    held_out = split_patients(patients, cfg.val_fraction, seed=seed)
     train_x, train_y, val = [], [], []
     for volume in volumes:
         image, mask = _to_slices(volume, cfg)
@@ -104,15 +92,10 @@ def prepare(volumes: list[Volume], cfg: TaskConfig, *, seed: int) -> SiteDataset
     return SiteDataset(torch.cat(train_x), torch.cat(train_y), val)
 
 
-def prepare_holdout(volumes: list[Volume], cfg: TaskConfig) -> SiteDataset:
+def prepare_holdout(volumes: Sequence[TaskVolume], cfg: TaskConfig) -> SiteDataset:
     """All labelled volumes as held-out data: the coordinator's own evaluation set."""
     empty = torch.zeros(0, 1, cfg.image_size, cfg.image_size)
     return SiteDataset(empty, empty.clone(), [_to_slices(v, cfg) for v in volumes])
-
-
-def device() -> torch.device:
-    """The site's GPU when it has one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class SegmentationLoss(nn.Module):
@@ -146,61 +129,16 @@ def train(
     seed: int,
     proximal_mu: float = 0.0,
 ) -> TrainOutcome:
-    """Train `model` in place for `task.local_epochs` epochs, with DP-SGD if configured.
-
-    `proximal_mu` > 0 adds FedProx's pull towards the received weights as a proximal
-    step after each optimiser step: data-independent, so it stays valid under DP-SGD.
-    `seed` makes non-private training reproducible. Under DP the batch sampling and the
-    noise draw from a fresh secret seed instead: the coordinator knows `seed`, and noise
-    it could predict would protect nothing.
-    """
-    torch.manual_seed(secrets.randbits(63) if privacy.mode == "dp-sgd" else seed)
-    dev = device()
-    model.to(dev)
-    loader = DataLoader(
+    """Train `model` in place on slices for `task.local_epochs` epochs (see `private_train`)."""
+    return private_train(
+        model,
         TensorDataset(data.train_images, data.train_masks),
-        batch_size=task.batch_size,
-        shuffle=True,
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=task.lr)
-    with warnings.catch_warnings():
-        # Opacus's fast (non-cryptographic) RNG is the documented default for training.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        private = make_private(model, optimizer, loader, SegmentationLoss(), privacy)
-    private.model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params]
-
-    def proximal_step() -> None:
-        if proximal_mu > 0:
-            with torch.no_grad():
-                for p, a in zip(params, anchor, strict=True):
-                    p.sub_(task.lr * proximal_mu * (p - a))
-
-    total, batches = 0.0, 0
-    for _ in range(task.local_epochs):
-        for images, masks in private.loader:
-            if len(images) == 0:  # Poisson sampling can draw an empty batch
-                private.empty_step()
-                proximal_step()
-                continue
-            images, masks = images.to(dev), masks.to(dev)
-            private.optimizer.zero_grad(set_to_none=True)
-            loss = private.criterion(private.model(images), masks)
-            with warnings.catch_warnings():
-                # Opacus hooks fire on the first layer, whose input needs no grad: expected.
-                warnings.filterwarnings("ignore", message="Full backward hook")
-                loss.backward()
-            private.optimizer.step()
-            proximal_step()
-            total += float(loss.detach())
-            batches += 1
-    if private.engine is not None:
-        # Drop Opacus's hooks so the plain model can be evaluated and serialised.
-        private.model._close()  # type: ignore[operator]
-    model.to("cpu")
-    return TrainOutcome(
-        loss=total / max(batches, 1), num_examples=data.num_train, spent=private.spent()
+        SegmentationLoss(),
+        task,
+        privacy,
+        seed=seed,
+        proximal_mu=proximal_mu,
+        num_examples=data.num_train,
     )
 
 
@@ -225,6 +163,49 @@ def evaluate(model: nn.Module, data: SiteDataset, *, batch_size: int = 32) -> Ev
     model.to("cpu").train()
     return EvalOutcome(
         loss=sum(losses) / max(data.num_val, 1),
-        dice=float(np.mean(dices)),
+        metrics={keys.DICE: float(np.mean(dices))},
         num_examples=data.num_val,
     )
+
+
+class Seg2D:
+    """2D slice segmentation on the task interface (`federation.tasks.base.Task`)."""
+
+    name = "seg2d"
+    primary_metric = keys.DICE
+    metrics = (keys.DICE,)
+    needs_mask = True
+
+    def check(self, task: TaskConfig, model: ModelConfig) -> None:
+        """Slices need a 2D segmentation network with one input and one output channel."""
+        check_segmentation_model(model, spatial_dims=2, task=self.name)
+        if task.params:
+            raise ValueError(f"task {self.name!r} has no task.params; got {sorted(task.params)}.")
+
+    prepare = staticmethod(prepare)
+    prepare_holdout = staticmethod(prepare_holdout)
+    train = staticmethod(train)
+    evaluate = staticmethod(evaluate)
+
+
+def check_segmentation_model(model: ModelConfig, *, spatial_dims: int, task: str) -> None:
+    """Reject a model that cannot segment this task's binary masks.
+
+    Raises:
+        ValueError: Not a U-Net of `spatial_dims` with one input and one output channel.
+    """
+    if model.name != "unet" or model.spatial_dims != spatial_dims:
+        raise ValueError(
+            f"task {task!r} needs a {spatial_dims}D U-Net, but model.name={model.name!r} with "
+            f"model.spatial_dims={model.spatial_dims}; drop the model override or choose "
+            f"model=unet{spatial_dims}d."
+        )
+    if model.in_channels != 1 or model.out_channels != 1:
+        raise ValueError(
+            f"task {task!r} segments one CT channel into one binary mask: set "
+            f"model.in_channels=1 and model.out_channels=1 (got {model.in_channels} and "
+            f"{model.out_channels})."
+        )
+
+
+TASK = Seg2D()

@@ -78,7 +78,7 @@ def score(model: Any, sites: dict[str, Any], cfg: Any) -> float:
     task = get_task(cfg.task.name)
     outcomes = [task.evaluate(model, data) for data in sites.values()]
     total = sum(o.num_examples for o in outcomes)
-    return sum(o.dice * o.num_examples for o in outcomes) / total
+    return sum(o.metrics["dice"] * o.num_examples for o in outcomes) / total
 
 
 def pooled_dataset(sites: dict[str, Any]) -> Any:

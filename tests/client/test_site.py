@@ -16,7 +16,7 @@ def _context(node_config):
 def test_missing_folder_names_site_and_path(tmp_path):
     site = SiteIdentity("st-mary", tmp_path / "nowhere", tmp_path / "state")
     with pytest.raises(SiteDataError) as err:
-        load_site_dataset(site, seg2d, TaskConfig(), seed=0)
+        load_site_dataset(site, seg2d.TASK, TaskConfig(), seed=0)
     assert "st-mary" in str(err.value)
     assert str(tmp_path / "nowhere") in str(err.value)
     assert "does not exist" in str(err.value)
@@ -26,7 +26,7 @@ def test_folder_without_usable_series_is_refused(tmp_path):
     (tmp_path / "readme.txt").write_text("no images here")
     with pytest.raises(SiteDataError, match="no usable labelled series"):
         load_site_dataset(
-            SiteIdentity("empty", tmp_path, tmp_path / "state"), seg2d, TaskConfig(), seed=0
+            SiteIdentity("empty", tmp_path, tmp_path / "state"), seg2d.TASK, TaskConfig(), seed=0
         )
 
 
@@ -34,7 +34,7 @@ def test_site_dataset_is_split_by_patient(consortium):
     root, profiles = consortium
     cfg = TaskConfig(image_size=32, val_fraction=0.34)
     prepared = load_site_dataset(
-        SiteIdentity("site-3", root / "site-3", root / "state"), seg2d, cfg, seed=0
+        SiteIdentity("site-3", root / "site-3", root / "state"), seg2d.TASK, cfg, seed=0
     )
     assert prepared.fingerprint.startswith("ds-") and prepared.num_series == profiles[2].patients
     data = prepared.data

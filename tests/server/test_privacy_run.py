@@ -40,7 +40,7 @@ def test_budget_refusal_persistence_ledger_and_audit(tmp_path, consortium):
     state = tmp_path / "state"
     task = TaskConfig(image_size=32, batch_size=8, local_epochs=1)
     site1 = load_site_dataset(
-        SiteIdentity("site-1", root / "site-1", state / "site-1"), seg2d, task, seed=SEED
+        SiteIdentity("site-1", root / "site-1", state / "site-1"), seg2d.TASK, task, seed=SEED
     )
     # Site-1's own policy lets it train one round of this run, not two.
     budget = (_epsilon_after(1, site1.data.num_train) + _epsilon_after(2, site1.data.num_train)) / 2

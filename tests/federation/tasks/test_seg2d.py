@@ -63,10 +63,10 @@ class _Oracle(nn.Module):
 
 def test_dice_is_per_held_out_volume(data):
     background = seg2d.evaluate(_Oracle(-10.0), data)
-    assert background.dice == 0.0  # every held-out volume has a lesion
+    assert background.metrics["dice"] == 0.0  # every held-out volume has a lesion
     everything = seg2d.evaluate(_Oracle(10.0), data)
     expected = [2 * float(m.sum()) / (float(m.sum()) + m.numel()) for _, m in data.val_volumes]
-    assert everything.dice == pytest.approx(sum(expected) / len(expected))
+    assert everything.metrics["dice"] == pytest.approx(sum(expected) / len(expected))
     assert everything.num_examples == data.num_val
 
 
