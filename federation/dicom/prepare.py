@@ -6,6 +6,7 @@ only ever read. Every file ends up used, skipped as cached, or quarantined with 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from federation.dicom.cache import VolumeCache, file_hash
+from federation.dicom.classlabels import LABELS_CSV
 from federation.dicom.labels import (
     is_nifti,
     nifti_label,
@@ -259,6 +261,11 @@ def prepare_folder(
         raise ValueError(f"source {root} is not a folder; give the folder holding the DICOM files")
     cache = VolumeCache(cache_dir)
     paths = list(iter_files(root))
+    site_labels = root / LABELS_CSV  # the site's class labels, beside its DICOM
+    if site_labels.is_file():
+        paths.remove(site_labels)
+        if opts.labels_csv is None:
+            opts = dataclasses.replace(opts, labels_csv=site_labels)
     niftis = [p for p in paths if is_nifti(p)]
     dicoms = [p for p in paths if not is_nifti(p)]
     report = PrepareReport(files_seen=len(paths))
