@@ -121,6 +121,16 @@ class FederationConfig:
     cpus_per_site: int = 1
     site_state_root: str = "site-state"
     site_budget: float = 10.0
+    # Secure aggregation: "none", or "secaggplus" (Flower's SecAgg+: the coordinator only
+    # ever holds the masked sum of the sites' updates).
+    secure_aggregation: str = "none"
+    # SecAgg+: fraction of the key shares needed to unmask (tolerates dropouts below it).
+    secagg_threshold: float = 0.7
+    # SecAgg+: weights are clipped to [-r, r] and quantised to this many levels.
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+    # SecAgg+: upper bound of one site's training examples (its aggregation weight).
+    secagg_max_weight: float = 1000.0
 
     def names(self) -> list[str]:
         """Site names, `site-1 ... site-N` unless given."""
@@ -213,10 +223,46 @@ class MedfedConfig:
                 "strategy.name=fedbn keeps normalisation layers local at each site; "
                 "drop strategy.local_norm=false or choose another strategy."
             )
+        self._validate_secure_aggregation()
         if self.resume and not self.run_name:
             raise ValueError("resume=true needs the run_name of the run to continue.")
         if not 0 < self.task.val_fraction < 1:
             raise ValueError(f"task.val_fraction={self.task.val_fraction} must lie in (0, 1).")
+
+
+    def _validate_secure_aggregation(self) -> None:
+        fed = self.federation
+        if fed.secure_aggregation == "none":
+            return
+        if fed.secure_aggregation != "secaggplus":
+            raise ValueError(
+                f"federation.secure_aggregation={fed.secure_aggregation!r} is unknown; "
+                "use none or secaggplus."
+            )
+        unsupported = {
+            "strategy.name": self.strategy.name != "fedavg",
+            "privacy.mode=central": self.privacy.mode == "central",
+            "strategy.local_norm": self.strategy.local_norm,
+            "resume": self.resume,
+        }
+        if bad := [name for name, on in unsupported.items() if on]:
+            raise ValueError(
+                f"federation.secure_aggregation=secaggplus cannot be combined with "
+                f"{', '.join(bad)}: the coordinator only sees the sum of the updates, so it "
+                "aggregates with FedAvg, adds no central noise (sites train with DP-SGD, "
+                "privacy=dp_sgd), keeps every layer shared and cannot resume a run; drop "
+                "these settings or set federation.secure_aggregation=none."
+            )
+        if fed.num_sites < 3:
+            raise ValueError(
+                f"federation.secure_aggregation=secaggplus needs at least 3 sites, "
+                f"federation.num_sites={fed.num_sites}: with two, each learns the other's "
+                "update from the sum."
+            )
+        if not 0 < fed.secagg_threshold <= 1:
+            raise ValueError(
+                f"federation.secagg_threshold={fed.secagg_threshold} must lie in (0, 1]."
+            )
 
 
 def compose_config(overrides: list[str] | None = None) -> MedfedConfig:

@@ -15,6 +15,10 @@ SEED = "seed"
 ROUNDS = "rounds"
 CPUS_PER_SITE = "federation.cpus_per_site"
 LOCAL_NORM = "local-norm"  # FedBN: the site keeps its normalisation layers
+# Secure aggregation protocol of the run ("secaggplus"), absent without one.
+SECURE_AGGREGATION = "secure-aggregation"
+# Under SecAgg+ (legacy FitIns, scalar values only) the site config travels as JSON here.
+SITE_CONFIG_JSON = "medfed-site-config"
 
 # ConfigRecord keys in a site's STATUS reply.
 SITE = "site"
@@ -22,6 +26,8 @@ REFUSED = "refused"
 DATASET = "dataset"  # the fingerprint of the data the site used (a hash of instance UIDs)
 # ConfigRecord key in a site's LEDGER reply: the signed ledger entry as JSON.
 LEDGER_ENTRY = "entry"
+# Under SecAgg+ a site's status travels in the legacy FitRes metrics under these keys.
+SECAGG_STATUS_PREFIX = "medfed."
 
 # Metric names in a site's METRICS reply.
 NUM_EXAMPLES = "num-examples"

@@ -159,19 +159,26 @@ def coordinate(grid: Grid, cfg: MedfedConfig) -> RunResult:
 
 
 def create_server_app(
-    cfg: MedfedConfig | None = None, on_done: Callable[[RunResult], None] | None = None
+    cfg: MedfedConfig | None = None,
+    on_done: Callable[[RunResult], None] | None = None,
+    *,
+    wrap_grid: Callable[[Grid], Grid] | None = None,
 ) -> ServerApp:
     """Build the coordinator's ServerApp.
 
     Args:
         cfg: The run configuration; `None` reads it from Flower's run config.
         on_done: Called with the result when the run finished.
+        wrap_grid: Wraps the grid the coordinator talks to the sites through (e.g. to
+            record what the coordinator receives).
 
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if wrap_grid is not None:
+            grid = wrap_grid(grid)
         result = coordinate(grid, cfg or config_from_run_config(context.run_config))
         if on_done is not None:
             on_done(result)

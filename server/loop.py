@@ -22,6 +22,7 @@ from server.central import COORDINATOR, CentralPrivacy
 from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
 from server.guard import RoundReport, SiteGuard
 from server.holdout import Holdout
+from server.secagg import MeteredGrid, SecureAggregation
 from server.strategy import build_strategy
 
 __all__ = [
@@ -51,6 +52,8 @@ class RoundRecord:
     site_evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     holdout: dict[str, float] = field(default_factory=dict)
+    # Training step only: seconds and serialised bytes sent to / received from the sites.
+    traffic: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +97,7 @@ def _tracked(record: RoundRecord) -> dict[str, float]:
     out = {f"train/{k}": v for k, v in record.train.items()}
     out.update({f"eval/{k}": v for k, v in record.evaluate.items()})
     out.update({f"holdout/{k}": v for k, v in record.holdout.items()})
+    out.update({f"traffic/{k}": v for k, v in record.traffic.items()})
     for part in (record.site_train, record.site_evaluate):
         for site, metrics in part.items():
             out.update(
@@ -181,6 +185,12 @@ def run_rounds(
 
     """
     log = context_logger(run=run_name)
+    grid = MeteredGrid(grid)
+    secure = (
+        SecureAggregation(cfg, run_name)
+        if cfg.federation.secure_aggregation != "none"
+        else None
+    )
     guard = SiteGuard(
         build_strategy(cfg),
         min_sites=cfg.federation.min_sites,
@@ -248,12 +258,29 @@ def run_rounds(
         record = RoundRecord(server_round, 0.0)
         if central is not None:
             central.before_round()
-        replies = grid.send_and_receive(
-            guard.configure_train(server_round, arrays, site_config(cfg, run_name), grid),
-            timeout=timeout,
-        )
-        new_arrays, train_metrics = guard.aggregate_train(server_round, replies)
-        report: RoundReport = guard.train_report
+        grid.reset()
+        train_started = time.perf_counter()
+        report: RoundReport
+        new_arrays: ArrayRecord | None
+        train_metrics: MetricRecord | None
+        if secure is not None:  # only the masked sum of the updates reaches the coordinator
+            secure.names.update(guard._names)
+            new_arrays, train_metrics = secure.train_round(
+                server_round, arrays, site_config(cfg, run_name), grid
+            )
+            report = secure.report
+        else:
+            replies = grid.send_and_receive(
+                guard.configure_train(server_round, arrays, site_config(cfg, run_name), grid),
+                timeout=timeout,
+            )
+            new_arrays, train_metrics = guard.aggregate_train(server_round, replies)
+            report = guard.train_report
+        record.traffic = {
+            "train-seconds": time.perf_counter() - train_started,
+            "train-bytes-sent": float(grid.sent),
+            "train-bytes-received": float(grid.received),
+        }
         if new_arrays is not None:
             arrays = new_arrays
         record.train = _as_dict(train_metrics)
