@@ -61,7 +61,9 @@ def ensure_site_policies(cfg: MedfedConfig) -> None:
     """Give simulated sites without a policy one with `federation.site_budget`.
 
     This stands in for each hospital writing its own policy; an existing policy, and the
-    spend in the site's ledger, are never touched.
+    spend in the site's ledger, are never touched. The policy written has no
+    `governance` section, so simulated (demo) sites train without plan approval; a
+    hospital, or a test, turns it on with `medfed site policy --require-plan-approval`.
     """
     for name in cfg.federation.names():
         path = resolve_path(cfg.federation.site_state_root) / name / POLICY_FILE
