@@ -142,10 +142,11 @@ def _govern(job: _Job) -> None:
             "sent a plain training message; the update would leave the site unmasked",
         )
     policy = job.state.governance()
-    planned = job.plan_mechanism() if job.privacy.mode == "dp-sgd" else None
+    dp_limits = policy.min_noise_multiplier is not None or policy.max_epsilon_per_run is not None
+    planned = job.plan_mechanism() if dp_limits and job.privacy.mode == "dp-sgd" else None
     rounds = int(job.flat.get(keys.ROUNDS, 1))
     run_epsilon = None
-    if planned is not None:
+    if planned is not None and policy.max_epsilon_per_run is not None:
         run_epsilon = PrivacyHistory(
             [MechanismStep(planned.noise_multiplier, planned.sample_rate, planned.steps * rounds)]
         ).epsilon(delta=job.privacy.delta, accountant=job.privacy.accountant)

@@ -406,7 +406,7 @@ class PlanRegistry:
             )
         return matches[0]
 
-    def request(self, flat: dict[str, Any], *, run: str) -> str:
+    def request(self, flat: dict[str, Any], *, run: str, by: str = "coordinator") -> str:
         """Keep a plan the coordinator asked to run, pending review; returns its hash."""
         document = plan_document(flat)
         plan = str(document["plan"])
@@ -417,7 +417,7 @@ class PlanRegistry:
             tmp.write_text(json.dumps(document, indent=2, sort_keys=True, default=str))
             tmp.replace(path)
         if run not in self.statuses().get(plan, {}).get("runs", []):
-            self.audit.append("requested", plan=plan, by="coordinator", run=run)
+            self.audit.append("requested", plan=plan, by=by, run=run)
         return plan
 
     def approve(self, plan: str, *, by: str, note: str = "") -> dict[str, Any]:

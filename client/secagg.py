@@ -69,7 +69,7 @@ def _train_legacy(msg: Message, context: Context, call_next: ClientAppCallable) 
         raise ValueError(
             f"the coordinator sent {len(weights)} weight arrays, the model has {len(names)}"
         )
-    msg.content[keys.CONFIG] = ConfigRecord(flat)  # type: ignore[arg-type]
+    msg.content[keys.CONFIG] = ConfigRecord(flat)
     msg.content[keys.ARRAYS] = ArrayRecord(
         OrderedDict((n, Array(w)) for n, w in zip(names, weights, strict=True))
     )

@@ -7,6 +7,7 @@ medfed site check --data consortium/site-1
 medfed site policy --state site-state/site-1 --max-epsilon 8 --delta 1e-5
 medfed site policy --state site-state/site-1 --require-plan-approval --min-noise-multiplier 1.0
 medfed site plans list --state site-state/site-1
+medfed site plans add --state site-state/site-1 rounds=5 privacy.noise_multiplier=1.1
 medfed site plans show PLAN --state site-state/site-1
 medfed site plans approve PLAN --by "Dr. Name" --state site-state/site-1
 medfed site plans revoke PLAN --by "Dr. Name" --reason "..." --state site-state/site-1
@@ -188,6 +189,23 @@ def _cmd_plans_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plans_add(args: argparse.Namespace) -> int:
+    """Register the plan a run with these overrides will send, for review ahead of it."""
+    from federation import keys
+    from federation.config import compose_config
+    from server.loop import site_config
+
+    cfg = compose_config(args.overrides)
+    flat: dict[str, Any] = dict(site_config(cfg, ""))
+    if cfg.strategy.name == "fedprox":  # Flower's FedProx adds its mu to the config
+        flat[keys.PROXIMAL_MU] = cfg.strategy.proximal_mu
+    if cfg.federation.secure_aggregation != "none":
+        flat[keys.SECURE_AGGREGATION] = cfg.federation.secure_aggregation
+    plan = _plans(args).request(flat, run=cfg.run_name or "", by="medfed site plans add")
+    print(f"plan {plan} is pending review at {args.state}")
+    return 0
+
+
 def _cmd_plans_show(args: argparse.Namespace) -> int:
     from client.governance import plan_summary
 
@@ -337,10 +355,15 @@ def _parser() -> argparse.ArgumentParser:
         "plans", help="review, approve and revoke the training plans run on the site's data"
     ).add_subparsers(dest="plans_command", required=True)
     plans_list = plans.add_parser("list", help="plans requested or approved, with their status")
+    plans_add = with_overrides(
+        plans.add_parser(
+            "add", help="register the plan a run with these overrides will send, for review"
+        )
+    )
     plans_show = plans.add_parser("show", help="a plan's summary and diff to the last approved")
     approve = plans.add_parser("approve", help="approve a plan (recorded in the audit log)")
     revoke = plans.add_parser("revoke", help="revoke a plan's approval")
-    for p in (plans_list, plans_show, approve, revoke):
+    for p in (plans_list, plans_add, plans_show, approve, revoke):
         p.add_argument("--state", required=True, help="the site's state folder")
     for p in (plans_show, approve, revoke):
         p.add_argument("plan", help="the plan's hash (or a unique prefix)")
@@ -349,6 +372,7 @@ def _parser() -> argparse.ArgumentParser:
     approve.add_argument("--note", default="", help="a note kept with the approval")
     revoke.add_argument("--reason", default="", help="why the approval is withdrawn")
     plans_list.set_defaults(func=_cmd_plans_list)
+    plans_add.set_defaults(func=_cmd_plans_add)
     plans_show.set_defaults(func=_cmd_plans_show)
     approve.set_defaults(func=_cmd_plans_approve)
     revoke.set_defaults(func=_cmd_plans_revoke)

@@ -9,13 +9,13 @@ import sys
 import pytest
 import yaml
 
-from client.governance import GovernancePolicy, RunRequest, plan_document
+from client.governance import GovernancePolicy, RunRequest
 from client.state import SitePolicy, SiteState
 from federation.cli import main as medfed
 from federation.config import compose_config, plan_hash
 from federation.security import load_public_key
 from server.loop import RunHistory, site_config
-from tests.server.test_simulation import medfed_run
+from tests.server.test_simulation import SMALL, medfed_run
 
 REQUEST = RunRequest(
     task="seg2d",
@@ -171,17 +171,23 @@ def test_unapproved_plan_refused_approved_one_trains_and_limits_apply(tmp_path, 
         medfed(["site", "policy", "--state", str(state / "site-3"), "--min-noise-multiplier", "2"])
         == 0
     )
-    # The coordinator publishes its plan ahead; site-1 reviews and approves it.
-    from tests.server.test_simulation import SMALL
+    # The coordinator publishes its run's overrides; site-1 registers, reviews and
+    # approves the plan ahead of the run.
 
-    cfg = compose_config([*SMALL, *run])
-    flat = dict(site_config(cfg, "governed"))
-    plan = plan_hash(flat)
-    assert plan_document(flat)["plan"] == plan
-    SiteState(state / "site-1", "site-1").plans.request(flat, run="published")
+    plan = plan_hash(dict(site_config(compose_config([*SMALL, *run]), "governed")))
+    assert medfed(["site", "plans", "add", "--state", str(state / "site-1"), *SMALL, *run]) == 0
     assert (
         medfed(
-            ["site", "plans", "approve", plan, "--by", "Dr. Ada", "--state", str(state / "site-1")]
+            [
+                "site",
+                "plans",
+                "approve",
+                plan[:8],
+                "--by",
+                "Dr. Ada",
+                "--state",
+                str(state / "site-1"),
+            ]
         )
         == 0
     )
