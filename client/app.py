@@ -8,6 +8,7 @@ itself and the reason instead of crashing.
 from __future__ import annotations
 
 import dataclasses
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,10 +20,12 @@ from flwr.clientapp.typing import Mod
 
 from client.governance import RunRequest
 from client.mods import central_clipping_mod
+from client.prepare import quality_reply
 from client.secagg import secure_aggregation_mod, under_secure_aggregation
 from client.site import SiteIdentity, load_site_dataset, site_from_node_config
 from client.state import SiteState
 from federation import keys
+from federation.compression import encode_update
 from federation.config import (
     ModelConfig,
     PrivacyConfig,
@@ -93,7 +96,8 @@ class _Job:
         self.local_keys = (
             norm_state_keys(self.model) if self.flat.get(keys.LOCAL_NORM, False) else frozenset()
         )
-        weights = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
+        self.received = msg.content.array_records[keys.ARRAYS]
+        weights = self.received.to_torch_state_dict()
         if self.local_keys:
             own = self.state.local_layers(self.run)
             weights.update(own or split_norm_state(self.model.state_dict(), self.local_keys)[1])
@@ -101,16 +105,31 @@ class _Job:
         # Secure aggregation the coordinator asked for; honoured only inside the protocol.
         self.secure_aggregation = str(self.flat.get(keys.SECURE_AGGREGATION, "") or "")
 
+    def train(self, privacy: PrivacyConfig) -> Any:
+        """Train the model locally; the wall time goes into `train_seconds`."""
+        started = time.perf_counter()
+        outcome = self.task.train(
+            self.model,
+            self.prepared.data,
+            self.task_cfg,
+            privacy,
+            seed=self.site_seed,
+            proximal_mu=self.proximal_mu,
+        )
+        self.train_seconds = time.perf_counter() - started
+        return outcome
+
     def reply(self, msg: Message, **content: Any) -> Message:
         """A reply naming this site and the dataset it used."""
         return _reply(msg, self.site.name, dataset=self.prepared.fingerprint, **content)
 
     def release(self) -> ArrayRecord:
-        """The trained weights the site shares; FedBN's norm layers are kept at the site."""
+        """The update the site sends, encoded; FedBN's norm layers are kept at the site."""
         shared, own = split_norm_state(self.model.state_dict(), self.local_keys)
         if self.local_keys:
             self.state.save_local_layers(self.run, own)
-        return ArrayRecord(shared)
+        encoding = str(self.flat.get(keys.UPDATE_ENCODING, "full"))
+        return encode_update(ArrayRecord(shared), self.received, encoding=encoding)
 
     def plan_mechanism(self) -> Mechanism:
         """The DP mechanism this round will run: noise given, or calibrated to a target."""
@@ -213,14 +232,7 @@ def _train_private(job: _Job, msg: Message) -> Message:
         budget,
     )
     privacy = dataclasses.replace(job.privacy, noise_multiplier=planned.noise_multiplier)
-    outcome = job.task.train(
-        job.model,
-        job.prepared.data,
-        job.task_cfg,
-        privacy,
-        seed=job.site_seed,
-        proximal_mu=job.proximal_mu,
-    )
+    outcome = job.train(privacy)
     if {(s.noise_multiplier, s.sample_rate) for s in outcome.spent} != {
         (planned.noise_multiplier, planned.sample_rate)
     }:
@@ -244,6 +256,7 @@ def _train_private(job: _Job, msg: Message) -> Message:
         {
             keys.NUM_EXAMPLES: outcome.num_examples,
             keys.TRAIN_LOSS: outcome.loss,
+            keys.TRAIN_SECONDS: job.train_seconds,
             keys.EPSILON: entry.epsilon,
             keys.DP_STEPS: spent.steps,
             keys.SAMPLE_RATE: spent.sample_rate,
@@ -264,7 +277,10 @@ def _train_private(job: _Job, msg: Message) -> Message:
 
 
 def create_client_app(
-    resolve: SiteResolver = site_from_node_config, *, train_mods: Sequence[Mod] = ()
+    resolve: SiteResolver = site_from_node_config,
+    *,
+    train_mods: Sequence[Mod] = (),
+    mods: Sequence[Mod] = (),
 ) -> ClientApp:
     """Build the site's ClientApp.
 
@@ -272,8 +288,9 @@ def create_client_app(
         resolve: Maps the node's context to the site's identity and folders; in
             deployment the SuperNode's node config, in simulation `SimulatedSites`.
         train_mods: Extra Flower mods around training, outermost first.
+        mods: Flower mods around every message (train, evaluate, query).
     """
-    app = ClientApp()
+    app = ClientApp(mods=list(mods))
 
     @app.train(mods=[secure_aggregation_mod, *train_mods, central_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
@@ -284,16 +301,13 @@ def create_client_app(
                 return _train_private(job, msg)
         except SiteRefusal as err:
             return _refuse(msg, err, "train")
-        outcome = job.task.train(
-            job.model,
-            job.prepared.data,
-            job.task_cfg,
-            job.privacy,
-            seed=job.site_seed,
-            proximal_mu=job.proximal_mu,
-        )
+        outcome = job.train(job.privacy)
         metrics = MetricRecord(
-            {keys.NUM_EXAMPLES: outcome.num_examples, keys.TRAIN_LOSS: outcome.loss}
+            {
+                keys.NUM_EXAMPLES: outcome.num_examples,
+                keys.TRAIN_LOSS: outcome.loss,
+                keys.TRAIN_SECONDS: job.train_seconds,
+            }
         )
         if job.privacy.mode == "central":
             metrics[keys.UNIT_WEIGHT] = 1
@@ -320,6 +334,10 @@ def create_client_app(
         if job.privacy.mode == "central":
             metrics[keys.UNIT_WEIGHT] = 1  # the coordinator averages sites uniformly
         return job.reply(msg, metrics=metrics)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return quality_reply(msg, context, resolve)
 
     return app
 

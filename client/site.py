@@ -10,9 +10,11 @@ from typing import Any
 
 from flwr.app import Context
 
+from client.prepare import prepare_options, prepared_dir
 from federation import keys
 from federation.config import TaskConfig
-from federation.dicom.series import load_labelled_volumes
+from federation.dicom.phi import DeidentificationRequired
+from federation.dicom.prepare import PrepareReport, labelled_volumes
 from federation.errors import SiteDataError
 from federation.logs import context_logger
 
@@ -42,6 +44,7 @@ class PreparedSite:
     data: Any
     fingerprint: str
     num_series: int
+    report: PrepareReport | None = None
 
 
 def site_from_node_config(context: Context) -> SiteIdentity:
@@ -92,8 +95,12 @@ def load_site_dataset(
 ) -> PreparedSite:
     """Read, check and prepare the site's DICOM for the task (cached per process).
 
+    Volumes come from the data pipeline, whose content-hash cache lives in the site's
+    state folder: a second run (or process) only reads what changed.
+
     Raises:
-        SiteDataError: The folder is missing or holds no usable labelled series.
+        SiteDataError: The folder is missing, holds no usable labelled series, or
+            is not de-identified while the site's data policy requires it.
 
     """
     key = (str(site.data_path), repr(cfg), seed)
@@ -105,7 +112,22 @@ def load_site_dataset(
         raise SiteDataError(site.name, path, "data folder does not exist")
     if not path.is_dir():
         raise SiteDataError(site.name, path, "data path is not a folder")
-    volumes, problems = load_labelled_volumes(path)
+    try:
+        volumes, report = labelled_volumes(
+            path, prepared_dir(site.state_dir), options=prepare_options(site.state_dir)
+        )
+    except DeidentificationRequired as err:
+        log.error("%s", err)  # names the files: stays in the site's own log
+        raise SiteDataError(
+            site.name,
+            path,
+            f"the site's data policy requires de-identified data and {len(err.files)} files "
+            "are not (the site's log names them)",
+        ) from err
+    except ValueError as err:
+        raise SiteDataError(site.name, path, str(err)) from err
+    report.write(prepared_dir(site.state_dir))
+    problems = report.problems
     for problem in problems:
         log.warning("not used: %s: %s", problem.path, problem.reason)
     if not volumes:
@@ -121,7 +143,10 @@ def load_site_dataset(
     except ValueError as err:
         raise SiteDataError(site.name, path, str(err)) from err
     prepared = PreparedSite(
-        dataset, dataset_fingerprint([u for v in volumes for u in v.sop_uids]), len(volumes)
+        dataset,
+        dataset_fingerprint([u for v in volumes for u in v.sop_uids]),
+        len(volumes),
+        report,
     )
     log.info(
         "prepared %d series (dataset %s): %d training and %d held-out slices (%d not used)",

@@ -4,6 +4,9 @@ medfed demo                                   # local 3-hospital consortium, DP,
 medfed run federation.num_sites=5 privacy.noise_multiplier=1.1 rounds=3
 medfed generate --output consortium --sites 3
 medfed site check --data consortium/site-1
+medfed site prepare --source consortium/site-1 --output site-state/site-1/prepared
+medfed site prepare --source dicomweb://localhost:8042/dicom-web --output DIR --modality CT
+medfed site prepare --source dimse://ORTHANC@localhost:4242 --output DIR --study-date 2024-
 medfed site policy --state site-state/site-1 --max-epsilon 8 --delta 1e-5
 medfed site policy --state site-state/site-1 --require-plan-approval --min-noise-multiplier 1.0
 medfed site plans list --state site-state/site-1
@@ -92,13 +95,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_site_check(args: argparse.Namespace) -> int:
-    from federation.dicom.series import load_labelled_volumes
+    import tempfile
+
+    from federation.dicom.prepare import labelled_volumes
 
     path = Path(args.data)
     if not path.is_dir():
         print(f"error: data folder {path} does not exist or is not a folder", file=sys.stderr)
         return 2
-    volumes, problems = load_labelled_volumes(path)
+    with tempfile.TemporaryDirectory(prefix="medfed-check-") as cache:
+        volumes, report = labelled_volumes(path, Path(cache))
+    problems = report.problems
     for problem in problems:
         print(f"not used: {problem.path}: {problem.reason}")
     vendors = sorted({v.manufacturer for v in volumes})
@@ -138,6 +145,43 @@ def _update_governance(args: argparse.Namespace, path: Path) -> bool:
     policy = GovernancePolicy.from_dict(current, source=str(path))
     write_policy_section(path, "governance", policy.to_dict())
     return True
+
+
+def _cmd_site_prepare(args: argparse.Namespace) -> int:
+    from client.prepare import DataPolicy
+    from federation.dicom.prepare import PrepareOptions
+    from federation.dicom.sources import SourceQuery, prepare_source
+
+    policy = DataPolicy.load(Path(args.state)) if args.state else DataPolicy()
+    options = PrepareOptions(
+        labels_csv=Path(args.labels_csv) if args.labels_csv else None,
+        target_spacing=tuple(args.spacing) if args.spacing else None,
+        require_deidentified=args.require_deidentified or policy.require_deidentified,
+        progress=sys.stderr.isatty() and not args.quiet,
+    )
+    query = SourceQuery(
+        modality=args.modality,
+        study_date=args.study_date,
+        series_description=args.series_description,
+    )
+    output = Path(args.output)
+    report = prepare_source(args.source, output, options=options, query=query)
+    report.write(output)
+    print(report.summary())
+    print(f"wrote {output / 'manifest.json'} and {output / 'quarantine.json'}")
+    return 0
+
+
+def _cmd_site_data_policy(args: argparse.Namespace) -> int:
+    from client.prepare import DataPolicy
+
+    state = Path(args.state)
+    if args.require_deidentified is not None:
+        path = DataPolicy(require_deidentified=args.require_deidentified == "yes").save(state)
+        print(f"wrote {path}")
+    policy = DataPolicy.load(state)
+    print(f"require de-identified data: {'yes' if policy.require_deidentified else 'no'}")
+    return 0
 
 
 def _cmd_site_policy(args: argparse.Namespace) -> int:
@@ -326,6 +370,34 @@ def _parser() -> argparse.ArgumentParser:
     check = site.add_parser("check", help="check that a site folder holds usable labelled DICOM")
     check.add_argument("--data", required=True, help="the site's DICOM folder")
     check.set_defaults(func=_cmd_site_check)
+    prep = site.add_parser(
+        "prepare", help="prepare a site's DICOM (folder or PACS) into a cache with a manifest"
+    )
+    prep.add_argument(
+        "--source",
+        required=True,
+        help="a folder, a DICOMweb URL (dicomweb://host:port/path or http(s)://...) or "
+        "dimse://AET@host:port",
+    )
+    prep.add_argument("--output", required=True, help="folder for cache, manifest, quarantine")
+    prep.add_argument("--state", help="the site's state folder (its data policy is applied)")
+    prep.add_argument("--labels-csv", help="CSV of study/series class labels (label column)")
+    prep.add_argument(
+        "--spacing", type=float, nargs=3, metavar=("SLICE", "ROW", "COL"),
+        help="resample to this spacing in mm",
+    )
+    prep.add_argument(
+        "--require-deidentified", action="store_true", help="refuse files that carry PHI"
+    )
+    prep.add_argument("--modality", help="PACS query: modality, e.g. CT")
+    prep.add_argument("--study-date", help="PACS query: YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
+    prep.add_argument("--series-description", help="PACS query: series description (wildcards)")
+    prep.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    prep.set_defaults(func=_cmd_site_prepare)
+    dpol = site.add_parser("data-policy", help="set or show the site's data policy")
+    dpol.add_argument("--state", required=True, help="the site's state folder")
+    dpol.add_argument("--require-deidentified", choices=("yes", "no"))
+    dpol.set_defaults(func=_cmd_site_data_policy)
     policy = site.add_parser("policy", help="set or show the site's privacy budget and spend")
     policy.add_argument("--state", required=True, help="the site's state folder")
     policy.add_argument("--max-epsilon", type=float, help="budget per dataset, over all runs")

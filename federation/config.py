@@ -121,6 +121,8 @@ class FederationConfig:
     cpus_per_site: int = 1
     site_state_root: str = "site-state"
     site_budget: float = 10.0
+    # How sites send updates: full weights, or fp16 deltas to the received weights.
+    update_encoding: str = "full"
     # Secure aggregation: "none", or "secaggplus" (Flower's SecAgg+: the coordinator only
     # ever holds the masked sum of the sites' updates).
     secure_aggregation: str = "none"
@@ -223,12 +225,28 @@ class MedfedConfig:
                 "strategy.name=fedbn keeps normalisation layers local at each site; "
                 "drop strategy.local_norm=false or choose another strategy."
             )
+        from federation.compression import ENCODINGS
+
+        if fed.update_encoding not in ENCODINGS:
+            raise ValueError(
+                f"federation.update_encoding={fed.update_encoding!r} is unknown; use one of "
+                f"{', '.join(ENCODINGS)}."
+            )
+        if (
+            fed.update_encoding != "full"
+            and self.privacy.mode == "central"
+            and self.privacy.clipping == "fixed-client"
+        ):
+            raise ValueError(
+                "privacy.clipping=fixed-client clips the weights a site sends, which an "
+                f"encoded update ({fed.update_encoding}) is not; use "
+                "federation.update_encoding=full or privacy.clipping=adaptive-server."
+            )
         self._validate_secure_aggregation()
         if self.resume and not self.run_name:
             raise ValueError("resume=true needs the run_name of the run to continue.")
         if not 0 < self.task.val_fraction < 1:
             raise ValueError(f"task.val_fraction={self.task.val_fraction} must lie in (0, 1).")
-
 
     def _validate_secure_aggregation(self) -> None:
         fed = self.federation
@@ -244,14 +262,15 @@ class MedfedConfig:
             "privacy.mode=central": self.privacy.mode == "central",
             "strategy.local_norm": self.strategy.local_norm,
             "resume": self.resume,
+            "federation.update_encoding": fed.update_encoding != "full",
         }
         if bad := [name for name, on in unsupported.items() if on]:
             raise ValueError(
                 f"federation.secure_aggregation=secaggplus cannot be combined with "
                 f"{', '.join(bad)}: the coordinator only sees the sum of the updates, so it "
                 "aggregates with FedAvg, adds no central noise (sites train with DP-SGD, "
-                "privacy=dp_sgd), keeps every layer shared and cannot resume a run; drop "
-                "these settings or set federation.secure_aggregation=none."
+                "privacy=dp_sgd), keeps every layer shared, masks full weights and cannot "
+                "resume a run; drop these settings or set federation.secure_aggregation=none."
             )
         if fed.num_sites < 3:
             raise ValueError(
@@ -263,6 +282,9 @@ class MedfedConfig:
             raise ValueError(
                 f"federation.secagg_threshold={fed.secagg_threshold} must lie in (0, 1]."
             )
+
+
+SCHEMA_NAME = "medfed_schema"
 
 
 def compose_config(overrides: list[str] | None = None) -> MedfedConfig:
@@ -280,11 +302,15 @@ def compose_config(overrides: list[str] | None = None) -> MedfedConfig:
 
     """
     from hydra import compose, initialize_config_module
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     GlobalHydra.instance().clear()
+    # The typed schema underlies conf/: every field can be overridden, even one a group's
+    # file leaves at its default.
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=MedfedConfig)
     try:
         with initialize_config_module(config_module="conf", version_base="1.3"):
             raw = compose(config_name="config", overrides=list(overrides or []))

@@ -14,6 +14,7 @@ RUN_NAME = "run-name"
 SEED = "seed"
 ROUNDS = "rounds"
 CPUS_PER_SITE = "federation.cpus_per_site"
+UPDATE_ENCODING = "update-encoding"  # how the site encodes its update
 LOCAL_NORM = "local-norm"  # FedBN: the site keeps its normalisation layers
 # Secure aggregation protocol of the run ("secaggplus"), absent without one.
 SECURE_AGGREGATION = "secure-aggregation"
@@ -24,6 +25,9 @@ SITE_CONFIG_JSON = "medfed-site-config"
 SITE = "site"
 REFUSED = "refused"
 DATASET = "dataset"  # the fingerprint of the data the site used (a hash of instance UIDs)
+# Record and key of a site's reply to the data-quality query: aggregate summary as JSON.
+QUALITY = "quality"
+QUALITY_SUMMARY = "summary"
 # ConfigRecord key in a site's LEDGER reply: the signed ledger entry as JSON.
 LEDGER_ENTRY = "entry"
 # Under SecAgg+ a site's status travels in the legacy FitRes metrics under these keys.
@@ -32,6 +36,7 @@ SECAGG_STATUS_PREFIX = "medfed."
 # Metric names in a site's METRICS reply.
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"  # the site's local training wall time
 EVAL_LOSS = "eval-loss"
 DICE = "dice"
 EPSILON = "epsilon"

@@ -29,6 +29,7 @@ from federation.tracking import RunTracker, code_version, default_tracking_uri
 from server.central import COORDINATOR
 from server.checkpoint import CONFIG_FILE, RUN_DIR_TAG, Checkpoint, check_run_dir
 from server.loop import BEST_MODEL_FILE, RunHistory, run_rounds
+from server.quality import collect_quality
 from server.report import plot_history
 
 __all__ = ["RunResult", "app", "config_from_run_config", "coordinate", "create_server_app"]
@@ -128,6 +129,8 @@ def coordinate(grid: Grid, cfg: MedfedConfig) -> RunResult:
         for name in (CONFIG_FILE, "config.yaml"):
             tracker.log_artifact(run_dir / name)
     try:
+        if checkpoint is None:  # a resumed run showed its sites' data quality already
+            collect_quality(grid, cfg, run_name=run_name, out_dir=run_dir, tracker=tracker)
         arrays, history = run_rounds(
             grid,
             cfg,

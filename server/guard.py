@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from federation import keys
+from federation.compression import decode_update, payload_bytes
 from federation.errors import FederationError
 from federation.logs import context_logger
 from server.validation import check_arrays, check_metrics, conform, norm_outliers, update_norm
@@ -30,6 +31,7 @@ class RoundReport:
     failures: dict[str, str] = field(default_factory=dict)
     ledger: dict[str, str] = field(default_factory=dict)  # signed entries, as JSON
     datasets: dict[str, str] = field(default_factory=dict)  # dataset fingerprints
+    update_bytes: dict[str, int] = field(default_factory=dict)  # as received
 
 
 class SiteGuard(Strategy):
@@ -49,8 +51,10 @@ class SiteGuard(Strategy):
         min_sites: int,
         run_name: str,
         max_update_norm_ratio: float = float("inf"),
+        update_encoding: str = "full",
     ) -> None:
         self.inner = inner
+        self.update_encoding = update_encoding
         self.min_sites = min_sites
         self.max_update_norm_ratio = max_update_norm_ratio
         self._sent = ArrayRecord()
@@ -101,6 +105,8 @@ class SiteGuard(Strategy):
                 # A released update is recorded even when it is then rejected.
                 entry = msg.content.config_records[keys.LEDGER][keys.LEDGER_ENTRY]
                 report.ledger[site] = str(entry)
+            if train and msg.has_content() and keys.ARRAYS in msg.content.array_records:
+                report.update_bytes[site] = payload_bytes(msg.content.array_records[keys.ARRAYS])
             reason = self._reason_left_out(msg, train=train)
             if reason:
                 report.failures[site] = reason
@@ -144,7 +150,16 @@ class SiteGuard(Strategy):
         if train and not problem:
             if keys.ARRAYS not in msg.content.array_records:
                 return "update rejected: no model update"
-            problem = check_arrays(msg.content.array_records[keys.ARRAYS], self._sent)
+            try:
+                update = decode_update(
+                    msg.content.array_records[keys.ARRAYS],
+                    self._sent,
+                    encoding=self.update_encoding,
+                )
+            except ValueError as err:
+                return f"update rejected: {err}"
+            msg.content[keys.ARRAYS] = update  # the strategy aggregates full weights
+            problem = check_arrays(update, self._sent)
         return f"update rejected: {problem}" if problem else None
 
     def aggregate_train(

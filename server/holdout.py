@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from flwr.app import ArrayRecord
 
 from federation import keys
 from federation.config import MedfedConfig
-from federation.dicom.series import load_labelled_volumes
+from federation.dicom.prepare import labelled_volumes
 from federation.errors import FederationError
 from federation.logs import context_logger
 from federation.models import build_model
@@ -31,7 +32,9 @@ class Holdout:
         self.cfg = cfg
         self.task = get_task(cfg.task.name)
         log = context_logger(run=cfg.run_name)
-        volumes, problems = load_labelled_volumes(path)
+        with tempfile.TemporaryDirectory(prefix="medfed-holdout-") as cache:
+            volumes, report = labelled_volumes(path, Path(cache))  # loaded into memory
+        problems = report.problems
         if not volumes:
             raise FederationError(
                 f"evaluation.holdout={path}: no usable labelled series "

@@ -52,8 +52,18 @@ class RoundRecord:
     site_evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     holdout: dict[str, float] = field(default_factory=dict)
+    update_bytes: dict[str, int] = field(default_factory=dict)  # as received, per site
+    train_phase_seconds: float = 0.0  # coordinator: from sending the model to aggregating
     # Training step only: seconds and serialised bytes sent to / received from the sites.
     traffic: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def overhead_share(self) -> float | None:
+        """Share of the training phase not spent in the slowest site's local training."""
+        slowest = self.train.get(keys.TRAIN_SECONDS)
+        if slowest is None or self.train_phase_seconds <= 0:
+            return None
+        return max(0.0, 1.0 - slowest / self.train_phase_seconds)
 
 
 @dataclass
@@ -90,6 +100,7 @@ def site_config(cfg: MedfedConfig, run_name: str) -> ConfigRecord:
     flat[keys.CPUS_PER_SITE] = cfg.federation.cpus_per_site
     flat[keys.RUN_NAME] = run_name
     flat[keys.LOCAL_NORM] = cfg.strategy.local_norm
+    flat[keys.UPDATE_ENCODING] = cfg.federation.update_encoding
     return ConfigRecord(flat)
 
 
@@ -103,7 +114,11 @@ def _tracked(record: RoundRecord) -> dict[str, float]:
             out.update(
                 {f"site/{site}/{k}": v for k, v in metrics.items() if k != keys.NUM_EXAMPLES}
             )
+    out.update({f"site/{s}/update-bytes": float(b) for s, b in record.update_bytes.items()})
     out["sites/delivered"] = float(len(record.site_train or record.site_evaluate))
+    if record.overhead_share is not None:
+        out["round/train-phase-seconds"] = record.train_phase_seconds
+        out["round/overhead-share"] = record.overhead_share
     return out
 
 
@@ -186,16 +201,15 @@ def run_rounds(
     """
     log = context_logger(run=run_name)
     grid = MeteredGrid(grid)
-    secure = (
-        SecureAggregation(cfg, run_name)
-        if cfg.federation.secure_aggregation != "none"
-        else None
-    )
+    secure = None
+    if cfg.federation.secure_aggregation != "none":
+        secure = SecureAggregation(cfg, run_name)
     guard = SiteGuard(
         build_strategy(cfg),
         min_sites=cfg.federation.min_sites,
         run_name=run_name,
         max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
+        update_encoding=cfg.federation.update_encoding,
     )
     guard.summary()
     central = (
@@ -276,6 +290,7 @@ def run_rounds(
             )
             new_arrays, train_metrics = guard.aggregate_train(server_round, replies)
             report = guard.train_report
+        record.train_phase_seconds = time.perf_counter() - started
         record.traffic = {
             "train-seconds": time.perf_counter() - train_started,
             "train-bytes-sent": float(grid.sent),
@@ -287,6 +302,7 @@ def run_rounds(
         record.site_train = report.metrics
         record.failures.update(report.failures)
         history.datasets.update(report.datasets)
+        record.update_bytes = report.update_bytes
         if central is not None and new_arrays is not None:
             entry = central.record(
                 run=run_name, server_round=server_round, delivered=len(report.metrics)

@@ -30,7 +30,8 @@ _STRATEGIES: dict[str, type[FedAvg]] = {
 }
 
 # Privacy figures are per site: the consortium-level figure is the worst site's.
-_MAX_METRICS = frozenset({keys.EPSILON, keys.DP_STEPS, keys.SAMPLE_RATE})
+# The slowest site sets the round's pace.
+_MAX_METRICS = frozenset({keys.EPSILON, keys.DP_STEPS, keys.SAMPLE_RATE, keys.TRAIN_SECONDS})
 _MIN_METRICS = frozenset({keys.NOISE_MULTIPLIER})
 
 

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from federation.config import PrivacyConfig, TaskConfig
-from federation.dicom.series import Volume
+from federation.dicom.volume import Volume
 from federation.privacy import MechanismStep, make_private
 
 __all__ = [

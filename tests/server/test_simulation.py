@@ -181,9 +181,11 @@ def test_each_strategy_runs_a_federated_round(tmp_path, consortium, strategy):
     assert run.data.params["strategy.name"] == strategy
 
 
-def test_fedbn_keeps_norm_layers_at_the_sites(tmp_path, consortium):
+def test_fedbn_keeps_norm_layers_at_the_sites_with_fp16_updates(tmp_path, consortium):
     root, _ = consortium
-    proc = medfed_run(tmp_path, root, "run_name=fedbn", "strategy=fedbn")
+    proc = medfed_run(
+        tmp_path, root, "run_name=fedbn", "strategy=fedbn", "federation.update_encoding=fp16-delta"
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     model = build_model(ModelConfig(), seed=SEED)
     norm_keys = norm_state_keys(model)
@@ -209,6 +211,11 @@ def test_fedbn_keeps_norm_layers_at_the_sites(tmp_path, consortium):
         assert not torch.equal(values[0], values[1]) and not torch.equal(values[1], values[2])
     history = RunHistory.load(tmp_path / "outputs" / "fedbn" / "history.json")
     assert set(history.rounds[2].site_evaluate) == {"site-1", "site-2", "site-3"}
+    # Each site sent fp16 deltas of the shared layers: about half their float32 size.
+    float32_bytes = 4 * sum(v.numel() for k, v in initial.items() if k not in norm_keys)
+    sent = history.rounds[2].update_bytes
+    assert set(sent) == set(own)
+    assert all(0.5 < b / float32_bytes < 0.55 for b in sent.values()), sent
 
 
 def test_all_sites_failing_stops_the_run_instead_of_hanging(tmp_path, consortium):

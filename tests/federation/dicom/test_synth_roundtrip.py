@@ -2,13 +2,16 @@
 
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 
-from federation.dicom.series import load_labelled_volumes, scan_folder
+from federation.dicom.prepare import labelled_volumes
+from federation.dicom.scan import iter_files, scan_paths
 from federation.dicom.synth import generate_consortium, patient_id, phantom
+from federation.dicom.volume import group_series
 from tests.conftest import SEED, SLICES
 
 
@@ -36,19 +39,21 @@ def test_files_are_valid_ct_and_seg_objects(consortium):
 
 def test_uids_are_unique_and_seg_references_its_series(consortium):
     root, _ = consortium
-    scan = scan_folder(root)
+    scan = scan_paths(iter_files(root))
     assert not scan.problems
-    all_sops = [uid for head in scan.series.values() for uid in head.sop_uids]
+    series = group_series(scan.instances)
+    all_sops = [i.sop_uid for i in scan.instances]
     assert len(all_sops) == len(set(all_sops))
-    assert len({h.study_uid for h in scan.series.values()}) == len(scan.series)
-    assert set(scan.segs) == set(scan.series)
+    assert len({insts[0].study_uid for insts in series.values()}) == len(series)
+    segs = [i for i in scan.instances if i.kind == "seg"]
+    assert sorted(r for i in segs for r in i.references) == sorted(series)
 
 
-def test_volumes_read_back_with_geometry_hu_and_labels(consortium):
+def test_volumes_read_back_with_geometry_hu_and_labels(consortium, tmp_path):
     root, profiles = consortium
     for profile in profiles:
-        volumes, problems = load_labelled_volumes(root / profile.name)
-        assert problems == []
+        volumes, report = labelled_volumes(root / profile.name, tmp_path / profile.name)
+        assert report.problems == []
         assert len(volumes) == profile.patients
         truth = {}
         for p in range(profile.patients):
@@ -91,6 +96,10 @@ def test_sites_differ_like_hospitals(consortium):
     assert len({(p.rescale_slope, p.rescale_intercept, p.signed) for p in profiles}) > 1
 
 
+def _thickness(folder):
+    return float(pydicom.dcmread(next(folder.glob("1*.dcm"))).SliceThickness)
+
+
 def _copy_patient(root, tmp_path):
     src = next(d for d in sorted((root / "site-1").iterdir()) if d.is_dir())
     dst = tmp_path / "site"
@@ -105,11 +114,16 @@ def test_missing_slice_and_junk_files_are_reported_not_used(consortium, tmp_path
     by_z = sorted(ct, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
     by_z[len(by_z) // 2].unlink()
     (patient / "notes.txt").write_text("not dicom")
-    volumes, problems = load_labelled_volumes(patient.parent)
+    volumes, report = labelled_volumes(patient.parent, tmp_path / "cache")
     assert volumes == []
-    reasons = " | ".join(p.reason for p in problems)
-    assert "not readable as DICOM" in reasons
-    assert "uneven slice spacing" in reasons
+    reasons = {Path(p.path).name: p.reason for p in report.problems}
+    assert reasons.pop("notes.txt").startswith("not DICOM")
+    assert reasons.pop("seg.dcm").startswith("label of a quarantined series")
+    assert set(reasons.values()) == {
+        "inconsistent series geometry: 1 missing slices "
+        f"(gaps of {_thickness(patient):.3f} mm expected)"
+    }
+    assert len(reasons) == len(ct) - 1
 
 
 def test_duplicate_slices_and_orphan_seg_are_reported(consortium, tmp_path):
@@ -119,12 +133,16 @@ def test_duplicate_slices_and_orphan_seg_are_reported(consortium, tmp_path):
     ds = pydicom.dcmread(ct[0])
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
     ds.save_as(patient / "dup.dcm")
-    volumes, problems = load_labelled_volumes(patient.parent)
+    volumes, report = labelled_volumes(patient.parent, tmp_path / "cache")
     assert volumes == []
-    assert any("duplicate slice positions" in p.reason for p in problems)
+    assert {p.reason for p in report.problems if p.path.endswith("dup.dcm")} == {
+        "inconsistent series geometry: 1 duplicate slices"
+    }
 
     for path in [*ct, patient / "dup.dcm"]:
         path.unlink()
-    volumes, problems = load_labelled_volumes(patient.parent)
+    volumes, report = labelled_volumes(patient.parent, tmp_path / "cache")
     assert volumes == []
-    assert [p.reason.startswith("SEG without its source series") for p in problems] == [True]
+    assert [(Path(p.path).name, p.reason) for p in report.problems] == [
+        ("seg.dcm", "SEG without its source series")
+    ]

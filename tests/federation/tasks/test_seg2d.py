@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from federation.config import ModelConfig, PrivacyConfig, TaskConfig
-from federation.dicom.series import load_labelled_volumes
+from federation.dicom.prepare import labelled_volumes
 from federation.models import build_model
 from federation.tasks import seg2d
 
@@ -11,10 +11,10 @@ TASK = TaskConfig(image_size=32, local_epochs=1, batch_size=8)
 
 
 @pytest.fixture(scope="module")
-def data(consortium):
+def data(consortium, tmp_path_factory):
     root, _ = consortium
-    volumes, problems = load_labelled_volumes(root / "site-1")
-    assert not problems
+    volumes, report = labelled_volumes(root / "site-1", tmp_path_factory.mktemp("cache"))
+    assert not report.problems
     return seg2d.prepare(volumes, TASK, seed=0)
 
 

@@ -1,0 +1,126 @@
+"""Content-addressed cache of prepared volumes, and the scan index that makes re-runs cheap.
+
+Layout of a cache folder (site-local, under the site's state folder):
+`index.json` (header facts and content hashes of every scanned file, by path),
+`volumes/<key>.image.npy`, `<key>.label.npy` and `<key>.json` per prepared series.
+A key is a hash of the series' file contents, its label files and the preparation
+options, so changed files (or options) give new keys and unchanged series are reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from federation.dicom.scan import Instance
+from federation.dicom.volume import Volume
+
+__all__ = ["PIPELINE_VERSION", "VolumeCache", "file_hash"]
+
+PIPELINE_VERSION = "1"
+
+
+def file_hash(inst: Instance) -> str:
+    """The content hash of an instance's file, computed once and kept in the instance."""
+    if not inst.content_hash:
+        with open(inst.path, "rb") as fh:
+            inst.content_hash = hashlib.sha256(fh.read()).hexdigest()[:32]
+    return inst.content_hash
+
+
+def _atomic_write(path: Path, writer: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    writer(tmp)
+    os.replace(tmp, path)
+
+
+class VolumeCache:
+    """Prepared volumes keyed by content hash, plus the scan index."""
+
+    def __init__(self, root: Path) -> None:
+        """Use (and create) the cache folder `root`."""
+        self.root = root
+        self.volumes = root / "volumes"
+        self.volumes.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(image_hashes: list[str], label_hashes: list[str], options: str) -> str:
+        """The cache key of a series from its contents and the preparation options."""
+        text = "\n".join([PIPELINE_VERSION, options, *sorted(image_hashes), "|", *label_hashes])
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def load_index(self) -> dict[str, Instance]:
+        """Instances of the last scan by path (empty when none or unreadable)."""
+        path = self.root / "index.json"
+        try:
+            raw = json.loads(path.read_text())
+            return {p: Instance.from_dict(d) for p, d in raw.items()}
+        except (OSError, ValueError, TypeError):
+            return {}
+
+    def save_index(self, instances: list[Instance]) -> None:
+        """Remember the scanned instances (with their content hashes) for the next run."""
+        data = json.dumps({i.path: i.to_dict() for i in instances})
+        _atomic_write(self.root / "index.json", lambda p: p.write_text(data))
+
+    def has(self, key: str) -> bool:
+        """Whether a prepared volume with this key is stored."""
+        return (self.volumes / f"{key}.json").exists()
+
+    def put(self, key: str, volume: Volume) -> None:
+        """Store a prepared volume (image, optional mask and geometry)."""
+        _atomic_write(self.volumes / f"{key}.image.npy", lambda p: _save(p, volume.hu))
+        if volume.label is not None:
+            label = volume.label
+            _atomic_write(self.volumes / f"{key}.label.npy", lambda p: _save(p, label))
+        meta = {
+            "series_uid": volume.series_uid,
+            "study_uid": volume.study_uid,
+            "patient_key": volume.patient_key,
+            "manufacturer": volume.manufacturer,
+            "modality": volume.modality,
+            "spacing": list(volume.spacing),
+            "origin": [float(v) for v in volume.origin],
+            "direction": np.asarray(volume.direction).tolist(),
+            "sop_uids": volume.sop_uids,
+            "class_label": volume.class_label,
+            "has_label": volume.label is not None,
+        }
+        _atomic_write(self.volumes / f"{key}.json", lambda p: p.write_text(json.dumps(meta)))
+
+    def get(self, key: str, *, mmap: bool = True) -> Volume:
+        """Read a stored volume (memory-mapped by default).
+
+        Raises:
+            FileNotFoundError: No volume has this key.
+
+        """
+        meta = json.loads((self.volumes / f"{key}.json").read_text())
+        mode: Literal["r"] | None = "r" if mmap else None
+        label = None
+        if meta["has_label"]:
+            label = np.load(self.volumes / f"{key}.label.npy", mmap_mode=mode)
+        return Volume(
+            series_uid=meta["series_uid"],
+            patient_key=meta["patient_key"],
+            manufacturer=meta["manufacturer"],
+            hu=np.load(self.volumes / f"{key}.image.npy", mmap_mode=mode),
+            spacing=(meta["spacing"][0], meta["spacing"][1], meta["spacing"][2]),
+            origin=np.asarray(meta["origin"]),
+            direction=np.asarray(meta["direction"]),
+            sop_uids=meta["sop_uids"],
+            modality=meta["modality"],
+            label=label,
+            class_label=meta["class_label"],
+            study_uid=meta["study_uid"],
+        )
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array))

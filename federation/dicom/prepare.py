@@ -1,0 +1,365 @@
+"""Prepare a site's DICOM: scan, group, check, build, label, cache; manifest and quarantine.
+
+One series at a time is held in memory (stream, never the whole site). Source files are
+only ever read. Every file ends up used, skipped as cached, or quarantined with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from federation.dicom.cache import VolumeCache, file_hash
+from federation.dicom.labels import (
+    is_nifti,
+    nifti_label,
+    read_csv_labels,
+    rtstruct_label,
+    seg_label,
+)
+from federation.dicom.phi import require_deidentified
+from federation.dicom.scan import Instance, Problem, iter_files, scan_paths
+from federation.dicom.volume import GeometryError, Volume, group_series, plan_series, read_volume
+
+__all__ = [
+    "HISTOGRAM_STRIDE",
+    "HU_BINS",
+    "PrepareOptions",
+    "PrepareReport",
+    "SeriesEntry",
+    "iter_volumes",
+    "labelled_volumes",
+    "prepare_folder",
+]
+
+HU_BINS = np.linspace(-1000.0, 2000.0, 31)
+HISTOGRAM_STRIDE = 4
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How to prepare a site.
+
+    Attributes:
+        labels_csv: CSV of study/series-level class labels.
+        target_spacing: Resample every volume to this (slice, row, col) spacing in mm.
+        require_deidentified: Refuse files that are not de-identified (site policy).
+        progress: Show progress bars (for interactive use).
+    """
+
+    labels_csv: Path | None = None
+    target_spacing: tuple[float, float, float] | None = None
+    require_deidentified: bool = False
+    progress: bool = False
+
+    def fingerprint(self) -> str:
+        """The options that change prepared tensors (part of every cache key)."""
+        return json.dumps({"spacing": self.target_spacing})
+
+
+@dataclass
+class SeriesEntry:
+    """One prepared series in the manifest: no names, IDs or UIDs, only pseudonyms."""
+
+    key: str
+    series: str  # pseudonym of the series UID
+    patient: str  # pseudonym of the patient ID
+    modality: str
+    manufacturer: str
+    shape: list[int]
+    spacing: list[float]
+    files: int
+    label: str  # "seg", "rtstruct", "nifti" or "none"
+    foreground_fraction: float
+    class_label: str | None
+    hu_histogram: list[int]
+    cached: bool = False
+
+
+@dataclass
+class PrepareReport:
+    """What a preparation did."""
+
+    entries: list[SeriesEntry] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    files_seen: int = 0
+
+    @property
+    def prepared(self) -> int:
+        """Series built in this run."""
+        return sum(not e.cached for e in self.entries)
+
+    @property
+    def skipped(self) -> int:
+        """Series unchanged since an earlier run (read from the cache)."""
+        return sum(e.cached for e in self.entries)
+
+    def reasons(self) -> Counter[str]:
+        """Quarantined files per reason (details such as sizes stripped)."""
+        return Counter(p.reason.split(":")[0] for p in self.problems)
+
+    def summary(self) -> str:
+        """One paragraph: prepared, skipped, quarantined and why."""
+        lines = [
+            f"{len(self.entries)} series ready ({self.prepared} prepared, {self.skipped} "
+            f"unchanged from the cache) from {self.files_seen} files; "
+            f"{len(self.problems)} files quarantined"
+        ]
+        lines += [f"  {n:5d} x {reason}" for reason, n in self.reasons().most_common()]
+        return "\n".join(lines)
+
+    def write(self, output: Path) -> None:
+        """Write `manifest.json` and `quarantine.json` into `output`."""
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "manifest.json").write_text(
+            json.dumps([asdict(e) for e in self.entries], indent=1)
+        )
+        (output / "quarantine.json").write_text(
+            json.dumps([asdict(p) for p in self.problems], indent=1)
+        )
+
+
+def _pseudonym(uid: str) -> str:
+    return hashlib.sha256(uid.encode()).hexdigest()[:16]
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="file", disable=not enabled, leave=False)
+
+
+@dataclass
+class _Labels:
+    by_series: dict[str, list[Instance]]
+    nifti: dict[str, Path]  # series UID -> mask
+    classes: dict[str, str]
+
+
+def _find_labels(
+    instances: list[Instance],
+    niftis: list[Path],
+    series: dict[str, list[Instance]],
+    csv_path: Path | None,
+    problems: list[Problem],
+) -> _Labels:
+    by_series: dict[str, list[Instance]] = defaultdict(list)
+    for inst in instances:
+        if inst.kind == "image":
+            continue
+        matched = [r for r in inst.references if r in series]
+        if not matched:
+            problems.append(Problem(inst.path, f"{inst.kind.upper()} without its source series"))
+        for uid in matched:
+            by_series[uid].append(inst)
+    folders: dict[str, set[str]] = defaultdict(set)
+    for uid, insts in series.items():
+        for inst in insts:
+            folders[str(Path(inst.path).parent)].add(uid)
+    nifti: dict[str, Path] = {}
+    for path in niftis:
+        stem = path.name.removesuffix(".gz").removesuffix(".nii")
+        in_folder = folders.get(str(path.parent), set())
+        if stem in series:
+            nifti[stem] = path
+        elif len(in_folder) == 1:
+            nifti[next(iter(in_folder))] = path
+        else:
+            problems.append(
+                Problem(
+                    str(path),
+                    "NIfTI mask matches no series: name it <SeriesInstanceUID>.nii.gz or put "
+                    "it in the folder of exactly one series",
+                )
+            )
+    classes = read_csv_labels(csv_path) if csv_path else {}
+    return _Labels(dict(by_series), nifti, classes)
+
+
+def _label_hashes(uid: str, labels: _Labels) -> list[str]:
+    hashes = [f"{i.kind}:{file_hash(i)}" for i in labels.by_series.get(uid, [])]
+    if uid in labels.nifti:
+        hashes.append("nifti:" + hashlib.sha256(labels.nifti[uid].read_bytes()).hexdigest())
+    return hashes
+
+
+def _attach_label(volume: Volume, uid: str, labels: _Labels, problems: list[Problem]) -> str:
+    volume.class_label = labels.classes.get(uid) or labels.classes.get(volume.study_uid)
+    for inst in labels.by_series.get(uid, []):
+        try:
+            reader = seg_label if inst.kind == "seg" else rtstruct_label
+            volume.label = reader(inst.path, volume)
+            return inst.kind
+        except Exception as err:  # a bad label never stops the site
+            problems.append(Problem(inst.path, f"{inst.kind.upper()} unusable: {err}"))
+    if uid in labels.nifti:
+        try:
+            volume.label = nifti_label(labels.nifti[uid], volume)
+            return "nifti"
+        except Exception as err:
+            problems.append(Problem(str(labels.nifti[uid]), f"NIfTI mask unusable: {err}"))
+    return "none"
+
+
+def _hu_histogram(hu: np.ndarray) -> np.ndarray:
+    """Voxel counts in the uniform HU_BINS (clipped to the end bins).
+
+    A summary statistic: it samples every HISTOGRAM_STRIDE-th row and column of each slice.
+    """
+    lo, hi, bins = float(HU_BINS[0]), float(HU_BINS[-1]), len(HU_BINS) - 1
+    counts = np.zeros(bins, dtype=np.int64)
+    for plane in hu[:, ::HISTOGRAM_STRIDE, ::HISTOGRAM_STRIDE]:
+        idx = ((np.clip(plane, lo, hi) - lo) * (bins / (hi - lo))).astype(np.intp)
+        np.minimum(idx, bins - 1, out=idx)
+        counts += np.bincount(idx.ravel(), minlength=bins)
+    return counts
+
+
+def _entry(key: str, volume: Volume, files: int, label: str, *, cached: bool) -> SeriesEntry:
+    hist = _hu_histogram(volume.hu)
+    fg = float(np.mean(volume.label)) if volume.label is not None else 0.0
+    return SeriesEntry(
+        key=key,
+        series=_pseudonym(volume.series_uid),
+        patient=volume.patient_key,
+        modality=volume.modality,
+        manufacturer=volume.manufacturer,
+        shape=[int(n) for n in volume.hu.shape],
+        spacing=[round(float(s), 4) for s in volume.spacing],
+        files=files,
+        label=label,
+        foreground_fraction=round(fg, 6),
+        class_label=volume.class_label,
+        hu_histogram=[int(n) for n in hist],
+        cached=cached,
+    )
+
+
+def prepare_folder(
+    root: Path, cache_dir: Path, *, options: PrepareOptions | None = None
+) -> PrepareReport:
+    """Prepare every series under `root` into `cache_dir`.
+
+    Raises:
+        DeidentificationRequired: The policy requires de-identified data and files are not.
+        ValueError: `root` is not a folder, or the labels CSV is malformed.
+
+    """
+    opts = options or PrepareOptions()
+    log = logging.getLogger("medfed.prepare")
+    if not root.is_dir():
+        raise ValueError(f"source {root} is not a folder; give the folder holding the DICOM files")
+    cache = VolumeCache(cache_dir)
+    paths = list(iter_files(root))
+    niftis = [p for p in paths if is_nifti(p)]
+    dicoms = [p for p in paths if not is_nifti(p)]
+    report = PrepareReport(files_seen=len(paths))
+    with _bar(len(dicoms), "scan headers", opts.progress) as bar:
+        scan = scan_paths(dicoms, known=cache.load_index(), progress=bar.update)
+    report.problems.extend(scan.problems)
+    if opts.require_deidentified:
+        require_deidentified((i.path, i.deidentified, i.phi) for i in scan.instances)
+    series = group_series(scan.instances)
+    labels = _find_labels(scan.instances, niftis, series, opts.labels_csv, report.problems)
+    log.info(
+        "scanned %d files: %d series, %d files quarantined",
+        len(paths),
+        len(series),
+        len(scan.problems),
+    )
+    with _bar(sum(len(v) for v in series.values()), "prepare series", opts.progress) as bar:
+        for uid in sorted(series):
+            insts = series[uid]
+            _prepare_series(uid, insts, labels, cache, opts, report)
+            bar.update(len(insts))
+    cache.save_index(scan.instances)
+    return report
+
+
+def _prepare_series(
+    uid: str,
+    insts: list[Instance],
+    labels: _Labels,
+    cache: VolumeCache,
+    opts: PrepareOptions,
+    report: PrepareReport,
+) -> None:
+    try:
+        plan = plan_series(insts)
+    except GeometryError as err:
+        reason = f"inconsistent series geometry: {err}"
+        report.problems.extend(Problem(i.path, reason) for i in insts)
+        orphaned = [i.path for i in labels.by_series.get(uid, [])]
+        orphaned += [str(labels.nifti[uid])] if uid in labels.nifti else []
+        report.problems.extend(
+            Problem(p, f"label of a quarantined series ({err})") for p in orphaned
+        )
+        return
+    label_hashes = _label_hashes(uid, labels)
+    if all(i.content_hash for i in insts):
+        key = cache.key([i.content_hash for i in insts], label_hashes, opts.fingerprint())
+        if cache.has(key):
+            volume = cache.get(key)
+            kind = _cached_label_kind(labels, uid, volume)
+            report.entries.append(_entry(key, volume, len(insts), kind, cached=True))
+            return
+    try:
+        volume = read_volume(plan)
+    except ValueError as err:
+        report.problems.extend(Problem(i.path, f"undecodable pixel data: {err}") for i in insts)
+        orphaned = [i.path for i in labels.by_series.get(uid, [])]
+        report.problems.extend(Problem(p, "label of a quarantined series") for p in orphaned)
+        return
+    key = cache.key([i.content_hash for i in insts], label_hashes, opts.fingerprint())
+    kind = _attach_label(volume, uid, labels, report.problems)
+    if opts.target_spacing is not None:
+        from federation.dicom.volume import resample
+
+        volume = resample(volume, spacing=opts.target_spacing)
+    cache.put(key, volume)
+    report.entries.append(_entry(key, volume, len(insts), kind, cached=False))
+
+
+def _cached_label_kind(labels: _Labels, uid: str, volume: Volume) -> str:
+    if volume.label is None:
+        return "none"
+    if uid in labels.by_series:
+        return labels.by_series[uid][0].kind
+    return "nifti"
+
+
+def iter_volumes(cache_dir: Path, report: PrepareReport) -> Iterator[Volume]:
+    """The report's prepared volumes from the cache, one at a time (memory-mapped)."""
+    cache = VolumeCache(cache_dir)
+    for entry in report.entries:
+        yield cache.get(entry.key)
+
+
+def labelled_volumes(
+    root: Path, cache_dir: Path, *, options: PrepareOptions | None = None
+) -> tuple[list[Volume], PrepareReport]:
+    """Prepare `root` and load its volumes that carry a mask label (memory-mapped).
+
+    Unlabelled series are listed in the report's problems as not usable for segmentation.
+    """
+    report = prepare_folder(root, cache_dir, options=options)
+    cache = VolumeCache(cache_dir)
+    volumes = []
+    for entry in report.entries:
+        if entry.label == "none":
+            report.problems.append(
+                Problem(
+                    f"series {entry.series}", "series has no mask label (SEG, RTSTRUCT or NIfTI)"
+                )
+            )
+            continue
+        volumes.append(cache.get(entry.key, mmap=False))
+    return volumes, report

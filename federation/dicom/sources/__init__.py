@@ -1,0 +1,94 @@
+"""Where a site's DICOM comes from: a folder, or the hospital PACS (DICOMweb or DIMSE).
+
+PACS objects are retrieved into a staging folder inside the output folder (named by
+content, so a re-run does not duplicate them) and prepared like a folder; the PACS is
+only queried and read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from federation.dicom.prepare import PrepareOptions, PrepareReport, prepare_folder
+
+__all__ = ["INCOMING_DIR", "SourceQuery", "prepare_source", "store_instance"]
+
+INCOMING_DIR = "incoming"
+
+
+@dataclass(frozen=True)
+class SourceQuery:
+    """Which series to take from a PACS (None: any).
+
+    Attributes:
+        modality: e.g. "CT".
+        study_date: "YYYYMMDD" or a DICOM range "YYYYMMDD-YYYYMMDD" (open ends allowed).
+        series_description: Series description, DICOM wildcards allowed.
+    """
+
+    modality: str | None = None
+    study_date: str | None = None
+    series_description: str | None = None
+
+    def filters(self) -> dict[str, str]:
+        """The query as DICOM keyword -> matching value."""
+        pairs = {
+            "Modality": self.modality,
+            "StudyDate": self.study_date,
+            "SeriesDescription": self.series_description,
+        }
+        return {k: v for k, v in pairs.items() if v}
+
+
+def store_instance(ds: Dataset, incoming: Path) -> Path:
+    """Write one retrieved instance into the staging folder (idempotent by SOP UID)."""
+    name = hashlib.sha256(str(ds.SOPInstanceUID).encode()).hexdigest()[:32]
+    folder = incoming / hashlib.sha256(str(ds.SeriesInstanceUID).encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.dcm"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        ds.save_as(tmp, enforce_file_format=True)
+        tmp.replace(path)
+    return path
+
+
+def prepare_source(
+    source: str,
+    output: Path,
+    *,
+    options: PrepareOptions | None = None,
+    query: SourceQuery | None = None,
+) -> PrepareReport:
+    """Prepare a site from `source` (folder, DICOMweb URL or dimse://AET@host:port).
+
+    Raises:
+        ValueError: The source is neither an existing folder nor a PACS address.
+        ConnectionError: The PACS cannot be reached.
+
+    """
+    query = query or SourceQuery()
+    incoming = output / INCOMING_DIR
+    if source.startswith(("dicomweb://", "http://", "https://")):
+        from federation.dicom.sources.dicomweb import fetch_dicomweb
+
+        incoming.mkdir(parents=True, exist_ok=True)
+        fetch_dicomweb(source, incoming, query=query)
+        return prepare_folder(incoming, output, options=options)
+    if source.startswith("dimse://"):
+        from federation.dicom.sources.dimse import fetch_dimse
+
+        incoming.mkdir(parents=True, exist_ok=True)
+        fetch_dimse(source, incoming, query=query)
+        return prepare_folder(incoming, output, options=options)
+    folder = Path(source)
+    if not folder.is_dir():
+        raise ValueError(
+            f"source {source!r} is neither a folder nor a PACS address; give a folder, "
+            "dicomweb://host:port/path, http(s)://... or dimse://AET@host:port"
+        )
+    return prepare_folder(folder, output, options=options)

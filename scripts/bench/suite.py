@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Run medfed's benchmark suite and regenerate docs/benchmarks.md.
+
+Each benchmark is a script in this folder that prints its figures as one JSON object on
+its last line and may write a plot. The suite runs them one after the other (never in
+parallel: they time things), writes every result to one JSON file, copies the plots
+next to it and renders the tables, plots and the machine they were measured on.
+
+    python scripts/bench/suite.py                  # full mode (tens of minutes on 2 cores)
+    python scripts/bench/suite.py --quick          # smoke run, small and short
+    python scripts/bench/suite.py --only quality scale --docs /tmp/docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_dp_overhead(r: dict[str, Any]) -> str:
+    rows = [
+        [m, v.get("time_ratio"), v.get("memory_ratio"), "yes" if v["ok"] else v.get("error", "")]
+        for m, v in r["modes"].items()
+    ]
+    return _table(["mode", "time vs non-private", "memory vs non-private", "ok"], rows)
+
+
+def render_strategies(r: dict[str, Any]) -> str:
+    rows = [[s, r["final_dice"][s], r["best_dice"][s]] for s in r["final_dice"]]
+    return f"{r['rounds']} rounds, DP-SGD (sigma 1.3).\n\n" + _table(
+        ["strategy", "final Dice", "best Dice"], rows
+    )
+
+
+def render_quality(r: dict[str, Any]) -> str:
+    rows = [["pooled (centralised)", r["pooled"]], ["best local-only", r["best_local"]]]
+    rows += [[f"federated {s} (no DP)", v] for s, v in r["federated"].items()]
+    utility = [[k, v] for k, v in r["privacy_utility"].items()]
+    ratio = next((v for k, v in r.items() if k.startswith("dp_eps")), None)
+    return (
+        f"{r['sites']} sites, {r['rounds']} rounds; Dice on every site's held-out data.\n\n"
+        + _table(["arm", "held-out Dice"], rows)
+        + f"\n\nBest federated / pooled: {_fmt(r['federated_vs_pooled'])} (target >= 0.95); "
+        f"better than the best local-only model: {r['federated_beats_best_local']}.\n\n"
+        + _table(["target epsilon", "federated FedAvg Dice"], utility)
+        + f"\n\nDP at the largest epsilon / no DP: {_fmt(ratio)} (target >= 0.9 at epsilon 8)."
+    )
+
+
+def render_scale(r: dict[str, Any]) -> str:
+    rows = [
+        [
+            row["sites"],
+            row["seconds_per_round"],
+            row["seconds_per_round"] / row["sites"],
+            row["peak_rss_mb"],
+        ]
+        for row in r["rows"]
+    ]
+    return _table(["sites", "s / round", "s / site-round", "peak memory (MiB)"], rows)
+
+
+def render_communication(r: dict[str, Any]) -> str:
+    rows = [
+        [k, v["bytes_per_site_round"] / 1024, v["vs_float32_model"], v["final_dice"]]
+        for k, v in r["encodings"].items()
+    ]
+    return (
+        f"Model: {r['model_float32_bytes'] / 1024:.1f} KiB as float32; {r['rounds']} rounds.\n\n"
+        + _table(["encoding", "KiB / site / round", "vs float32 model", "final Dice"], rows)
+        + f"\n\nfp16 / full Dice: {_fmt(r['fp16_dice_ratio'])}."
+    )
+
+
+def render_overhead(r: dict[str, Any]) -> str:
+    rows = [
+        [row["sites"], name, v["phase_seconds"], v["slowest_site_seconds"], v["overhead_share"]]
+        for row in r["rows"]
+        for name, v in (("medfed", row["medfed"]), ("plain Flower", row["plain_flower"]))
+    ]
+    return f"Engine: {r['engine']}; rounds after the first of {r['rounds']}.\n\n" + _table(
+        ["sites", "app", "training phase (s)", "slowest site (s)", "overhead share"], rows
+    )
+
+
+def render_prepare_speed(r: dict[str, Any]) -> str:
+    rows = [[k, v, 1e3 * v / r["files"]] for k, v in r["seconds"].items()]
+    return (
+        f"{r['files']} files ({r['series']} series, {r['rows']}x{r['rows']}).\n\n"
+        + _table(["path", "seconds", "ms / file"], rows)
+        + f"\n\nnaive / cold {_fmt(r['naive_over_cold'])}, MONAI / cold "
+        f"{_fmt(r['monai_over_cold'])}, cold / bytes {_fmt(r['cold_over_bytes'])}, "
+        f"cold / warm {_fmt(r['cold_over_warm'])}; peak MB by series {r['peak_mb']}."
+    )
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A script of this folder, its arguments per mode and how its result reads."""
+
+    script: str
+    quick: list[str]
+    render: Callable[[dict[str, Any]], str]
+    full: list[str] = field(default_factory=list)
+    plots: bool = False  # takes --plot PATH
+
+
+BENCHMARKS = {
+    "dp_overhead": Benchmark("dp_overhead.py", ["--quick"], render_dp_overhead),
+    "strategies": Benchmark(
+        "strategies.py",
+        ["--quick", "--strategies", "fedavg", "fedbn", "fedmedian"],
+        render_strategies,
+        plots=True,
+    ),
+    "quality": Benchmark(
+        "quality.py",
+        ["--quick", "--strategies", "fedavg", "--epsilons", "8"],
+        render_quality,
+        plots=True,
+    ),
+    "scale": Benchmark("scale.py", ["--quick"], render_scale),
+    "communication": Benchmark("communication.py", ["--quick"], render_communication),
+    "overhead": Benchmark("overhead.py", ["--quick"], render_overhead),
+    "prepare_speed": Benchmark("prepare_speed.py", ["--quick"], render_prepare_speed),
+}
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": dt.date.today().isoformat(),
+    }
+
+
+def run_one(name: str, *, quick: bool, docs: Path) -> dict[str, Any]:
+    """Run one benchmark script; its JSON result, with its plot copied into `docs`."""
+    bench = BENCHMARKS[name]
+    args = [sys.executable, str(HERE / bench.script), *(bench.quick if quick else bench.full)]
+    plot = docs / f"{name}.png"
+    if bench.plots:
+        args += ["--plot", str(plot)]
+    started = time.perf_counter()
+    print(f"[{name}] {' '.join(args[1:])}", flush=True)
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, check=False)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        print(f"[{name}] failed after {seconds:.0f} s: {' / '.join(tail)}", flush=True)
+        return {"ok": False, "error": tail, "seconds": seconds}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"[{name}] done in {seconds:.0f} s", flush=True)
+    return {"ok": True, "seconds": seconds, "result": result, "plot": plot.exists()}
+
+
+def render(results: dict[str, Any], info: dict[str, Any], quick: bool) -> str:
+    """docs/benchmarks.md."""
+    gpu = info["gpu"] or "none"
+    parts = [
+        "# medfed benchmarks",
+        "",
+        "Generated by `python scripts/bench/suite.py"
+        + (" --quick" if quick else "")
+        + "`; do not edit by hand. "
+        + (
+            "Quick (smoke) mode: small data, few rounds; not the figures to quote." if quick else ""
+        ),
+        "",
+        f"Measured {info['date']} on {info['cpu']}, {info['cores']} cores, "
+        f"{info['memory_gib']} GiB, GPU: {gpu}; Python {info['python']}, torch {info['torch']}.",
+    ]
+    for name, entry in results.items():
+        parts += ["", f"## {name}", ""]
+        if not entry["ok"]:
+            parts.append(f"Failed: {' / '.join(entry['error'])}")
+            continue
+        parts.append(BENCHMARKS[name].render(entry["result"]))
+        if entry["plot"]:
+            parts += ["", f"![{name}]({name}.png)"]
+        parts += ["", f"({entry['seconds']:.0f} s)"]
+    return "\n".join(parts) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: small and short")
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None)
+    parser.add_argument("--docs", default=str(REPO / "docs"), help="where results go")
+    args = parser.parse_args()
+    docs = Path(args.docs).resolve()
+    docs.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    results = {name: run_one(name, quick=args.quick, docs=docs) for name in args.only or BENCHMARKS}
+    (docs / "benchmarks.json").write_text(
+        json.dumps({"machine": info, "quick": args.quick, "results": results}, indent=2)
+    )
+    (docs / "benchmarks.md").write_text(render(results, info, args.quick))
+    print(f"wrote {docs / 'benchmarks.md'} and {docs / 'benchmarks.json'}")
+    summary = {
+        "benchmark": "suite",
+        "quick": args.quick,
+        "ok": sorted(k for k, v in results.items() if v["ok"]),
+        "failed": sorted(k for k, v in results.items() if not v["ok"]),
+    }
+    print(json.dumps(summary))
+    return 0 if not summary["failed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

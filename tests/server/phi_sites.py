@@ -1,0 +1,54 @@
+"""A consortium whose sites record every reply they send; run as a script by the tests.
+
+Each reply's config and metric records (and the names of its array records) are
+appended as one JSON line to `<record dir>/sent.jsonl`.
+
+    python -m tests.server.phi_sites RECORD_DIR [hydra overrides...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+from client.app import create_client_app
+from federation.config import compose_config
+from federation.logs import setup_logging
+from server.launch import run_simulation
+
+
+def make_recorder(path: Path):
+    def record_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, context)
+        content = reply.content
+        line = {
+            "type": msg.metadata.message_type,
+            "configs": {k: dict(v) for k, v in content.config_records.items()},
+            "metrics": {k: dict(v) for k, v in content.metric_records.items()},
+            "arrays": {k: list(v.keys()) for k, v in content.array_records.items()},
+        }
+        with path.open("a") as handle:
+            handle.write(json.dumps(line, default=str) + "\n")
+        return reply
+
+    return record_mod
+
+
+def main(argv: list[str]) -> int:
+    setup_logging()
+    record_dir = Path(argv[0])
+    record_dir.mkdir(parents=True, exist_ok=True)
+    mod = make_recorder(record_dir / "sent.jsonl")
+    run_simulation(
+        compose_config(argv[1:]),
+        client_app_factory=lambda sites: create_client_app(sites, mods=[mod]),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
