@@ -16,49 +16,28 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from _runs import medfed_run
 
 ROOT = Path(__file__).resolve().parents[2]
 MODES = {"plain": "none", "secaggplus": "secaggplus"}
 
 
-def _run(work: Path, mode: str, common: list[str]) -> dict[str, Any]:
-    """One federated run; its per-round training traffic and time."""
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "federation.cli",
-            "run",
-            *common,
-            f"run_name={mode}",
-            f"federation.secure_aggregation={MODES[mode]}",
-            f"federation.site_state_root={work / 'state' / mode}",
-        ],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
-    history = json.loads((work / "outputs" / mode / "history.json").read_text())
+def _summary(history: dict[str, Any]) -> dict[str, Any]:
+    """Per-round training traffic and time of one run's history."""
     rounds = [r for r in history["rounds"] if r["round"] > 0]
     per_round = [r["traffic"] for r in rounds]
-    sites = {s for r in rounds for s in r["site_train"]}
     return {
-        "sites_trained": len(sites),
+        "sites_trained": len({s for r in rounds for s in r["site_train"]}),
         "train_seconds_per_round": statistics.mean(t["train-seconds"] for t in per_round),
         "bytes_to_sites_per_round": statistics.mean(t["train-bytes-sent"] for t in per_round),
         "bytes_from_sites_per_round": statistics.mean(t["train-bytes-received"] for t in per_round),
         "rounds": per_round,
-        "run_seconds": time.perf_counter() - started,
+        "run_seconds": history["wall_seconds"],
     }
 
 
@@ -95,13 +74,18 @@ def main() -> int:
             "task.batch_size=8",
             f"federation.num_sites={args.sites}",
             "federation.site_budget=100",
-            "data.generate=false",
-            f"data.root={work / 'data'}",
-            f"output_dir={work / 'outputs'}",
-            f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
-            "tracking.registered_model=",
         ]
-        results = {mode: _run(work, mode, common) for mode in MODES}
+        results = {
+            mode: _summary(
+                medfed_run(
+                    mode,
+                    work=work,
+                    data=work / "data",
+                    overrides=[*common, f"federation.secure_aggregation={value}"],
+                )
+            )
+            for mode, value in MODES.items()
+        }
     model = build_model(ModelConfig())
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     plain, secure = results["plain"], results["secaggplus"]
