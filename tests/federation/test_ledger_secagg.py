@@ -65,6 +65,7 @@ def test_old_and_new_entries_verify_and_the_flag_is_signed(tmp_path):
         ("strategy=fedprox", "cannot be combined with strategy.name"),
         ("privacy=central", "cannot be combined with privacy.mode=central"),
         ("strategy=fedbn", "cannot be combined with strategy.name, strategy.local_norm"),
+        ("federation.update_encoding=fp16-delta", "cannot be combined with federation.update_enc"),
         ("federation.secure_aggregation=secagg", "is unknown; use none or secaggplus"),
         ("federation.num_sites=2", "needs at least 3 sites"),
         ("federation.secagg_threshold=0", "secagg_threshold=0.0 must lie in"),
