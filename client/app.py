@@ -18,8 +18,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from client.governance import RunRequest
 from client.mods import central_clipping_mod
 from client.prepare import quality_reply
+from client.secagg import secure_aggregation_mod, under_secure_aggregation
 from client.site import SiteIdentity, load_site_dataset, site_from_node_config
 from client.state import SiteState
 from federation import keys
@@ -35,7 +37,7 @@ from federation.errors import SiteRefusal
 from federation.ledger import BudgetExceeded, LedgerEntry, Mechanism
 from federation.logs import context_logger, setup_logging
 from federation.models import build_model, norm_state_keys, split_norm_state
-from federation.privacy import calibrate_noise, plan_round
+from federation.privacy import MechanismStep, PrivacyHistory, calibrate_noise, plan_round
 from federation.tasks import get_task
 
 __all__ = ["app", "create_client_app"]
@@ -100,6 +102,8 @@ class _Job:
             own = self.state.local_layers(self.run)
             weights.update(own or split_norm_state(self.model.state_dict(), self.local_keys)[1])
         self.model.load_state_dict(weights)
+        # Secure aggregation the coordinator asked for; honoured only inside the protocol.
+        self.secure_aggregation = str(self.flat.get(keys.SECURE_AGGREGATION, "") or "")
 
     def train(self, privacy: PrivacyConfig) -> Any:
         """Train the model locally; the wall time goes into `train_seconds`."""
@@ -141,6 +145,53 @@ class _Job:
                 accountant=privacy.accountant,
             )
         return Mechanism(sample_rate, noise, privacy.max_grad_norm, steps, privacy.delta)
+
+
+def _govern(job: _Job) -> None:
+    """Train only on an approved plan within the site's policy limits.
+
+    Raises:
+        SiteRefusal: A limit is broken (named), or the plan is not approved (its hash
+            named, and kept pending for the site to review).
+    """
+    if job.secure_aggregation and not under_secure_aggregation():
+        raise SiteRefusal(
+            job.site.name,
+            f"the coordinator asks for secure aggregation {job.secure_aggregation!r} but "
+            "sent a plain training message; the update would leave the site unmasked",
+        )
+    policy = job.state.governance()
+    dp_limits = policy.min_noise_multiplier is not None or policy.max_epsilon_per_run is not None
+    planned = job.plan_mechanism() if dp_limits and job.privacy.mode == "dp-sgd" else None
+    rounds = int(job.flat.get(keys.ROUNDS, 1))
+    run_epsilon = None
+    if planned is not None and policy.max_epsilon_per_run is not None:
+        run_epsilon = PrivacyHistory(
+            [MechanismStep(planned.noise_multiplier, planned.sample_rate, planned.steps * rounds)]
+        ).epsilon(delta=job.privacy.delta, accountant=job.privacy.accountant)
+    request = RunRequest(
+        task=job.task_cfg.name,
+        rounds=rounds,
+        num_train=int(job.prepared.data.num_train),
+        privacy_mode=job.privacy.mode,
+        noise_multiplier=None if planned is None else planned.noise_multiplier,
+        accountant=job.privacy.accountant,
+        run_epsilon=run_epsilon,
+    )
+    if problems := policy.violations(request):
+        raise SiteRefusal(job.site.name, f"site policy: {'; '.join(problems)}")
+    if policy.require_plan_approval:
+        plans = job.state.plans
+        plan = plan_hash(job.flat)
+        status = plans.status(plan)
+        if status != "approved":
+            plans.request(job.flat, run=job.run)
+            raise SiteRefusal(
+                job.site.name,
+                f"training plan {plan} is not approved at this site ({status}); the site "
+                f"reviews it with `medfed site plans show {plan} --state DIR` and approves "
+                f"it with `medfed site plans approve {plan} --by NAME`",
+            )
 
 
 def _refuse(msg: Message, err: SiteRefusal, action: str) -> Message:
@@ -197,6 +248,7 @@ def _train_private(job: _Job, msg: Message) -> Message:
             accountant=job.privacy.accountant,
             budget=budget,
             grad_sample_mode=job.privacy.grad_sample_mode,
+            secure_aggregation=job.secure_aggregation,
         )
     except BudgetExceeded as err:  # another run spent this dataset meanwhile
         raise SiteRefusal(job.site.name, f"privacy budget: {err}") from err
@@ -240,10 +292,11 @@ def create_client_app(
     """
     app = ClientApp(mods=list(mods))
 
-    @app.train(mods=[*train_mods, central_clipping_mod])
+    @app.train(mods=[secure_aggregation_mod, *train_mods, central_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
         try:
             job = _Job(msg, context, resolve)
+            _govern(job)
             if job.privacy.mode == "dp-sgd":
                 return _train_private(job, msg)
         except SiteRefusal as err:

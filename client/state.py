@@ -16,15 +16,27 @@ from typing import Any
 
 import yaml
 
+from client.governance import GovernancePolicy, PlanRegistry
 from federation.errors import SiteRefusal
 from federation.ledger import Ledger, LedgerEntry, Mechanism, history_of, open_ledger
 from federation.privacy import MechanismStep
 
-__all__ = ["POLICY_FILE", "SitePolicy", "SiteState"]
+__all__ = ["POLICY_FILE", "SitePolicy", "SiteState", "write_policy_section"]
 
 POLICY_FILE = "policy.yaml"
 LOCAL_LAYERS_DIR = "local-layers"
 REPLIES_DIR = "replies"
+
+
+def write_policy_section(path: Path, section: str, values: dict[str, Any]) -> None:
+    """Replace one section of a policy file, keeping the others."""
+    raw = yaml.safe_load(path.read_text()) if path.exists() else None
+    tree = raw if isinstance(raw, dict) else {}
+    tree[section] = values
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(tree, sort_keys=False))
+    tmp.replace(path)
 
 
 @dataclass(frozen=True)
@@ -46,9 +58,8 @@ class SitePolicy:
         return float(self.datasets.get(dataset, self.max_epsilon))
 
     def save(self, path: Path) -> None:
-        """Write the policy as YAML."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump({"privacy": asdict(self)}, sort_keys=False))
+        """Write the policy as YAML, keeping the file's other sections (governance)."""
+        write_policy_section(path, "privacy", asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> SitePolicy:
@@ -102,6 +113,22 @@ class SiteState:
             return SitePolicy.load(self.policy_path)
         except ValueError as err:
             raise SiteRefusal(self.site, str(err)) from err
+
+    def governance(self) -> GovernancePolicy:
+        """The governance section of the site's policy (defaults when absent).
+
+        Raises:
+            SiteRefusal: The section is invalid.
+        """
+        try:
+            return GovernancePolicy.load(self.policy_path)
+        except ValueError as err:
+            raise SiteRefusal(self.site, str(err)) from err
+
+    @property
+    def plans(self) -> PlanRegistry:
+        """Training plans the site was asked to run, and its decisions on them."""
+        return PlanRegistry(self.root, self.site, self.ledger.key)
 
     @cached_property
     def ledger(self) -> Ledger:

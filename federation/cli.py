@@ -8,6 +8,12 @@ medfed site prepare --source consortium/site-1 --output site-state/site-1/prepar
 medfed site prepare --source dicomweb://localhost:8042/dicom-web --output DIR --modality CT
 medfed site prepare --source dimse://ORTHANC@localhost:4242 --output DIR --study-date 2024-
 medfed site policy --state site-state/site-1 --max-epsilon 8 --delta 1e-5
+medfed site policy --state site-state/site-1 --require-plan-approval --min-noise-multiplier 1.0
+medfed site plans list --state site-state/site-1
+medfed site plans add --state site-state/site-1 rounds=5 privacy.noise_multiplier=1.1
+medfed site plans show PLAN --state site-state/site-1
+medfed site plans approve PLAN --by "Dr. Name" --state site-state/site-1
+medfed site plans revoke PLAN --by "Dr. Name" --reason "..." --state site-state/site-1
 medfed audit verify site-state/*/ledger.jsonl --keys site-state
 medfed audit epsilon --sample-rate 0.04 --noise-multiplier 1.5 --steps 2250 --delta 1e-5
 medfed audit report site-state/*/ledger.jsonl --keys site-state --output audit
@@ -197,6 +203,37 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
     return 0 if volumes else 1
 
 
+_GOVERNANCE_FLAGS = (
+    "require_plan_approval",
+    "allowed_tasks",
+    "max_rounds",
+    "min_dataset_size",
+    "min_noise_multiplier",
+    "max_epsilon_per_run",
+    "allowed_accountants",
+)
+
+
+def _update_governance(args: argparse.Namespace, path: Path) -> bool:
+    """Write the governance limits given on the command line; True when any was."""
+    from client.governance import GovernancePolicy
+    from client.state import write_policy_section
+
+    given = {n: getattr(args, n) for n in _GOVERNANCE_FLAGS if getattr(args, n) is not None}
+    if not given:
+        return False
+    current = GovernancePolicy.load(path).to_dict()
+    for name, value in given.items():
+        # 0 or an empty list removes a limit.
+        if value in (0, []) and name != "require_plan_approval":
+            current.pop(name, None)
+        else:
+            current[name] = value
+    policy = GovernancePolicy.from_dict(current, source=str(path))
+    write_policy_section(path, "governance", policy.to_dict())
+    return True
+
+
 def _cmd_site_prepare(args: argparse.Namespace) -> int:
     from client.prepare import DataPolicy
     from federation.dicom.prepare import PrepareOptions
@@ -242,8 +279,12 @@ def _cmd_site_policy(args: argparse.Namespace) -> int:
     if args.max_epsilon is not None:
         SitePolicy(max_epsilon=args.max_epsilon, delta=args.delta).save(state.policy_path)
         print(f"wrote {state.policy_path}")
+    if _update_governance(args, state.policy_path):
+        print(f"wrote governance limits to {state.policy_path}")
     policy = state.policy()
     print(f"budget: epsilon {policy.max_epsilon:g} per dataset at delta {policy.delta:g}")
+    limits = state.governance().to_dict()
+    print("governance: " + ", ".join(f"{k}={v}" for k, v in limits.items()))
     entries = state.ledger.entries()
     for dataset in sorted({e.dataset for e in entries}):
         rows = [e for e in entries if e.dataset == dataset]
@@ -254,6 +295,81 @@ def _cmd_site_policy(args: argparse.Namespace) -> int:
             f"{dataset}: spent {spent:.3f} of {policy.budget_for(dataset):g} "
             f"over {len(rows)} rounds"
         )
+    return 0
+
+
+def _plans(args: argparse.Namespace) -> Any:
+    from client.state import SiteState
+
+    root = Path(args.state)
+    if not root.is_dir():
+        raise ValueError(f"site state folder {root} does not exist")
+    return SiteState(root, root.name).plans
+
+
+def _cmd_plans_list(args: argparse.Namespace) -> int:
+    plans = _plans(args)
+    rows = plans.statuses()
+    if not rows:
+        print(f"no training plans requested or approved at {args.state}")
+        return 0
+    for plan, row in rows.items():
+        decided = f" by {row['by']} at {row['time']}" if row["by"] else ""
+        runs = ", ".join(r for r in row["runs"] if r) or "-"
+        print(f"{plan}  {row['status']:<8}{decided}  runs: {runs}")
+    return 0
+
+
+def _cmd_plans_add(args: argparse.Namespace) -> int:
+    """Register the plan a run with these overrides will send, for review ahead of it."""
+    from federation import keys
+    from federation.config import compose_config
+    from server.loop import site_config
+
+    cfg = compose_config(args.overrides)
+    flat: dict[str, Any] = dict(site_config(cfg, ""))
+    if cfg.strategy.name == "fedprox":  # Flower's FedProx adds its mu to the config
+        flat[keys.PROXIMAL_MU] = cfg.strategy.proximal_mu
+    if cfg.federation.secure_aggregation != "none":
+        flat[keys.SECURE_AGGREGATION] = cfg.federation.secure_aggregation
+    plan = _plans(args).request(flat, run=cfg.run_name or "", by="medfed site plans add")
+    print(f"plan {plan} is pending review at {args.state}")
+    return 0
+
+
+def _cmd_plans_show(args: argparse.Namespace) -> int:
+    from client.governance import plan_summary
+
+    plans = _plans(args)
+    plan = plans.resolve(args.plan)
+    print("\n".join(plan_summary(plans.document(plan))))
+    print(f"  status: {plans.status(plan)}")
+    previous = plans.previously_approved(plan)
+    if previous is None:
+        print("no other plan was approved at this site: nothing to compare with")
+        return 0
+    changes = plans.diff(previous, plan)
+    print(f"changes from the previously approved plan {previous}:")
+    print("\n".join(f"  {line}" for line in changes) or "  none")
+    return 0
+
+
+def _cmd_plans_approve(args: argparse.Namespace) -> int:
+    plans = _plans(args)
+    plan = plans.resolve(args.plan)
+    entry = plans.approve(plan, by=args.by, note=args.note)
+    print(
+        f"approved plan {plan} by {entry['by']} at {entry['time']} (audit entry {entry['index']})"
+    )
+    return 0
+
+
+def _cmd_plans_revoke(args: argparse.Namespace) -> int:
+    plans = _plans(args)
+    plan = plans.resolve(args.plan)
+    entry = plans.revoke(plan, by=args.by, reason=args.reason)
+    print(f"revoked plan {plan} by {entry['by']} at {entry['time']}", end="")
+    print(f" (audit entry {entry['index']})")
     return 0
 
 
@@ -401,7 +517,52 @@ def _parser() -> argparse.ArgumentParser:
     policy.add_argument("--state", required=True, help="the site's state folder")
     policy.add_argument("--max-epsilon", type=float, help="budget per dataset, over all runs")
     policy.add_argument("--delta", type=float, default=1e-5, help="delta of the budget")
+    policy.add_argument(
+        "--require-plan-approval",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train only on training plans approved with `medfed site plans approve`",
+    )
+    policy.add_argument("--allowed-tasks", nargs="*", help="task names the site may train")
+    policy.add_argument("--max-rounds", type=int, help="most rounds per run (0: no limit)")
+    policy.add_argument(
+        "--min-dataset-size", type=int, help="fewest local training examples (0: no limit)"
+    )
+    policy.add_argument(
+        "--min-noise-multiplier", type=float, help="lowest DP-SGD noise multiplier (0: no limit)"
+    )
+    policy.add_argument(
+        "--max-epsilon-per-run", type=float, help="most epsilon one run may spend (0: no limit)"
+    )
+    policy.add_argument(
+        "--allowed-accountants", nargs="*", choices=("rdp", "prv"), help="accepted accountants"
+    )
     policy.set_defaults(func=_cmd_site_policy)
+    plans = site.add_parser(
+        "plans", help="review, approve and revoke the training plans run on the site's data"
+    ).add_subparsers(dest="plans_command", required=True)
+    plans_list = plans.add_parser("list", help="plans requested or approved, with their status")
+    plans_add = with_overrides(
+        plans.add_parser(
+            "add", help="register the plan a run with these overrides will send, for review"
+        )
+    )
+    plans_show = plans.add_parser("show", help="a plan's summary and diff to the last approved")
+    approve = plans.add_parser("approve", help="approve a plan (recorded in the audit log)")
+    revoke = plans.add_parser("revoke", help="revoke a plan's approval")
+    for p in (plans_list, plans_add, plans_show, approve, revoke):
+        p.add_argument("--state", required=True, help="the site's state folder")
+    for p in (plans_show, approve, revoke):
+        p.add_argument("plan", help="the plan's hash (or a unique prefix)")
+    for p in (approve, revoke):
+        p.add_argument("--by", required=True, help="who decides (recorded in the audit log)")
+    approve.add_argument("--note", default="", help="a note kept with the approval")
+    revoke.add_argument("--reason", default="", help="why the approval is withdrawn")
+    plans_list.set_defaults(func=_cmd_plans_list)
+    plans_add.set_defaults(func=_cmd_plans_add)
+    plans_show.set_defaults(func=_cmd_plans_show)
+    approve.set_defaults(func=_cmd_plans_approve)
+    revoke.set_defaults(func=_cmd_plans_revoke)
 
     audit = sub.add_parser("audit", help="auditor commands").add_subparsers(
         dest="audit_command", required=True

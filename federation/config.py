@@ -133,6 +133,16 @@ class FederationConfig:
     kit: str | None = None
     # Deployment: seconds between the coordinator's polls for the sites' replies.
     poll_interval: float = 0.5
+    # Secure aggregation: "none", or "secaggplus" (Flower's SecAgg+: the coordinator only
+    # ever holds the masked sum of the sites' updates).
+    secure_aggregation: str = "none"
+    # SecAgg+: fraction of the key shares needed to unmask (tolerates dropouts below it).
+    secagg_threshold: float = 0.7
+    # SecAgg+: weights are clipped to [-r, r] and quantised to this many levels.
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+    # SecAgg+: upper bound of one site's training examples (its aggregation weight).
+    secagg_max_weight: float = 1000.0
 
     def names(self) -> list[str]:
         """Site names, `site-1 ... site-N` unless given."""
@@ -248,6 +258,7 @@ class MedfedConfig:
                 f"encoded update ({fed.update_encoding}) is not; use "
                 "federation.update_encoding=full or privacy.clipping=adaptive-server."
             )
+        self._validate_secure_aggregation()
         if self.resume and not self.run_name:
             raise ValueError("resume=true needs the run_name of the run to continue.")
         if not 0 < self.task.val_fraction < 1:
@@ -269,6 +280,41 @@ class MedfedConfig:
         from federation.tasks import get_task
 
         return self.evaluation.select_metric or get_task(self.task.name).primary_metric
+
+    def _validate_secure_aggregation(self) -> None:
+        fed = self.federation
+        if fed.secure_aggregation == "none":
+            return
+        if fed.secure_aggregation != "secaggplus":
+            raise ValueError(
+                f"federation.secure_aggregation={fed.secure_aggregation!r} is unknown; "
+                "use none or secaggplus."
+            )
+        unsupported = {
+            "strategy.name": self.strategy.name != "fedavg",
+            "privacy.mode=central": self.privacy.mode == "central",
+            "strategy.local_norm": self.strategy.local_norm,
+            "resume": self.resume,
+            "federation.update_encoding": fed.update_encoding != "full",
+        }
+        if bad := [name for name, on in unsupported.items() if on]:
+            raise ValueError(
+                f"federation.secure_aggregation=secaggplus cannot be combined with "
+                f"{', '.join(bad)}: the coordinator only sees the sum of the updates, so it "
+                "aggregates with FedAvg, adds no central noise (sites train with DP-SGD, "
+                "privacy=dp_sgd), keeps every layer shared, masks full weights and cannot "
+                "resume a run; drop these settings or set federation.secure_aggregation=none."
+            )
+        if fed.num_sites < 3:
+            raise ValueError(
+                f"federation.secure_aggregation=secaggplus needs at least 3 sites, "
+                f"federation.num_sites={fed.num_sites}: with two, each learns the other's "
+                "update from the sum."
+            )
+        if not 0 < fed.secagg_threshold <= 1:
+            raise ValueError(
+                f"federation.secagg_threshold={fed.secagg_threshold} must lie in (0, 1]."
+            )
 
 
 SCHEMA_NAME = "medfed_schema"

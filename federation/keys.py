@@ -16,6 +16,10 @@ ROUNDS = "rounds"
 CPUS_PER_SITE = "federation.cpus_per_site"
 UPDATE_ENCODING = "update-encoding"  # how the site encodes its update
 LOCAL_NORM = "local-norm"  # FedBN: the site keeps its normalisation layers
+# Secure aggregation protocol of the run ("secaggplus"), absent without one.
+SECURE_AGGREGATION = "secure-aggregation"
+# Under SecAgg+ (legacy FitIns, scalar values only) the site config travels as JSON here.
+SITE_CONFIG_JSON = "medfed-site-config"
 
 # ConfigRecord keys in a site's STATUS reply.
 SITE = "site"
@@ -26,6 +30,8 @@ QUALITY = "quality"
 QUALITY_SUMMARY = "summary"
 # ConfigRecord key in a site's LEDGER reply: the signed ledger entry as JSON.
 LEDGER_ENTRY = "entry"
+# Under SecAgg+ a site's status travels in the legacy FitRes metrics under these keys.
+SECAGG_STATUS_PREFIX = "medfed."
 
 # Metric names in a site's METRICS reply.
 NUM_EXAMPLES = "num-examples"

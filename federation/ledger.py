@@ -83,12 +83,18 @@ class LedgerEntry:
     key_id: str
     hash: str = ""
     signature: str = ""
+    # Secure aggregation protocol the update was released under ("secaggplus"); "" for
+    # none. Left out of the hashed body when empty, so entries written before this field
+    # existed keep their hash and signature.
+    secure_aggregation: str = ""
 
     def body(self) -> dict[str, Any]:
         """Everything the hash covers (all but `hash` and `signature`)."""
         data = asdict(self)
         data.pop("hash")
         data.pop("signature")
+        if not data["secure_aggregation"]:
+            data.pop("secure_aggregation")
         return data
 
     def digest(self) -> str:
@@ -97,8 +103,11 @@ class LedgerEntry:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_json(self) -> str:
-        """One line of the ledger file."""
-        return json.dumps(asdict(self), sort_keys=True)
+        """One line of the ledger file (an empty `secure_aggregation` is left out)."""
+        data = asdict(self)
+        if not data["secure_aggregation"]:
+            data.pop("secure_aggregation")
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> LedgerEntry:
@@ -187,6 +196,7 @@ class Ledger:
         accountant: str,
         budget: float,
         grad_sample_mode: str,
+        secure_aggregation: str = "",
     ) -> LedgerEntry:
         """Sign and append the entry of a trained round; returns it.
 
@@ -226,6 +236,7 @@ class Ledger:
                 time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 prev_hash=entries[-1].hash if entries else GENESIS,
                 key_id=key_id(self.key.public_key()),
+                secure_aggregation=secure_aggregation,
             ).signed(self.key)
             handle.write(entry.to_json() + "\n")
             handle.flush()

@@ -162,13 +162,18 @@ def coordinate(grid: Grid, cfg: MedfedConfig) -> RunResult:
 
 
 def create_server_app(
-    cfg: MedfedConfig | None = None, on_done: Callable[[RunResult], None] | None = None
+    cfg: MedfedConfig | None = None,
+    on_done: Callable[[RunResult], None] | None = None,
+    *,
+    wrap_grid: Callable[[Grid], Grid] | None = None,
 ) -> ServerApp:
     """Build the coordinator's ServerApp.
 
     Args:
         cfg: The run configuration; `None` reads it from Flower's run config.
         on_done: Called with the result when the run finished.
+        wrap_grid: Wraps the grid the coordinator talks to the sites through (e.g. to
+            record what the coordinator receives).
 
     """
     app = ServerApp()
@@ -180,6 +185,8 @@ def create_server_app(
             from server.deploy import PollingGrid
 
             grid = PollingGrid(grid, run_cfg.federation.poll_interval)
+        if wrap_grid is not None:
+            grid = wrap_grid(grid)
         result = coordinate(grid, run_cfg)
         if on_done is not None:
             on_done(result)

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 
 from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
 
 from client.app import create_client_app
 from client.site import SimulatedSites
@@ -60,7 +61,9 @@ def ensure_site_policies(cfg: MedfedConfig) -> None:
     """Give simulated sites without a policy one with `federation.site_budget`.
 
     This stands in for each hospital writing its own policy; an existing policy, and the
-    spend in the site's ledger, are never touched.
+    spend in the site's ledger, are never touched. The policy written has no
+    `governance` section, so simulated (demo) sites train without plan approval; a
+    hospital, or a test, turns it on with `medfed site policy --require-plan-approval`.
     """
     for name in cfg.federation.names():
         path = resolve_path(cfg.federation.site_state_root) / name / POLICY_FILE
@@ -69,7 +72,10 @@ def ensure_site_policies(cfg: MedfedConfig) -> None:
 
 
 def run_simulation(
-    cfg: MedfedConfig, *, client_app_factory: Callable[[SimulatedSites], ClientApp] | None = None
+    cfg: MedfedConfig,
+    *,
+    client_app_factory: Callable[[SimulatedSites], ClientApp] | None = None,
+    wrap_grid: Callable[[Grid], Grid] | None = None,
 ) -> RunResult:
     """Run the federation in Flower's simulation engine, one virtual SuperNode per site.
 
@@ -77,6 +83,7 @@ def run_simulation(
         cfg: The run configuration.
         client_app_factory: Builds the sites' ClientApp from their identities; the
             medfed site agent by default.
+        wrap_grid: Wraps the coordinator's grid (see `create_server_app`).
 
     Raises:
         FederationError: The run stopped before it finished.
@@ -96,7 +103,7 @@ def run_simulation(
     results: list[RunResult] = []
     gpus = 1.0 / len(names) if torch.cuda.is_available() else 0.0
     flwr_run_simulation(
-        server_app=create_server_app(cfg, on_done=results.append),
+        server_app=create_server_app(cfg, on_done=results.append, wrap_grid=wrap_grid),
         client_app=(client_app_factory or create_client_app)(
             SimulatedSites(tuple(names), cfg.data.root, cfg.federation.site_state_root)
         ),

@@ -23,6 +23,7 @@ from server.central import COORDINATOR, CentralPrivacy
 from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
 from server.guard import RoundReport, SiteGuard
 from server.holdout import Holdout
+from server.secagg import MeteredGrid, SecureAggregation
 from server.strategy import build_strategy
 
 __all__ = [
@@ -54,6 +55,8 @@ class RoundRecord:
     holdout: dict[str, float] = field(default_factory=dict)
     update_bytes: dict[str, int] = field(default_factory=dict)  # as received, per site
     train_phase_seconds: float = 0.0  # coordinator: from sending the model to aggregating
+    # Training step only: seconds and serialised bytes sent to / received from the sites.
+    traffic: dict[str, float] = field(default_factory=dict)
 
     @property
     def overhead_share(self) -> float | None:
@@ -114,6 +117,7 @@ def _tracked(record: RoundRecord) -> dict[str, float]:
     out = {f"train/{k}": v for k, v in record.train.items()}
     out.update({f"eval/{k}": v for k, v in record.evaluate.items()})
     out.update({f"holdout/{k}": v for k, v in record.holdout.items()})
+    out.update({f"traffic/{k}": v for k, v in record.traffic.items()})
     for part in (record.site_train, record.site_evaluate):
         for site, metrics in part.items():
             out.update(
@@ -206,6 +210,10 @@ def run_rounds(
     """
     log = context_logger(run=run_name)
     metric = get_task(cfg.task.name).primary_metric
+    grid = MeteredGrid(grid)
+    secure = None
+    if cfg.federation.secure_aggregation != "none":
+        secure = SecureAggregation(cfg, run_name)
     guard = SiteGuard(
         build_strategy(cfg),
         min_sites=cfg.federation.min_sites,
@@ -276,13 +284,30 @@ def run_rounds(
         record = RoundRecord(server_round, 0.0)
         if central is not None:
             central.before_round()
-        replies = grid.send_and_receive(
-            guard.configure_train(server_round, arrays, site_config(cfg, run_name), grid),
-            timeout=timeout,
-        )
-        new_arrays, train_metrics = guard.aggregate_train(server_round, replies)
+        grid.reset()
+        train_started = time.perf_counter()
+        report: RoundReport
+        new_arrays: ArrayRecord | None
+        train_metrics: MetricRecord | None
+        if secure is not None:  # only the masked sum of the updates reaches the coordinator
+            secure.names.update(guard._names)
+            new_arrays, train_metrics = secure.train_round(
+                server_round, arrays, site_config(cfg, run_name), grid
+            )
+            report = secure.report
+        else:
+            replies = grid.send_and_receive(
+                guard.configure_train(server_round, arrays, site_config(cfg, run_name), grid),
+                timeout=timeout,
+            )
+            new_arrays, train_metrics = guard.aggregate_train(server_round, replies)
+            report = guard.train_report
         record.train_phase_seconds = time.perf_counter() - started
-        report: RoundReport = guard.train_report
+        record.traffic = {
+            "train-seconds": time.perf_counter() - train_started,
+            "train-bytes-sent": float(grid.sent),
+            "train-bytes-received": float(grid.received),
+        }
         if new_arrays is not None:
             arrays = new_arrays
         record.train = _as_dict(train_metrics)

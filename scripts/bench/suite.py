@@ -121,6 +121,24 @@ def render_prepare_speed(r: dict[str, Any]) -> str:
     )
 
 
+def render_secagg(r: dict[str, Any]) -> str:
+    rows = [
+        [
+            mode,
+            r[mode]["train_seconds_per_round"],
+            r[mode]["bytes_to_sites_per_round"] / 1024,
+            r[mode]["bytes_from_sites_per_round"] / 1024,
+        ]
+        for mode in ("plain", "secaggplus")
+    ]
+    return (
+        f"{r['sites']} sites, {r['rounds']} rounds, {r['image_size']} px; the training step "
+        "of each round, all SecAgg+ stages included.\n\n"
+        + _table(["aggregation", "train s / round", "KiB to sites", "KiB from sites"], rows)
+        + f"\n\nSecAgg+ / plain: time {_fmt(r['time_ratio'])}, bytes {_fmt(r['bytes_ratio'])}."
+    )
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """A script of this folder, its arguments per mode and how its result reads."""
@@ -150,6 +168,7 @@ BENCHMARKS = {
     "communication": Benchmark("communication.py", ["--quick"], render_communication),
     "overhead": Benchmark("overhead.py", ["--quick"], render_overhead),
     "prepare_speed": Benchmark("prepare_speed.py", ["--quick"], render_prepare_speed),
+    "secagg": Benchmark("secagg.py", ["--quick"], render_secagg),
 }
 
 

@@ -1,0 +1,286 @@
+"""The coordinator's side of secure aggregation: one training round with Flower's SecAgg+.
+
+In flwr 1.41 SecAgg+ exists only on the legacy API. `SecureAggregation.train_round`
+drives Flower's `SecAggPlusWorkflow` for one round over the same grid the rest of the run
+uses, with a legacy strategy that only collects what the workflow hands it: the unmasked
+*sum* of the sites' quantised, example-weighted weights (FedAvg) and each site's metrics
+and signed ledger entry. The coordinator never holds an individual site's weights, so it
+cannot check them either: the norm and NaN checks of `SiteGuard` do not apply here.
+Evaluation, tracking and checkpoints stay on the plain path (`server.loop`).
+
+`MeteredGrid` counts the bytes each round moves, on either path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    parameters_to_ndarrays,
+)
+from flwr.common.serde import recorddict_to_proto
+from flwr.server import ServerConfig
+from flwr.server.client_manager import ClientManager, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from federation import keys
+from federation.config import MedfedConfig
+from federation.errors import FederationError
+from federation.logs import context_logger
+from server.guard import RoundReport
+from server.strategy import aggregate_metrics
+
+__all__ = ["SECAGGPLUS", "MeteredGrid", "SecureAggregation"]
+
+SECAGGPLUS = "secaggplus"
+_P = keys.SECAGG_STATUS_PREFIX
+
+
+class MeteredGrid(Grid):
+    """A grid that counts the serialised bytes of message contents sent and received.
+
+    Also keeps, per node, the reason of the last error reply (a site that dropped out).
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self.inner = grid
+        self.sent = 0
+        self.received = 0
+        self.errors: dict[int, str] = {}
+
+    @property
+    def run(self) -> Any:
+        """The wrapped grid's run."""
+        return self.inner.run
+
+    def set_run(self, run_id: Any) -> None:
+        """Delegate."""
+        self.inner.set_run(run_id)
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        """Delegate."""
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Delegate."""
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Count and delegate."""
+        messages = list(messages)
+        self.sent += sum(_size(m) for m in messages)
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Delegate and count."""
+        replies = list(self.inner.pull_messages(message_ids))
+        self._count(replies)
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Count both ways and delegate."""
+        messages = list(messages)
+        self.sent += sum(_size(m) for m in messages)
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        self._count(replies)
+        return replies
+
+    def _count(self, replies: list[Message]) -> None:
+        for reply in replies:
+            self.received += _size(reply)
+            if reply.has_error():
+                self.errors[reply.metadata.src_node_id] = reply.error.reason or "unknown error"
+
+    def reset(self) -> None:
+        """Start counting afresh."""
+        self.sent = self.received = 0
+        self.errors = {}
+
+
+def _last_message(reason: str) -> str:
+    """The site's own message from a wrapped error reason (Ray and Flower add tracebacks)."""
+    text = reason.strip()
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1]
+    lines = text.strip().rstrip("'>").strip().splitlines() or [""]
+    return lines[0][:300]
+
+
+def _size(msg: Message) -> int:
+    return recorddict_to_proto(msg.content).ByteSize() if msg.has_content() else 0
+
+
+class _Collect(Strategy):
+    """A legacy strategy that asks every node to train and keeps what SecAgg+ returns."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.results: list[tuple[ClientProxy, FitRes]] = []
+        self.aggregate: Parameters | None = None
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """Unused: the round loop holds the global model."""
+        return None
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Every registered site trains."""
+        proxies = sorted(client_manager.all().values(), key=lambda p: p.node_id)
+        return [(p, FitIns(parameters, dict(self.config))) for p in proxies]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Keep the unmasked aggregate (the workflow put it in every FitRes)."""
+        self.results = list(results)
+        self.aggregate = results[0][1].parameters if results else None
+        return self.aggregate, {}
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Unused: evaluation runs on the plain path."""
+        return []
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Unused."""
+        return None, {}
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        """Unused."""
+        return None
+
+
+@dataclass
+class SecureAggregation:
+    """Training rounds under Flower's SecAgg+ protocol.
+
+    Args:
+        cfg: The run's configuration (`federation.secagg_*` set the protocol).
+        run_name: Shown in log lines.
+        min_sites: Fewest sites whose update must be in the sum.
+    """
+
+    cfg: MedfedConfig
+    run_name: str
+    names: dict[int, str] = field(default_factory=dict)  # node id -> site, from replies
+    report: RoundReport = field(default_factory=RoundReport)
+
+    def _workflow(self) -> SecAggPlusWorkflow:
+        fed = self.cfg.federation
+        return SecAggPlusWorkflow(
+            num_shares=1.0,  # every site holds a share of every other's keys
+            reconstruction_threshold=float(fed.secagg_threshold),
+            max_weight=fed.secagg_max_weight,
+            clipping_range=fed.secagg_clipping_range,
+            quantization_range=fed.secagg_quantization_range,
+            timeout=fed.round_timeout,
+        )
+
+    def train_round(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: MeteredGrid
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Run one SecAgg+ training round; returns the FedAvg aggregate and metrics.
+
+        Raises:
+            FederationError: Fewer than `federation.min_sites` sites are in the sum, or
+                too many dropped out for the protocol to unmask it.
+        """
+        log = context_logger(run=self.run_name, round=server_round)
+        names = list(arrays.keys())
+        dtypes = {k: arrays[k].numpy().dtype for k in names}
+        flat: dict[str, Any] = {
+            **config,
+            keys.SERVER_ROUND: server_round,
+            keys.SECURE_AGGREGATION: SECAGGPLUS,
+        }
+        # Legacy FitIns configs hold scalars only: the site config travels as JSON.
+        strategy = _Collect({keys.SITE_CONFIG_JSON: json.dumps(flat)})
+        clients = SimpleClientManager()
+        for node in sorted(grid.get_node_ids()):
+            clients.register(GridClientProxy(node_id=node, grid=grid, run_id=grid.run.run_id))
+        context = LegacyContext(
+            Context(
+                run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
+            ),
+            config=ServerConfig(num_rounds=1),
+            strategy=strategy,
+            client_manager=clients,
+        )
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: server_round}
+        )
+        context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
+            {k: Array(arrays[k].numpy()) for k in names}
+        )
+        asked = {p.node_id for p in clients.all().values()}
+        grid.errors = {}
+        started = time.perf_counter()
+        self._workflow()(grid, context)
+        report = RoundReport()
+        records = []
+        for proxy, fitres in strategy.results:
+            metrics: dict[str, Any] = dict(fitres.metrics)
+            site = str(metrics.pop(f"{_P}{keys.SITE}", f"node-{proxy.node_id}"))
+            self.names[proxy.node_id] = site
+            report.datasets[site] = str(metrics.pop(f"{_P}{keys.DATASET}", ""))
+            if entry := str(metrics.pop(f"{_P}{keys.LEDGER}", "")):
+                report.ledger[site] = entry
+            report.metrics[site] = {k: float(v) for k, v in metrics.items()}
+            records.append(RecordDict({keys.METRICS: MetricRecord(metrics)}))
+        delivered = {p.node_id for p, _ in strategy.results} if strategy.aggregate else set()
+        for node in sorted(asked - delivered):
+            reason = grid.errors.get(node, "dropped out of the SecAgg+ protocol")
+            report.failures[self.names.get(node, f"node-{node}")] = _last_message(reason)
+        self.report = report
+        for site, reason in sorted(report.failures.items()):
+            log.warning("site %s left out of the secure sum: %s", site, reason)
+        if strategy.aggregate is None or len(delivered) < self.cfg.federation.min_sites:
+            failed = "; ".join(f"{s}: {r}" for s, r in sorted(report.failures.items()))
+            raise FederationError(
+                f"round {server_round}: only {len(delivered)} site(s) are in the secure "
+                f"aggregate, federation.min_sites={self.cfg.federation.min_sites}. "
+                f"Failed sites: {failed or 'none'}"
+            )
+        summed = parameters_to_ndarrays(strategy.aggregate)
+        new = ArrayRecord(
+            {k: Array(np.asarray(v, dtype=dtypes[k])) for k, v in zip(names, summed, strict=True)}
+        )
+        log.info(
+            "SecAgg+: aggregate of %d site(s) unmasked in %.1f s",
+            len(delivered),
+            time.perf_counter() - started,
+        )
+        return new, aggregate_metrics(records, keys.NUM_EXAMPLES)
