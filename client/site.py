@@ -115,7 +115,10 @@ def load_site_dataset(
         raise SiteDataError(site.name, path, "data path is not a folder")
     try:
         volumes, report = labelled_volumes(
-            path, prepared_dir(site.state_dir), options=prepare_options(site.state_dir)
+            path,
+            prepared_dir(site.state_dir),
+            options=prepare_options(site.state_dir),
+            require_mask=task.needs_mask,
         )
     except DeidentificationRequired as err:
         log.error("%s", err)  # names the files: stays in the site's own log

@@ -34,7 +34,9 @@ class Holdout:
         self.task = get_task(cfg.task.name)
         log = context_logger(run=cfg.run_name)
         with tempfile.TemporaryDirectory(prefix="medfed-holdout-") as cache:
-            volumes, report = labelled_volumes(path, Path(cache))  # loaded into memory
+            volumes, report = labelled_volumes(  # loaded into memory
+                path, Path(cache), require_mask=self.task.needs_mask
+            )
         problems = report.problems
         if not volumes:
             raise FederationError(

@@ -351,16 +351,31 @@ def iter_volumes(cache_dir: Path, report: PrepareReport) -> Iterator[Volume]:
 
 
 def labelled_volumes(
-    root: Path, cache_dir: Path, *, options: PrepareOptions | None = None
+    root: Path,
+    cache_dir: Path,
+    *,
+    options: PrepareOptions | None = None,
+    require_mask: bool = True,
 ) -> tuple[list[Volume], PrepareReport]:
-    """Prepare `root` and load its volumes that carry a mask label (memory-mapped).
+    """Prepare `root` and load its labelled volumes.
 
-    Unlabelled series are listed in the report's problems as not usable for segmentation.
+    With `require_mask` (segmentation) a volume needs a mask label; without it
+    (classification) a class label from the site's CSV is enough. Series without the
+    label needed are listed in the report's problems.
     """
     report = prepare_folder(root, cache_dir, options=options)
     cache = VolumeCache(cache_dir)
     volumes = []
     for entry in report.entries:
+        if not require_mask:
+            volume = cache.get(entry.key, mmap=False)
+            if volume.class_label is not None:
+                volumes.append(volume)
+            else:
+                report.problems.append(
+                    Problem(f"series {entry.series}", "series has no class label in the CSV")
+                )
+            continue
         if entry.label == "none":
             report.problems.append(
                 Problem(

@@ -55,3 +55,22 @@ def test_site_identity_from_node_config_and_simulation(tmp_path):
     assert sim(_context({"partition-id": 1, "num-partitions": 2})) == SiteIdentity(
         "b", tmp_path / "b", Path("/state/b")
     )
+
+
+def test_classification_needs_class_labels_not_masks(labelled_consortium, tmp_path):
+    import shutil
+
+    from client.site import SiteIdentity, load_site_dataset
+    from federation.config import compose_config
+    from federation.tasks import get_task
+
+    root, _ = labelled_consortium
+    site = tmp_path / "site-1"
+    shutil.copytree(root / "site-1", site, ignore=shutil.ignore_patterns("seg.dcm"))
+    cfg = compose_config(["task=classify"])
+    task = get_task("classify")
+    prepared = load_site_dataset(
+        SiteIdentity("site-1", site, tmp_path / "state"), task, cfg.task, seed=0
+    )
+    assert prepared.num_series == 4  # every series has a class label, none a mask
+    assert prepared.data.num_train + prepared.data.num_val > 0
