@@ -30,11 +30,11 @@ def test_folder_without_usable_series_is_refused(tmp_path):
         )
 
 
-def test_site_dataset_is_split_by_patient(consortium):
+def test_site_dataset_is_split_by_patient(consortium, tmp_path):
     root, profiles = consortium
     cfg = TaskConfig(image_size=32, val_fraction=0.34)
     prepared = load_site_dataset(
-        SiteIdentity("site-3", root / "site-3", root / "state"), seg2d.TASK, cfg, seed=0
+        SiteIdentity("site-3", root / "site-3", tmp_path / "state"), seg2d.TASK, cfg, seed=0
     )
     assert prepared.fingerprint.startswith("ds-") and prepared.num_series == profiles[2].patients
     data = prepared.data
