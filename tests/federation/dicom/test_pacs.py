@@ -21,10 +21,14 @@ from federation.dicom.prepare import prepare_folder
 
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-pytestmark = pytest.mark.skipif(
-    ORTHANC is None or not DICOMWEB_PLUGIN.exists(),
-    reason="Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)",
-)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _orthanc_installed() -> None:
+    """A missing PACS is a failure, not a skip: `.ci/run` installs it."""
+    assert ORTHANC is not None and DICOMWEB_PLUGIN.exists(), (
+        "Orthanc is not installed: apt-get install orthanc orthanc-dicomweb (as .ci/run does)"
+    )
 
 
 def _free_port() -> int:
