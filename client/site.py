@@ -12,7 +12,6 @@ from flwr.app import Context
 from client.prepare import prepare_options, prepared_dir
 from federation import keys
 from federation.config import TaskConfig
-from federation.dicom.classlabels import attach_class_labels
 from federation.dicom.phi import DeidentificationRequired
 from federation.dicom.prepare import PrepareReport, labelled_volumes
 from federation.errors import SiteDataError
@@ -143,7 +142,6 @@ def load_site_dataset(
             "the site's log lists each with its reason)",
         )
     try:
-        attach_class_labels(volumes, path)
         dataset = task.prepare(volumes, cfg, seed=seed)
     except ValueError as err:
         raise SiteDataError(site.name, path, str(err)) from err

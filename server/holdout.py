@@ -9,7 +9,6 @@ from flwr.app import ArrayRecord
 
 from federation import keys
 from federation.config import MedfedConfig
-from federation.dicom.classlabels import attach_class_labels
 from federation.dicom.prepare import labelled_volumes
 from federation.errors import FederationError
 from federation.logs import context_logger
@@ -45,7 +44,6 @@ class Holdout:
                 "labelled DICOM or set evaluation.holdout=null."
             )
         try:
-            attach_class_labels(volumes, path)
             self.data = self.task.prepare_holdout(volumes, cfg.task)
         except ValueError as err:
             raise FederationError(f"evaluation.holdout={path}: {err}") from err
