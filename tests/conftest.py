@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,25 @@ from federation.dicom.synth import SiteProfile, generate_consortium
 SITES = ["site-1", "site-2", "site-3"]
 SLICES = 12
 SEED = 3
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_sites_module(
+    module: str, record: Path, overrides: list[str], *, cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """Run a simulated consortium of test sites (`python -m tests.server.<module>`).
+
+    The run's working directory is `cwd`, so `tests` is put on PYTHONPATH explicitly.
+    """
+    return subprocess.run(
+        [sys.executable, "-m", f"tests.server.{module}", str(record), *overrides],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -3,16 +3,12 @@ crashed and late sites are left out without blocking the round."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 from server.loop import RunHistory
-from tests.conftest import SEED
+from tests.conftest import SEED, run_sites_module
 
 BAD = ["keys-1", "shape-1", "dtype-1", "nan-1", "inf-1", "norm-1"]
 GOOD = ["good-1", "good-2", "good-3"]
@@ -43,15 +39,7 @@ def _run_faulty(tmp_path, root, sites, *extra):
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         *extra,
     ]
-    return subprocess.run(
-        [sys.executable, "-m", "tests.server.faulty_sites", str(tmp_path / "sent"), *overrides],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    return run_sites_module("faulty_sites", tmp_path / "sent", overrides, cwd=tmp_path)
 
 
 def test_each_kind_of_bad_update_is_rejected_and_never_aggregated(tmp_path, consortium):

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
@@ -13,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from client.prepare import DataPolicy
 from federation.dicom.phi import identifying_values
-from tests.conftest import SEED
+from tests.conftest import SEED, run_sites_module
 
 
 def _identifiers(root: Path) -> set[str]:
@@ -40,15 +37,7 @@ def test_every_message_a_site_sends_is_free_of_phi(tmp_path, consortium):
         f"output_dir={tmp_path / 'outputs'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.server.phi_sites", str(tmp_path / "sent"), *overrides],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    proc = run_sites_module("phi_sites", tmp_path / "sent", overrides, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = (tmp_path / "sent" / "sent.jsonl").read_text().splitlines()
     sent = [json.loads(line) for line in lines]

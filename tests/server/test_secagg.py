@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +10,7 @@ from federation.cli import main as medfed
 from federation.dicom.synth import generate_consortium
 from federation.ledger import read_ledger
 from server.loop import RunHistory
-from tests.conftest import SEED
+from tests.conftest import SEED, run_sites_module
 
 SITES = ["site-1", "site-2", "site-3", "site-4", "drop-5"]
 GOOD = SITES[:4]
@@ -29,36 +26,26 @@ def secagg_run(tmp_path_factory):
         data, site_names=SITES, patients_per_site=[2, 2, 2, 3, 2], slices=8, seed=SEED
     )
     record = tmp / "record"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.server.secagg_sites",
-            str(record),
-            "rounds=1",
-            "task.image_size=32",
-            "task.local_epochs=1",
-            "task.batch_size=8",
-            "data.generate=false",
-            f"data.root={data}",
-            f"seed={SEED}",
-            "run_name=secure",
-            "federation.num_sites=5",
-            f"federation.site_names=[{','.join(SITES)}]",
-            "federation.min_sites=3",
-            "federation.site_budget=50",
-            "federation.secure_aggregation=secaggplus",
-            f"federation.secagg_max_weight={MAX_WEIGHT}",
-            f"federation.site_state_root={tmp / 'state'}",
-            f"output_dir={tmp / 'outputs'}",
-            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-        ],
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    overrides = [
+        "rounds=1",
+        "task.image_size=32",
+        "task.local_epochs=1",
+        "task.batch_size=8",
+        "data.generate=false",
+        f"data.root={data}",
+        f"seed={SEED}",
+        "run_name=secure",
+        "federation.num_sites=5",
+        f"federation.site_names=[{','.join(SITES)}]",
+        "federation.min_sites=3",
+        "federation.site_budget=50",
+        "federation.secure_aggregation=secaggplus",
+        f"federation.secagg_max_weight={MAX_WEIGHT}",
+        f"federation.site_state_root={tmp / 'state'}",
+        f"output_dir={tmp / 'outputs'}",
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+    ]
+    proc = run_sites_module("secagg_sites", record, overrides, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tmp, record
 
