@@ -10,7 +10,9 @@ two timings of the installed Flower (1.41) changed: its fixed 3 s sleep between 
 polls of the SuperLink (up to 3 s added to every message a site receives) is capped at
 `MEDFED_SUPERNODE_POLL_INTERVAL`, and its heartbeat interval (30 s; the SuperLink
 declares a node gone after two missed beats, so a crashed site stalls a round for about
-a minute) is `MEDFED_SUPERNODE_HEARTBEAT` (10 s, Flower's minimum).
+a minute) is `MEDFED_SUPERNODE_HEARTBEAT` (10 s, Flower's minimum). Its SuperExec is
+`client.superexec`, which forks each ClientApp from a warm process instead of starting a
+new Python that imports torch again (`MEDFED_WARM_CLIENTAPPS=0` turns this off).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "EXIT_NOT_REGISTERED",
     "HEARTBEAT_ENV",
     "POLL_INTERVAL_ENV",
+    "WARM_ENV",
     "SiteAgent",
     "free_port",
     "supernode_command",
@@ -51,6 +54,8 @@ _DEFAULT_POLL = 0.5
 _DEFAULT_HEARTBEAT = 10.0
 # SuperExec (started by the SuperNode) polls for ClientApp tasks; Flower's default is 1 s.
 _SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+# "0" turns warm ClientApps off (client.superexec): a new Python per message, as Flower does.
+WARM_ENV = "MEDFED_WARM_CLIENTAPPS"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -211,6 +216,7 @@ def run_site(agent: SiteAgent) -> int:
             pass
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
     def pump() -> None:  # pass the SuperNode's log through, watching for refusals
         nonlocal rejected
         assert proc.stdout is not None
@@ -270,14 +276,32 @@ class _ShortPollClock:
         time.sleep(min(seconds, self.cap))
 
 
+class _WarmSuperExec:
+    """`subprocess` for Flower's SuperNode: its SuperExec is medfed's warm one."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(command: list[str], *args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        if command[:1] == ["flower-superexec"]:
+            command = [sys.executable, "-m", "client.superexec", *command[1:]]
+        return subprocess.Popen(command, *args, **kwargs)
+
+
 def _main(argv: list[str]) -> None:
-    """`flower-supernode` with medfed's idle poll and heartbeat interval."""
+    """`flower-supernode` with medfed's idle poll, heartbeat and warm ClientApps."""
     from flwr.supercore import heartbeat as flwr_heartbeat
     from flwr.supernode import fleet_http_connection, start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    from federation.flowerpull import short_pull_backoff
+
     cap = float(os.environ.get(POLL_INTERVAL_ENV, _DEFAULT_POLL))
     start_client_internal.time = _ShortPollClock(cap)  # type: ignore[assignment]
+    short_pull_backoff(start_client_internal, "pull_objects")
+    if os.environ.get(WARM_ENV, "1") != "0":
+        start_client_internal.subprocess = _WarmSuperExec()  # type: ignore[assignment]
     heartbeat = float(os.environ.get(HEARTBEAT_ENV, _DEFAULT_HEARTBEAT))
     # The interval the node announces, and the one its sender beats at: keep them equal.
     fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = heartbeat  # type: ignore[assignment]

@@ -182,8 +182,12 @@ def create_server_app(
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or config_from_run_config(context.run_config)
         if run_cfg.federation.engine == "deployment":
+            from flwr.superlink.grid import http_grid
+
+            from federation.flowerpull import short_pull_backoff
             from server.deploy import PollingGrid
 
+            short_pull_backoff(http_grid, "pull_objects")
             grid = PollingGrid(grid, run_cfg.federation.poll_interval)
         if wrap_grid is not None:
             grid = wrap_grid(grid)

@@ -3,6 +3,7 @@
 Layout of a cache folder (site-local, under the site's state folder):
 `index.json` (header facts and content hashes of every scanned file, by path),
 `volumes/<key>.image.npy`, `<key>.label.npy` and `<key>.json` per prepared series.
+Class labels are not part of a volume here: they come from the site's CSV on every run.
 A key is a hash of the series' file contents, its label files and the preparation
 options, so changed files (or options) give new keys and unchanged series are reused.
 """
@@ -22,7 +23,7 @@ from federation.dicom.volume import Volume
 
 __all__ = ["PIPELINE_VERSION", "VolumeCache", "file_hash"]
 
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"  # 2: int16 HU where exact, no class labels
 
 
 def file_hash(inst: Instance) -> str:
@@ -88,13 +89,21 @@ class VolumeCache:
             "origin": [float(v) for v in volume.origin],
             "direction": np.asarray(volume.direction).tolist(),
             "sop_uids": volume.sop_uids,
-            "class_label": volume.class_label,
             "has_label": volume.label is not None,
         }
         _atomic_write(self.volumes / f"{key}.json", lambda p: p.write_text(json.dumps(meta)))
 
+    def prune(self, *, keep: set[str]) -> int:
+        """Delete stored volumes whose key is not in `keep`; return how many."""
+        stored = {p.name.split(".")[0] for p in self.volumes.iterdir() if p.name[0] != "."}
+        stale = stored - keep  # hidden names are writes in progress
+        for key in stale:
+            for path in self.volumes.glob(f"{key}.*"):
+                path.unlink(missing_ok=True)
+        return len(stale)
+
     def get(self, key: str, *, mmap: bool = True) -> Volume:
-        """Read a stored volume (memory-mapped by default).
+        """Read a stored volume (memory-mapped by default); class labels are not cached.
 
         Raises:
             FileNotFoundError: No volume has this key.
@@ -116,7 +125,6 @@ class VolumeCache:
             sop_uids=meta["sop_uids"],
             modality=meta["modality"],
             label=label,
-            class_label=meta["class_label"],
             study_uid=meta["study_uid"],
         )
 

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
 
-__all__ = ["LABELS_CSV", "attach_class_labels", "read_class_labels"]
+__all__ = ["LABELS_CSV", "read_class_labels"]
 
 # The labels CSV a site keeps at the top of its DICOM folder.
 LABELS_CSV = "labels.csv"
 _UID_COLUMNS = ("SeriesInstanceUID", "StudyInstanceUID")
-
-
-class _Labelled(Protocol):
-    series_uid: str
-    study_uid: str
-    class_label: str | None
 
 
 def read_class_labels(path: Path) -> dict[str, str]:
@@ -53,24 +45,3 @@ def read_class_labels(path: Path) -> dict[str, str]:
                     )
                 labels[uid] = label
     return labels
-
-
-def attach_class_labels(volumes: Iterable[_Labelled], folder: Path) -> int:
-    """Set `class_label` from `folder/labels.csv` when the site has one.
-
-    Returns:
-        How many volumes got a class label (0 without a CSV).
-
-    Raises:
-        ValueError: The CSV is malformed.
-
-    """
-    path = folder / LABELS_CSV
-    if not path.is_file():
-        return 0
-    labels = read_class_labels(path)
-    found = 0
-    for volume in volumes:
-        volume.class_label = labels.get(volume.series_uid) or labels.get(volume.study_uid)
-        found += volume.class_label is not None
-    return found

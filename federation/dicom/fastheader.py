@@ -10,6 +10,7 @@ back to pydicom, so it changes speed, never results.
 from __future__ import annotations
 
 import struct
+from functools import cache
 from typing import Any
 
 from pydicom.datadict import tag_for_keyword
@@ -44,6 +45,11 @@ _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _CHUNK = 16384
 
 
+@cache
+def _keyword_tag(keyword: str) -> int:
+    return tag_for_keyword(keyword) or -1
+
+
 class _Raw:
     """Where the pixel data is (the subset of pydicom's RawDataElement the scan reads)."""
 
@@ -64,7 +70,7 @@ class FastHeader:
 
     @staticmethod
     def _tag(key: int | str) -> int:
-        return key if isinstance(key, int) else (tag_for_keyword(key) or -1)
+        return key if isinstance(key, int) else _keyword_tag(key)
 
     def __contains__(self, key: int | str) -> bool:
         tag = self._tag(key)

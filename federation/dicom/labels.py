@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "is_nifti",
     "nifti_label",
-    "read_csv_labels",
     "rtstruct_label",
     "seg_label",
 ]
@@ -128,29 +126,3 @@ def nifti_label(path: Path, volume: Volume) -> np.ndarray:
     ijk = np.clip(ijk, 0, np.array(data.shape[:3]) - 1)
     values = data[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
     return (values.reshape(depth, rows, cols) > 0).astype(np.uint8)
-
-
-def read_csv_labels(path: Path) -> dict[str, str]:
-    """Study- or series-level class labels: UID -> label.
-
-    The CSV needs a `label` column and a `SeriesInstanceUID` or `StudyInstanceUID` column.
-
-    Raises:
-        ValueError: The columns are missing.
-
-    """
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = set(reader.fieldnames or [])
-        uid_cols = [c for c in ("SeriesInstanceUID", "StudyInstanceUID") if c in cols]
-        if "label" not in cols or not uid_cols:
-            raise ValueError(
-                f"{path}: a label CSV needs a 'label' column and a 'SeriesInstanceUID' or "
-                f"'StudyInstanceUID' column; it has {sorted(cols)}"
-            )
-        labels = {}
-        for row in reader:
-            for col in uid_cols:
-                if row.get(col):
-                    labels[row[col].strip()] = row["label"].strip()
-    return labels

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from federation.dicom.cache import VolumeCache, file_hash
-from federation.dicom.classlabels import LABELS_CSV
+from federation.dicom.classlabels import LABELS_CSV, read_class_labels
 from federation.dicom.labels import (
     is_nifti,
     nifti_label,
-    read_csv_labels,
     rtstruct_label,
     seg_label,
 )
@@ -134,8 +134,6 @@ def _pseudonym(uid: str) -> str:
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="file", disable=not enabled, leave=False)
 
 
@@ -182,7 +180,7 @@ def _find_labels(
                     "it in the folder of exactly one series",
                 )
             )
-    classes = read_csv_labels(csv_path) if csv_path else {}
+    classes = read_class_labels(csv_path) if csv_path else {}
     return _Labels(dict(by_series), nifti, classes)
 
 
@@ -193,8 +191,12 @@ def _label_hashes(uid: str, labels: _Labels) -> list[str]:
     return hashes
 
 
+def _class_label(volume: Volume, uid: str, labels: _Labels) -> str | None:
+    """The series' (or its study's) class from this run's CSV: never cached, so edits count."""
+    return labels.classes.get(uid) or labels.classes.get(volume.study_uid)
+
+
 def _attach_label(volume: Volume, uid: str, labels: _Labels, problems: list[Problem]) -> str:
-    volume.class_label = labels.classes.get(uid) or labels.classes.get(volume.study_uid)
     for inst in labels.by_series.get(uid, []):
         try:
             reader = seg_label if inst.kind == "seg" else rtstruct_label
@@ -216,11 +218,16 @@ def _hu_histogram(hu: np.ndarray) -> np.ndarray:
 
     A summary statistic: it samples every HISTOGRAM_STRIDE-th row and column of each slice.
     """
-    lo, hi, bins = float(HU_BINS[0]), float(HU_BINS[-1]), len(HU_BINS) - 1
+    lo, hi, bins = int(HU_BINS[0]), int(HU_BINS[-1]), len(HU_BINS) - 1
+    width = (hi - lo) // bins
     counts = np.zeros(bins, dtype=np.int64)
-    for plane in hu[:, ::HISTOGRAM_STRIDE, ::HISTOGRAM_STRIDE]:
-        idx = ((np.clip(plane, lo, hi) - lo) * (bins / (hi - lo))).astype(np.intp)
-        np.minimum(idx, bins - 1, out=idx)
+    for start in range(0, hu.shape[0], 32):  # a few slices at a time: bounded memory
+        sample = hu[start : start + 32, ::HISTOGRAM_STRIDE, ::HISTOGRAM_STRIDE]
+        if np.issubdtype(sample.dtype, np.integer):
+            idx = (np.clip(sample, lo, hi - 1).astype(np.int32) - lo) // width
+        else:
+            idx = ((np.clip(sample, lo, hi) - lo) / width).astype(np.intp)
+            np.minimum(idx, bins - 1, out=idx)
         counts += np.bincount(idx.ravel(), minlength=bins)
     return counts
 
@@ -288,6 +295,9 @@ def prepare_folder(
             _prepare_series(uid, insts, labels, cache, opts, report)
             bar.update(len(insts))
     cache.save_index(scan.instances)
+    removed = cache.prune(keep={e.key for e in report.entries})
+    if removed:
+        log.info("removed %d prepared volumes no longer in the source from the cache", removed)
     return report
 
 
@@ -315,6 +325,7 @@ def _prepare_series(
         key = cache.key([i.content_hash for i in insts], label_hashes, opts.fingerprint())
         if cache.has(key):
             volume = cache.get(key)
+            volume.class_label = _class_label(volume, uid, labels)
             kind = _cached_label_kind(labels, uid, volume)
             report.entries.append(_entry(key, volume, len(insts), kind, cached=True))
             return
@@ -327,6 +338,7 @@ def _prepare_series(
         return
     key = cache.key([i.content_hash for i in insts], label_hashes, opts.fingerprint())
     kind = _attach_label(volume, uid, labels, report.problems)
+    volume.class_label = _class_label(volume, uid, labels)
     if opts.target_spacing is not None:
         from federation.dicom.volume import resample
 
@@ -343,11 +355,17 @@ def _cached_label_kind(labels: _Labels, uid: str, volume: Volume) -> str:
     return "nifti"
 
 
+def _load(cache: VolumeCache, entry: SeriesEntry, *, mmap: bool) -> Volume:
+    volume = cache.get(entry.key, mmap=mmap)
+    volume.class_label = entry.class_label
+    return volume
+
+
 def iter_volumes(cache_dir: Path, report: PrepareReport) -> Iterator[Volume]:
     """The report's prepared volumes from the cache, one at a time (memory-mapped)."""
     cache = VolumeCache(cache_dir)
     for entry in report.entries:
-        yield cache.get(entry.key)
+        yield _load(cache, entry, mmap=True)
 
 
 def labelled_volumes(
@@ -368,7 +386,7 @@ def labelled_volumes(
     volumes = []
     for entry in report.entries:
         if not require_mask:
-            volume = cache.get(entry.key, mmap=False)
+            volume = _load(cache, entry, mmap=False)
             if volume.class_label is not None:
                 volumes.append(volume)
             else:
@@ -383,5 +401,5 @@ def labelled_volumes(
                 )
             )
             continue
-        volumes.append(cache.get(entry.key, mmap=False))
+        volumes.append(_load(cache, entry, mmap=False))
     return volumes, report

@@ -10,7 +10,7 @@ import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ class Instance:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (for the site-local cache index)."""
-        return asdict(self)
+        return dict(vars(self))  # every field is JSON-ready; asdict's deep copy is slow
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Instance:

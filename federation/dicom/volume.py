@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ __all__ = [
 _POSITION_TOLERANCE_MM = 0.01
 _READ_THREADS = min(4, os.cpu_count() or 1)
 _ORIENTATION_TOLERANCE = 1e-3
+_Bytes = bytes | mmap.mmap
 
 
 class GeometryError(ValueError):
@@ -58,7 +60,10 @@ class SeriesPlan:
 
 @dataclass
 class Volume:
-    """One series as a volume: intensities (slices, rows, cols) sorted along the normal."""
+    """One series as a volume: intensities (slices, rows, cols) sorted along the normal.
+
+    `hu` is in modality units (HU for CT): int16 where that is exact, else float32.
+    """
 
     series_uid: str
     patient_key: str
@@ -129,50 +134,95 @@ def plan_series(instances: list[Instance]) -> SeriesPlan:
     )
 
 
-def _native_frames(inst: Instance, data: bytes) -> np.ndarray:
+def _native_frames(inst: Instance, data: _Bytes) -> np.ndarray:
     dtype = np.dtype(f"<{'i' if inst.pixel_representation else 'u'}{inst.bits_allocated // 8}")
     count = inst.rows * inst.columns * inst.frames
     pixels = np.frombuffer(data, dtype=dtype, count=count, offset=inst.pixel_offset)
     return pixels.reshape(inst.frames, inst.rows, inst.columns)
 
 
-def _decoded_frames(inst: Instance, data: bytes) -> np.ndarray:
+def _decoded_frames(inst: Instance, data: _Bytes) -> np.ndarray:
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     pixels = np.asarray(ds.pixel_array)
     return pixels.reshape(inst.frames, inst.rows, inst.columns)
 
 
+def _integral_rescale(plan: SeriesPlan) -> bool:
+    """Whether every slice's rescale maps stored integers to integers (CT HU, typically)."""
+    return all(
+        float(v).is_integer() and abs(v) < 2**15
+        for inst in plan.instances
+        for v in (*inst.slopes, *inst.intercepts)
+    )
+
+
+class _OutOfRange(Exception):
+    """Rescaled values do not fit the int16 output (fall back to float32)."""
+
+
+def _read_file(inst: Instance) -> tuple[np.ndarray, Callable[[], None]]:
+    """The instance's stored frames; reading hashes the file. Returns (frames, release)."""
+    with open(inst.path, "rb") as fh:
+        if inst.pixel_offset < 0:
+            data: _Bytes = fh.read()
+            inst.content_hash = hashlib.sha256(data).hexdigest()[:32]
+            return _decoded_frames(inst, data), lambda: None
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    inst.content_hash = hashlib.sha256(mapped).hexdigest()[:32]
+    try:
+        return _native_frames(inst, mapped), mapped.close
+    except Exception:
+        mapped.close()
+        raise
+
+
 def read_volume(plan: SeriesPlan) -> Volume:
     """Read a planned series' pixels once per file and rescale to modality units (HU).
 
-    Native little-endian pixel data is taken straight from the file bytes at the offset
-    found by the scan; every other transfer syntax is decoded by pydicom (pylibjpeg).
+    Native little-endian pixel data is mapped straight from the file at the offset found
+    by the scan; every other transfer syntax is decoded by pydicom (pylibjpeg). When every
+    rescale is integral (CT) and the values fit, the volume is int16 (exact, half the
+    bytes of float32); otherwise float32.
 
     Raises:
         ValueError: Pixels cannot be decoded or do not match the header.
 
     """
+    if _integral_rescale(plan):
+        try:
+            return _read(plan, np.int16)
+        except _OutOfRange:
+            pass
+    return _read(plan, np.float32)
+
+
+def _read(plan: SeriesPlan, dtype: type[np.generic]) -> Volume:
     first = plan.instances[0]
-    out = np.empty((len(plan.frames), first.rows, first.columns), dtype=np.float32)
+    out = np.empty((len(plan.frames), first.rows, first.columns), dtype=dtype)
     index = {(id(f.instance), f.frame): k for k, f in enumerate(plan.frames)}
+    exact = dtype is np.int16
 
     def load(inst: Instance) -> None:
         # File reads, hashing and numpy release the GIL: files of a series overlap.
-        with open(inst.path, "rb") as fh:
-            data = fh.read()
-        inst.content_hash = hashlib.sha256(data).hexdigest()[:32]
         try:
-            pixels = (
-                _native_frames(inst, data)
-                if inst.pixel_offset >= 0
-                else _decoded_frames(inst, data)
-            )
+            pixels, release = _read_file(inst)
         except Exception as err:
             raise ValueError(f"pixels of {inst.path} cannot be decoded: {err}") from err
-        for f in range(inst.frames):
-            k = index[(id(inst), f)]
-            np.multiply(pixels[f], inst.slopes[f], out=out[k], casting="unsafe")
-            out[k] += inst.intercepts[f]
+        try:
+            for f in range(inst.frames):
+                k, slope, icpt = index[(id(inst), f)], inst.slopes[f], inst.intercepts[f]
+                if exact:
+                    lo, hi = sorted((int(pixels[f].min()) * slope, int(pixels[f].max()) * slope))
+                    if lo + icpt < -(2**15) or hi + icpt >= 2**15:
+                        raise _OutOfRange
+                if slope == 1:
+                    np.add(pixels[f], icpt, out=out[k], casting="unsafe")
+                else:
+                    np.multiply(pixels[f], slope, out=out[k], casting="unsafe")
+                    out[k] += np.asarray(icpt, dtype=dtype)
+        finally:
+            del pixels
+            release()
 
     workers = min(_READ_THREADS, len(plan.instances))
     if workers > 1:
@@ -230,7 +280,8 @@ def resample(volume: Volume, *, spacing: tuple[float, float, float]) -> Volume:
     factor = np.asarray(volume.spacing) / np.asarray(spacing)
 
     size = [max(1, round(n * f)) for n, f in zip(volume.hu.shape, factor, strict=True)]
-    hu = F.interpolate(torch.from_numpy(volume.hu)[None, None], size=size, mode="trilinear")
+    image = torch.from_numpy(np.asarray(volume.hu, dtype=np.float32))[None, None]
+    hu = F.interpolate(image, size=size, mode="trilinear")
     volume.hu = hu[0, 0].numpy()
     if volume.label is not None:
         lab = F.interpolate(torch.from_numpy(volume.label)[None, None].float(), size=size)

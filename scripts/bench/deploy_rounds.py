@@ -1,13 +1,16 @@
 """Time per round: 3 sites on a SuperLink over TLS (loopback) vs the simulation engine.
 
-Both runs use the same config (small U-Net task, DP-SGD, 3 synthetic sites). The
-deployment run goes through the product path: `medfed provision`, `medfed server start`,
-three `medfed site start`, `medfed run federation=deploy`. Round times are the
-coordinator's own (`history.json`, round 1 onwards; round 0 is the initial evaluation).
+All runs use the same config (small U-Net task, DP-SGD, 3 synthetic sites). The
+deployment runs go through the product path: `medfed provision`, `medfed server start`,
+three `medfed site start`, `medfed run federation=deploy`; once with warm ClientApps
+(medfed's default: forked from a process that imported them) and once cold (a new
+Python per message, as Flower does). Round times are the coordinator's own
+(`history.json`, round 1 onwards; round 0 is the initial evaluation); the overhead
+share is the part of the training phase not spent in the slowest site's training.
 
     python scripts/bench/deploy_rounds.py [--quick] [--rounds N]
 
-The last line is JSON: median seconds per round in each engine and their difference.
+The last line is JSON: median seconds per round and overhead share in each engine.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +27,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from client.supernode import WARM_ENV, free_port  # noqa: E402
+
 SITES = ["site-1", "site-2", "site-3"]
 
 
@@ -35,12 +42,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _medfed(*args: str, cwd: Path, log: Path | None = None) -> subprocess.Popen[bytes]:
+def _medfed(
+    *args: str, cwd: Path, log: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     out = log.open("wb") if log else subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, "-m", "federation.cli", *args],
         cwd=cwd,
-        env=_env(),
+        env={**_env(), **(env or {})},
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -59,15 +68,80 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def _round_seconds(history: Path) -> list[float]:
-    rounds = json.loads(history.read_text())["rounds"]
-    return [float(r["seconds"]) for r in rounds if r["round"] > 0]
+def _rounds(history: Path) -> list[dict[str, float]]:
+    """Round time, training phase and slowest site's training, rounds 1 onwards."""
+    return [
+        {
+            "seconds": float(r["seconds"]),
+            "phase": float(r["train_phase_seconds"]),
+            "slowest": float(r["train"].get("train-seconds", 0.0)),
+        }
+        for r in json.loads(history.read_text())["rounds"]
+        if r["round"] > 0
+    ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _summary(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {
+        "round_s": round(statistics.median(r["seconds"] for r in rounds), 2),
+        "overhead_share": round(
+            statistics.median(1 - r["slowest"] / r["phase"] for r in rounds if r["phase"]), 3
+        ),
+    }
+
+
+def deployment(work: Path, data: Path, config: list[str], *, warm: bool) -> list[dict[str, float]]:
+    """Provision, start a SuperLink and the sites, run; the coordinator's rounds."""
+    name = "warm" if warm else "cold"
+    base = work / name
+    base.mkdir()
+    port = free_port()
+    (base / "consortium.yaml").write_text(
+        json.dumps(
+            {
+                "name": "bench",
+                "coordinator": {"address": f"127.0.0.1:{port}"},
+                "budget": {"max_epsilon": 100.0, "delta": 1e-5},
+                "sites": SITES,
+            }
+        )
+    )
+    kits = base / "kits"
+    if _medfed("provision", "consortium.yaml", "--output", str(kits), cwd=base).wait() != 0:
+        sys.exit("provisioning failed")
+    procs = [
+        _medfed(
+            "server", "start", "--kit", str(kits / "coordinator"), "--host", "127.0.0.1",
+            cwd=base, log=base / "superlink.log",
+        )
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "SuperLink running" not in (base / "superlink.log").read_text():
+            if time.monotonic() > deadline or procs[0].poll() is not None:
+                sys.exit(f"SuperLink did not start; see {base / 'superlink.log'}")
+            time.sleep(0.5)
+        env = {WARM_ENV: "1" if warm else "0"}
+        for site in SITES:
+            procs.append(
+                _medfed(
+                    "site", "start", "--kit", str(kits / "sites" / site),
+                    "--data", str(data / site), cwd=base, log=base / f"{site}.log", env=env,
+                )
+            )  # fmt: skip
+        run = _medfed(
+            "run", "federation=deploy", f"federation.kit={kits / 'coordinator'}", *config,
+            f"run_name=deploy-{name}", f"output_dir={base / 'out'}", cwd=base,
+            log=base / "deploy.log",
+        )  # fmt: skip
+        if run.wait(timeout=3600) != 0:
+            sys.exit(f"deployment run failed; see {base / 'deploy.log'}")
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+    rounds = _rounds(base / "out" / f"deploy-{name}" / "history.json")
+    print(f"deployment ({name} ClientApps) rounds: {rounds}", file=sys.stderr)
+    return rounds
 
 
 def main() -> None:
@@ -103,68 +177,24 @@ def main() -> None:
     )  # fmt: skip
     if proc.wait(timeout=1800) != 0:
         sys.exit(f"simulation failed; see {work / 'sim.log'}")
-    simulation = _round_seconds(sim_out / "sim" / "history.json")
+    simulation = _rounds(sim_out / "sim" / "history.json")
     print(f"simulation rounds: {simulation}", file=sys.stderr)
-
-    port = _free_port()
-    (work / "consortium.yaml").write_text(
-        json.dumps(
-            {
-                "name": "bench",
-                "coordinator": {"address": f"127.0.0.1:{port}"},
-                "budget": {"max_epsilon": 100.0, "delta": 1e-5},
-                "sites": SITES,
-            }
-        )
+    warm = deployment(work, data, config, warm=True)
+    cold = deployment(work, data, config, warm=False)
+    result = {
+        "benchmark": "deploy_rounds",
+        "rounds": rounds,
+        "sites": len(SITES),
+        "simulation": _summary(simulation),
+        "deployment_warm": _summary(warm),
+        "deployment_cold": _summary(cold),
+        "cpus": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+    }
+    result["warm_over_cold_round"] = round(
+        result["deployment_warm"]["round_s"] / result["deployment_cold"]["round_s"], 3
     )
-    kits = work / "kits"
-    if _medfed("provision", "consortium.yaml", "--output", str(kits), cwd=work).wait() != 0:
-        sys.exit("provisioning failed")
-    procs = [
-        _medfed(
-            "server", "start", "--kit", str(kits / "coordinator"), "--host", "127.0.0.1",
-            cwd=work, log=work / "superlink.log",
-        )
-    ]  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while "SuperLink running" not in (work / "superlink.log").read_text():
-            if time.monotonic() > deadline or procs[0].poll() is not None:
-                sys.exit(f"SuperLink did not start; see {work / 'superlink.log'}")
-            time.sleep(0.5)
-        for site in SITES:
-            procs.append(
-                _medfed(
-                    "site", "start", "--kit", str(kits / "sites" / site),
-                    "--data", str(data / site), cwd=work, log=work / f"{site}.log",
-                )
-            )  # fmt: skip
-        run = _medfed(
-            "run", "federation=deploy", f"federation.kit={kits / 'coordinator'}", *config,
-            "run_name=deploy", f"output_dir={work / 'deploy'}", cwd=work,
-            log=work / "deploy.log",
-        )  # fmt: skip
-        if run.wait(timeout=3600) != 0:
-            sys.exit(f"deployment run failed; see {work / 'deploy.log'}")
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
-    deployment = _round_seconds(work / "deploy" / "deploy" / "history.json")
-    print(f"deployment rounds: {deployment}", file=sys.stderr)
-    sim_median, dep_median = statistics.median(simulation), statistics.median(deployment)
-    print(
-        json.dumps(
-            {
-                "rounds": rounds,
-                "sites": len(SITES),
-                "simulation_round_s": round(sim_median, 2),
-                "deployment_tls_round_s": round(dep_median, 2),
-                "deployment_overhead_s": round(dep_median - sim_median, 2),
-                "cpus": os.cpu_count(),
-                "load_avg_1min": round(os.getloadavg()[0], 2),
-            }
-        )
-    )
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

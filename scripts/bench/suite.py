@@ -9,6 +9,9 @@ next to it and renders the tables, plots and the machine they were measured on.
     python scripts/bench/suite.py                  # full mode (tens of minutes on 2 cores)
     python scripts/bench/suite.py --quick          # smoke run, small and short
     python scripts/bench/suite.py --only quality scale --docs /tmp/docs
+
+`--only` reruns the named benchmarks and keeps the other results of an earlier run in the
+same mode.
 """
 
 from __future__ import annotations
@@ -116,8 +119,24 @@ def render_prepare_speed(r: dict[str, Any]) -> str:
         f"{r['files']} files ({r['series']} series, {r['rows']}x{r['rows']}).\n\n"
         + _table(["path", "seconds", "ms / file"], rows)
         + f"\n\nnaive / cold {_fmt(r['naive_over_cold'])}, MONAI / cold "
-        f"{_fmt(r['monai_over_cold'])}, cold / bytes {_fmt(r['cold_over_bytes'])}, "
+        f"{_fmt(r['monai_over_cold'])}, cold / bytes {_fmt(r['cold_over_bytes'])} "
+        f"(from the disk: {_fmt(r.get('cold_over_bytes_disk'))}), "
         f"cold / warm {_fmt(r['cold_over_warm'])}; peak MB by series {r['peak_mb']}."
+    )
+
+
+def render_deploy_rounds(r: dict[str, Any]) -> str:
+    arms = (
+        ("simulation", "simulation"),
+        ("deployment over TLS, warm ClientApps (default)", "deployment_warm"),
+        ("deployment over TLS, a new Python per message", "deployment_cold"),
+    )
+    rows = [[label, r[key]["round_s"], r[key]["overhead_share"]] for label, key in arms]
+    return (
+        f"{r['sites']} sites, {r['rounds']} rounds, DP-SGD on small images; medians of rounds "
+        f"1 onwards (load average {r['load_avg_1min']} on {r['cpus']} cores).\n\n"
+        + _table(["engine", "s / round", "overhead share"], rows)
+        + f"\n\nWarm / cold ClientApps, round time: {_fmt(r['warm_over_cold_round'])}."
     )
 
 
@@ -169,6 +188,7 @@ BENCHMARKS = {
     "overhead": Benchmark("overhead.py", ["--quick"], render_overhead),
     "prepare_speed": Benchmark("prepare_speed.py", ["--quick"], render_prepare_speed),
     "secagg": Benchmark("secagg.py", ["--quick"], render_secagg),
+    "deploy_rounds": Benchmark("deploy_rounds.py", ["--quick"], render_deploy_rounds),
 }
 
 
@@ -244,6 +264,15 @@ def render(results: dict[str, Any], info: dict[str, Any], quick: bool) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _earlier_results(path: Path, *, quick: bool) -> dict[str, Any]:
+    """Results of an earlier run in the same mode (kept when `--only` reruns a few)."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return dict(earlier["results"]) if earlier.get("quick") == quick else {}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small and short")
@@ -253,17 +282,21 @@ def main() -> int:
     docs = Path(args.docs).resolve()
     docs.mkdir(parents=True, exist_ok=True)
     info = machine()
-    results = {name: run_one(name, quick=args.quick, docs=docs) for name in args.only or BENCHMARKS}
+    results = _earlier_results(docs / "benchmarks.json", quick=args.quick) if args.only else {}
+    for name in args.only or BENCHMARKS:
+        results[name] = run_one(name, quick=args.quick, docs=docs)
+    results = {name: results[name] for name in BENCHMARKS if name in results}
     (docs / "benchmarks.json").write_text(
         json.dumps({"machine": info, "quick": args.quick, "results": results}, indent=2)
     )
     (docs / "benchmarks.md").write_text(render(results, info, args.quick))
     print(f"wrote {docs / 'benchmarks.md'} and {docs / 'benchmarks.json'}")
+    ran = args.only or list(BENCHMARKS)
     summary = {
         "benchmark": "suite",
         "quick": args.quick,
-        "ok": sorted(k for k, v in results.items() if v["ok"]),
-        "failed": sorted(k for k, v in results.items() if not v["ok"]),
+        "ok": sorted(k for k in ran if results[k]["ok"]),
+        "failed": sorted(k for k in ran if not results[k]["ok"]),
     }
     print(json.dumps(summary))
     return 0 if not summary["failed"] else 1

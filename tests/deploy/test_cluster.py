@@ -8,6 +8,7 @@ import time
 
 from mlflow.tracking import MlflowClient
 
+from client.superexec import STARTED
 from server.loop import RunHistory
 from tests.conftest import SITES
 from tests.deploy.conftest import SMALL, Cluster, kill_tree
@@ -87,9 +88,9 @@ def test_killed_site_round_completes_with_the_others_and_site_rejoins(cluster: C
     site3 = next(p for p in cluster.procs if p.name == "site-3" and p.popen.poll() is None)
     # Round 1 done at site-3 (trained and evaluated); kill it when round 2 reaches it.
     site3.wait_for("[run crash][site site-3][round 1] evaluated", 900)
-    seen = site3.text().count("Start `flwr-clientapp` process")
+    seen = site3.text().count(STARTED)
     deadline = time.monotonic() + 300
-    while site3.text().count("Start `flwr-clientapp` process") == seen:
+    while site3.text().count(STARTED) == seen:
         assert time.monotonic() < deadline, site3.text()[-4000:]
         time.sleep(0.1)
     kill_tree(site3.popen, sig=signal.SIGKILL)

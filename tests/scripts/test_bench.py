@@ -52,40 +52,30 @@ def test_strategies_quick_reports_each_strategy(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
-def test_suite_quick_runs_benchmarks_and_writes_the_docs(tmp_path):
+def test_suite_quick_runs_a_benchmark_keeps_earlier_results_and_writes_the_docs(tmp_path):
+    earlier = {"communication": {"ok": False, "error": ["stopped by hand"], "seconds": 1.0}}
+    (tmp_path / "benchmarks.json").write_text(json.dumps({"quick": True, "results": earlier}))
     suite = SCRIPT.parent / "suite.py"
     proc = subprocess.run(
-        [sys.executable, str(suite), "--quick", "--only", "communication", "--docs", str(tmp_path)],
+        [sys.executable, str(suite), "--quick", "--only", "prepare_speed", "--docs", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=900,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"] == ["communication"]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"] == ["prepare_speed"]
     saved = json.loads((tmp_path / "benchmarks.json").read_text())
-    comm = saved["results"]["communication"]["result"]
-    full, fp16 = comm["encodings"]["full"], comm["encodings"]["fp16-delta"]
-    # Full weights are the float32 model plus .npy headers; fp16 deltas about half of it.
-    assert 1.0 <= full["vs_float32_model"] < 1.05
-    assert 0.5 <= fp16["vs_float32_model"] < 0.55
-    page = (tmp_path / "benchmarks.md").read_text()
-    assert "## communication" in page and "cores" in page and "fp16-delta" in page
-
-
-def test_prepare_speed_quick_prints_every_ratio():
-    script = SCRIPT.parent / "prepare_speed.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--quick", "--series", "2", "--slices", "8", "--rows", "64"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["benchmark"] == "prepare_speed" and result["files"] == 16
-    assert set(result["seconds"]) == {"bytes", "naive", "monai", "cold", "warm"}
+    assert saved["results"]["communication"] == earlier["communication"]
+    result = saved["results"]["prepare_speed"]["result"]
+    measured = {"bytes", "naive", "monai", "cold", "warm"}
+    if result["cold_over_bytes_disk"] is not None:  # where the page cache could be dropped
+        measured |= {"bytes-disk", "cold-disk"}
+        assert result["cold_over_bytes_disk"] > 0
+    assert set(result["seconds"]) == measured
     for key in ("naive_over_cold", "monai_over_cold", "cold_over_bytes", "cold_over_warm"):
         assert result[key] > 0
-    assert set(result["peak_mb"]) == {"2", "8"} and result["peak_mb_growth"] > 0
+    assert set(result["peak_mb"]) == {"4", "16"} and result["peak_mb_growth"] > 0
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "## prepare_speed" in page and "cores" in page and "naive / cold" in page
+    assert "## communication" in page and "stopped by hand" in page

@@ -162,8 +162,10 @@ def test_too_few_usable_sites_stop_the_run_with_a_clear_error(tmp_path, consorti
     assert "min_sites" in run.data.tags["medfed.error"]
 
 
-@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedyogi", "fedmedian", "krum"])
-def test_each_strategy_runs_a_federated_round(tmp_path, consortium, strategy):
+# One of each kind: a proximal term at the sites, a server optimiser with state (FedYogi
+# is FedAdam's sibling), a robust aggregate (FedMedian is Krum's); all build in test_strategy.
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "krum"])
+def test_each_kind_of_strategy_runs_federated_rounds(tmp_path, consortium, strategy):
     root, _ = consortium
     # Two rounds: the second trains on the first's aggregate (FedAdam computes in float64).
     proc = medfed_run(tmp_path, root, f"run_name={strategy}", f"strategy={strategy}")

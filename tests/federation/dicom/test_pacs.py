@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from client.supernode import free_port
 from federation.cli import main
 from federation.dicom.cache import VolumeCache
 from federation.dicom.prepare import prepare_folder
@@ -29,12 +29,6 @@ def _orthanc_installed() -> None:
     assert ORTHANC is not None and DICOMWEB_PLUGIN.exists(), (
         "Orthanc is not installed: apt-get install orthanc orthanc-dicomweb (as .ci/run does)"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _c_store(folder: Path, port: int) -> int:
@@ -60,7 +54,7 @@ def pacs(tmp_path_factory, consortium) -> Iterator[tuple[int, int, Path]]:
     """Orthanc with the DICOMweb plugin on own ports, holding site-1's studies."""
     root, _ = consortium
     work = tmp_path_factory.mktemp("orthanc")
-    http, dicom = _free_port(), _free_port()
+    http, dicom = free_port(), free_port()
     config = {
         "Name": "medfed-test-pacs",
         "StorageDirectory": str(work / "db"),
@@ -75,7 +69,7 @@ def pacs(tmp_path_factory, consortium) -> Iterator[tuple[int, int, Path]]:
         "DicomAlwaysAllowStore": True,
         "DicomAlwaysAllowFind": True,
         "DicomAlwaysAllowGet": True,
-        "DicomModalities": {"medfed": ["MEDFED", "127.0.0.1", _free_port()]},
+        "DicomModalities": {"medfed": ["MEDFED", "127.0.0.1", free_port()]},
         "Plugins": [str(DICOMWEB_PLUGIN)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }

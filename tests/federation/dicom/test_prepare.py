@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_rescale
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from federation.cli import main
@@ -54,7 +55,7 @@ def test_cli_prepares_a_site_and_a_rerun_only_redoes_what_changed(consortium, tm
         sampled = -(-profile.rows // HISTOGRAM_STRIDE)
         assert sum(entry["hu_histogram"]) == SLICES * sampled**2
         volume = VolumeCache(out).get(entry["key"])
-        assert volume.hu.dtype == np.float32 and volume.label is not None
+        assert volume.hu.dtype == np.int16 and volume.label is not None  # CT: exact HU
     # The manifest names no patient, study, series or institution.
     text = (out / "manifest.json").read_text()
     assert not {v for v in _identifiers(site) if v in text}
@@ -70,6 +71,16 @@ def test_cli_prepares_a_site_and_a_rerun_only_redoes_what_changed(consortium, tm
     ds.save_as(changed)
     assert main(["site", "prepare", "--source", str(site), "--output", str(out)]) == 0
     assert "3 series ready (1 prepared, 2 unchanged" in capsys.readouterr().out
+    # The replaced volume left the cache; nothing else did.
+    keys = {e["key"] for e in json.loads((out / "manifest.json").read_text())}
+    assert {p.name.split(".")[0] for p in (out / "volumes").iterdir()} == keys
+    # A class-label edit counts at once, without preparing anything again.
+    csv = site / "labels.csv"
+    csv.write_text(csv.read_text().replace("abnormal", "cancer"))
+    assert main(["site", "prepare", "--source", str(site), "--output", str(out)]) == 0
+    assert "3 series ready (0 prepared, 3 unchanged" in capsys.readouterr().out
+    classes = {e["class_label"] for e in json.loads((out / "manifest.json").read_text())}
+    assert "cancer" in classes and "abnormal" not in classes
 
 
 def _patient(root: Path, tmp_path: Path) -> Path:
@@ -193,3 +204,39 @@ def test_resampling_to_a_target_spacing_and_modality_aware_normalisation(consort
     mr = np.linspace(0.0, 1000.0, 1001, dtype=np.float32)
     scaled = normalise(mr, modality="MR", window=None)
     assert scaled.min() == 0.0 and scaled.max() == 1.0 and 0.45 < float(np.median(scaled)) < 0.55
+
+
+@pytest.mark.parametrize(
+    ("slope", "intercept", "stored_max", "dtype"),
+    [
+        (1, -1024, 4095, np.int16),  # CT: exact in int16
+        (2, -1024, 4095, np.int16),
+        (0.5, 0.25, 4095, np.float32),  # fractional rescale
+        (1, 0, 65535, np.float32),  # rescaled values beyond int16
+    ],
+)
+def test_volume_values_equal_pydicoms_rescale(
+    consortium, tmp_path, slope, intercept, stored_max, dtype
+):
+    root, _ = consortium
+    patient = _patient(root, tmp_path)
+    rng = np.random.default_rng(0)
+    for path in patient.glob("1*.dcm"):
+        ds = pydicom.dcmread(path)
+        if ds.Modality != "CT":
+            continue
+        ds.PixelRepresentation = 0
+        ds.BitsStored, ds.HighBit = 16, 15
+        values = rng.integers(0, stored_max, size=(ds.Rows, ds.Columns), endpoint=True)
+        values.flat[0] = stored_max
+        ds.PixelData = values.astype(np.uint16).tobytes()
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.save_as(path)
+    [entry] = prepare_folder(patient.parent, tmp_path / "out").entries
+    volume = VolumeCache(tmp_path / "out").get(entry.key)
+    assert volume.hu.dtype == dtype
+    for k, uid in enumerate(volume.sop_uids):
+        [path] = [p for p in patient.glob("1*.dcm") if pydicom.dcmread(p).SOPInstanceUID == uid]
+        ds = pydicom.dcmread(path)
+        expected = apply_rescale(ds.pixel_array, ds)
+        np.testing.assert_array_equal(volume.hu[k], expected.astype(np.float32))

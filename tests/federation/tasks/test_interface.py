@@ -1,4 +1,3 @@
-
 """The task interface: discovery by name, per-task checks, and the shipped tasks' data."""
 
 import tempfile
@@ -13,7 +12,7 @@ import torch
 import federation.tasks
 from federation.config import PrivacyConfig, compose_config, section_from_flat
 from federation.config import TaskConfig as TaskSection
-from federation.dicom.classlabels import attach_class_labels, read_class_labels
+from federation.dicom.classlabels import read_class_labels
 from federation.dicom.prepare import labelled_volumes
 from federation.dicom.synth import ABNORMAL, NORMAL, has_lesion, patient_id
 from federation.models import build_model
@@ -96,8 +95,8 @@ def test_the_generator_labels_a_site_specific_share_of_series(labelled_consortiu
     root, profiles = labelled_consortium
     assert len({p.prevalence for p in profiles}) == len(profiles)
     for profile in profiles:
-        volumes, _ = load_labelled_volumes(root / profile.name)
-        assert attach_class_labels(volumes, root / profile.name) == profile.patients
+        volumes, _ = load_labelled_volumes(root / profile.name)  # labels.csv read by prepare
+        assert sum(v.class_label is not None for v in volumes) == profile.patients
         labels = read_class_labels(root / profile.name / "labels.csv")
         by_patient = {}
         for p in range(profile.patients):
@@ -129,7 +128,6 @@ def test_classification_split_keeps_both_classes_and_weights_them(labelled_conso
     )
     task = get_task("classify")
     volumes, _ = load_labelled_volumes(root / "site-1")
-    attach_class_labels(volumes, root / "site-1")
     data = task.prepare(volumes, cfg.task, seed=0)
     assert sorted(data.val_y.tolist()) == [0, 1] and sorted(data.train_y.tolist()) == [0, 1]
     assert data.train_x.shape == (2, 4, 16, 16)
@@ -170,7 +168,6 @@ def test_each_task_trains_under_dp_and_evaluates_its_metrics(labelled_consortium
     )
     task = get_task(name)
     volumes, _ = load_labelled_volumes(root / "site-2")
-    attach_class_labels(volumes, root / "site-2")
     data = task.prepare(volumes, cfg.task, seed=0)
     model = build_model(cfg.model, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
