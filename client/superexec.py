@@ -11,6 +11,7 @@ its own process (one message, own memory, own exit), but starts warm.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 from typing import Any
 
@@ -47,6 +48,10 @@ def _run_clientapp(spec: Any) -> None:
 
     from federation.flowerpull import short_pull_backoff
 
+    if spec.suppress_output:  # as Flower's executor does for such tasks
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
     log(INFO, "%s (task %d)", STARTED, spec.task_id)
     # A warm ClientApp asks for its message at once, often before the SuperNode holds
     # all of it: poll for the rest briefly.

@@ -10,6 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -176,6 +177,13 @@ def _read_file(inst: Instance) -> tuple[np.ndarray, Callable[[], None]]:
         raise
 
 
+def _rescale(stored: np.ndarray, slope: Any, intercept: Any, *, out: np.ndarray) -> None:
+    if slope != 1:
+        np.multiply(stored, slope, out=out, casting="unsafe")
+        stored = out
+    np.add(stored, intercept, out=out, casting="unsafe")
+
+
 def read_volume(plan: SeriesPlan) -> Volume:
     """Read a planned series' pixels once per file and rescale to modality units (HU).
 
@@ -215,11 +223,10 @@ def _read(plan: SeriesPlan, dtype: type[np.generic]) -> Volume:
                     lo, hi = sorted((int(pixels[f].min()) * slope, int(pixels[f].max()) * slope))
                     if lo + icpt < -(2**15) or hi + icpt >= 2**15:
                         raise _OutOfRange
-                if slope == 1:
-                    np.add(pixels[f], icpt, out=out[k], casting="unsafe")
+                    # int32 arithmetic wrapped to int16: exact, since the result fits.
+                    _rescale(pixels[f], np.int32(slope), np.int32(icpt), out=out[k])
                 else:
-                    np.multiply(pixels[f], slope, out=out[k], casting="unsafe")
-                    out[k] += np.asarray(icpt, dtype=dtype)
+                    _rescale(pixels[f], slope, icpt, out=out[k])
         finally:
             del pixels
             release()

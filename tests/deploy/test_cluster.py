@@ -49,6 +49,10 @@ def test_three_sites_complete_rounds_over_tls_and_mlflow_holds_them(cluster: Clu
         assert 0 < record.train["epsilon"]
     seconds = [r.seconds for r in history.rounds[1:]]
     print(json.dumps({"deploy_round_seconds": seconds}))
+    # Every message (a query, then train and evaluate per round) ran in a warm ClientApp.
+    for site in cluster.procs:
+        if site.name in SITES:
+            assert site.text().count(STARTED) >= 1 + 2 * 2, site.text()[-3000:]
 
     client = MlflowClient(f"sqlite:///{cluster.root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("medfed")

@@ -211,6 +211,7 @@ def test_resampling_to_a_target_spacing_and_modality_aware_normalisation(consort
     [
         (1, -1024, 4095, np.int16),  # CT: exact in int16
         (2, -1024, 4095, np.int16),
+        (2, -10000, 20000, np.int16),  # stored x slope beyond int16, the result within
         (0.5, 0.25, 4095, np.float32),  # fractional rescale
         (1, 0, 65535, np.float32),  # rescaled values beyond int16
     ],
