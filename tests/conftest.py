@@ -15,6 +15,14 @@ SITES = ["site-1", "site-2", "site-3"]
 SLICES = 12
 SEED = 3
 REPO = Path(__file__).resolve().parents[1]
+# A run small enough for a test: tiny images, one local epoch, the data already generated.
+TINY_RUN = [
+    "task.image_size=32",
+    "task.local_epochs=1",
+    "task.batch_size=8",
+    "data.generate=false",
+    f"seed={SEED}",
+]
 
 
 def run_sites_module(

@@ -21,17 +21,10 @@ import yaml
 
 from client.supernode import free_port
 from federation.provision import provision
-from tests.conftest import SEED, SITES
+from tests.conftest import SITES, TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "rounds=2",
-    "task.image_size=32",
-    "task.local_epochs=1",
-    "task.batch_size=8",
-    "data.generate=false",
-    f"seed={SEED}",
-]
+SMALL = ["rounds=2", *TINY_RUN]
 
 
 def _children(pid: int) -> list[int]:

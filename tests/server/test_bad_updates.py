@@ -8,7 +8,7 @@ import time
 import torch
 
 from server.loop import RunHistory
-from tests.conftest import SEED, run_sites_module
+from tests.conftest import TINY_RUN, run_sites_module
 
 BAD = ["keys-1", "shape-1", "dtype-1", "nan-1", "inf-1", "norm-1"]
 GOOD = ["good-1", "good-2", "good-3"]
@@ -24,12 +24,8 @@ def _run_faulty(tmp_path, root, sites, *extra):
         (data / name).symlink_to(root / source, target_is_directory=True)
     overrides = [
         "rounds=1",
-        "task.image_size=32",
-        "task.local_epochs=1",
-        "task.batch_size=8",
+        *TINY_RUN,
         "privacy=none",
-        "data.generate=false",
-        f"seed={SEED}",
         f"data.root={data}",
         f"federation.num_sites={len(sites)}",
         f"federation.site_names=[{','.join(sites)}]",

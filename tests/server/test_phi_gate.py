@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from client.prepare import DataPolicy
 from federation.dicom.phi import identifying_values
-from tests.conftest import SEED, run_sites_module
+from tests.conftest import TINY_RUN, run_sites_module
 
 
 def _identifiers(root: Path) -> set[str]:
@@ -27,11 +27,7 @@ def test_every_message_a_site_sends_is_free_of_phi(tmp_path, consortium):
     DataPolicy(require_deidentified=True).save(tmp_path / "site-state" / "site-3")
     overrides = [
         "rounds=1",
-        "task.image_size=32",
-        "task.local_epochs=1",
-        "task.batch_size=8",
-        "data.generate=false",
-        f"seed={SEED}",
+        *TINY_RUN,
         "run_name=phi",
         f"data.root={root}",
         f"output_dir={tmp_path / 'outputs'}",

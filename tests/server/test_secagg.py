@@ -10,7 +10,7 @@ from federation.cli import main as medfed
 from federation.dicom.synth import generate_consortium
 from federation.ledger import read_ledger
 from server.loop import RunHistory
-from tests.conftest import SEED, run_sites_module
+from tests.conftest import SEED, TINY_RUN, run_sites_module
 
 SITES = ["site-1", "site-2", "site-3", "site-4", "drop-5"]
 GOOD = SITES[:4]
@@ -28,12 +28,8 @@ def secagg_run(tmp_path_factory):
     record = tmp / "record"
     overrides = [
         "rounds=1",
-        "task.image_size=32",
-        "task.local_epochs=1",
-        "task.batch_size=8",
-        "data.generate=false",
+        *TINY_RUN,
         f"data.root={data}",
-        f"seed={SEED}",
         "run_name=secure",
         "federation.num_sites=5",
         f"federation.site_names=[{','.join(SITES)}]",

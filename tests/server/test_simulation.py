@@ -13,16 +13,9 @@ from mlflow.tracking import MlflowClient
 from federation.config import ModelConfig
 from federation.models import build_model, norm_state_keys
 from server.loop import RunHistory
-from tests.conftest import SEED
+from tests.conftest import SEED, TINY_RUN
 
-SMALL = [
-    "rounds=2",
-    "task.image_size=32",
-    "task.local_epochs=1",
-    "task.batch_size=8",
-    "data.generate=false",
-    f"seed={SEED}",
-]
+SMALL = ["rounds=2", *TINY_RUN]
 
 
 def medfed_run(
