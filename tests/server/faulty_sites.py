@@ -19,11 +19,8 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.app import create_client_app
 from federation import keys
-from federation.config import compose_config
-from federation.logs import setup_logging
-from server.launch import run_simulation
+from tests.server._sites import simulate_with_mod
 
 
 def _map(record: ArrayRecord, fn: Callable[[str, np.ndarray], np.ndarray]) -> ArrayRecord:
@@ -75,16 +72,7 @@ def make_mod(record_dir: Path, sites: list[str]):
 
 
 def main(argv: list[str]) -> int:
-    setup_logging()
-    record_dir = Path(argv[0])
-    record_dir.mkdir(parents=True, exist_ok=True)
-    cfg = compose_config(argv[1:])
-    mod = make_mod(record_dir, cfg.federation.names())
-    run_simulation(
-        cfg,
-        client_app_factory=lambda sites: create_client_app(sites, train_mods=[mod]),
-    )
-    return 0
+    return simulate_with_mod(argv, lambda record, cfg: make_mod(record, cfg.federation.names()))
 
 
 if __name__ == "__main__":

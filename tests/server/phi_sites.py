@@ -15,10 +15,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.app import create_client_app
-from federation.config import compose_config
-from federation.logs import setup_logging
-from server.launch import run_simulation
+from tests.server._sites import simulate_with_mod
 
 
 def make_recorder(path: Path):
@@ -39,15 +36,9 @@ def make_recorder(path: Path):
 
 
 def main(argv: list[str]) -> int:
-    setup_logging()
-    record_dir = Path(argv[0])
-    record_dir.mkdir(parents=True, exist_ok=True)
-    mod = make_recorder(record_dir / "sent.jsonl")
-    run_simulation(
-        compose_config(argv[1:]),
-        client_app_factory=lambda sites: create_client_app(sites, mods=[mod]),
+    return simulate_with_mod(
+        argv, lambda record, _: make_recorder(record / "sent.jsonl"), every_message=True
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,12 +21,9 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.serverapp import Grid
 
-from client.app import create_client_app
 from federation import keys
-from federation.config import compose_config
-from federation.logs import setup_logging
-from server.launch import run_simulation
 from server.secagg import MeteredGrid
+from tests.server._sites import simulate_with_mod
 
 
 def make_mod(record_dir: Path, sites: list[str]):
@@ -88,17 +85,9 @@ class RecordingGrid(MeteredGrid):
 
 
 def main(argv: list[str]) -> int:
-    setup_logging()
-    record_dir = Path(argv[0])
-    record_dir.mkdir(parents=True, exist_ok=True)
-    cfg = compose_config(argv[1:])
-    mod = make_mod(record_dir, cfg.federation.names())
-    run_simulation(
-        cfg,
-        client_app_factory=lambda sites: create_client_app(sites, train_mods=[mod]),
-        wrap_grid=lambda grid: RecordingGrid(grid, record_dir),
+    return simulate_with_mod(
+        argv, lambda record, cfg: make_mod(record, cfg.federation.names()), wrap_grid=RecordingGrid
     )
-    return 0
 
 
 if __name__ == "__main__":
