@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from client.supernode import WARM_ENV, free_port  # noqa: E402
+from server.loop import RoundRecord, RunHistory  # noqa: E402
 
 SITES = ["site-1", "site-2", "site-3"]
 
@@ -68,29 +69,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def _rounds(history: Path) -> list[dict[str, float]]:
-    """Round time, training phase and slowest site's training, rounds 1 onwards."""
-    return [
-        {
-            "seconds": float(r["seconds"]),
-            "phase": float(r["train_phase_seconds"]),
-            "slowest": float(r["train"].get("train-seconds", 0.0)),
-        }
-        for r in json.loads(history.read_text())["rounds"]
-        if r["round"] > 0
-    ]
+def _rounds(history: Path) -> list[RoundRecord]:
+    """The coordinator's rounds 1 onwards (round 0 is the initial evaluation)."""
+    return [r for r in RunHistory.load(history).rounds if r.round > 0]
 
 
-def _summary(rounds: list[dict[str, float]]) -> dict[str, float]:
+def _summary(rounds: list[RoundRecord]) -> dict[str, float]:
+    shares = [r.overhead_share for r in rounds if r.overhead_share is not None]
     return {
-        "round_s": round(statistics.median(r["seconds"] for r in rounds), 2),
-        "overhead_share": round(
-            statistics.median(1 - r["slowest"] / r["phase"] for r in rounds if r["phase"]), 3
-        ),
+        "round_s": round(statistics.median(r.seconds for r in rounds), 2),
+        "overhead_share": round(statistics.median(shares), 3),
     }
 
 
-def deployment(work: Path, data: Path, config: list[str], *, warm: bool) -> list[dict[str, float]]:
+def deployment(work: Path, data: Path, config: list[str], *, warm: bool) -> list[RoundRecord]:
     """Provision, start a SuperLink and the sites, run; the coordinator's rounds."""
     name = "warm" if warm else "cold"
     base = work / name
@@ -140,7 +132,7 @@ def deployment(work: Path, data: Path, config: list[str], *, warm: bool) -> list
         for proc in reversed(procs):
             _stop(proc)
     rounds = _rounds(base / "out" / f"deploy-{name}" / "history.json")
-    print(f"deployment ({name} ClientApps) rounds: {rounds}", file=sys.stderr)
+    print(f"deployment ({name} ClientApps) s/round: {[r.seconds for r in rounds]}", file=sys.stderr)
     return rounds
 
 
@@ -178,7 +170,7 @@ def main() -> None:
     if proc.wait(timeout=1800) != 0:
         sys.exit(f"simulation failed; see {work / 'sim.log'}")
     simulation = _rounds(sim_out / "sim" / "history.json")
-    print(f"simulation rounds: {simulation}", file=sys.stderr)
+    print(f"simulation s/round: {[r.seconds for r in simulation]}", file=sys.stderr)
     warm = deployment(work, data, config, warm=True)
     cold = deployment(work, data, config, warm=False)
     result = {
