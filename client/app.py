@@ -19,10 +19,10 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.governance import RunRequest
-from client.mods import central_clipping_mod
+from client.mods import central_clipping_mod, packed_arrays_mod
 from client.prepare import quality_reply
 from client.secagg import secure_aggregation_mod, under_secure_aggregation
-from client.site import SiteIdentity, load_site_dataset, site_from_node_config
+from client.site import SiteIdentity, load_site_dataset, site_from_node_config, torch_threads
 from client.state import SiteState
 from federation import keys
 from federation.compression import encode_update
@@ -88,7 +88,7 @@ class _Job:
         # Reproducible shuffling without DP; under DP the task draws a secret seed.
         self.site_seed = self.seed + 1009 * self.round + zlib.crc32(self.site.name.encode())
         self.task = get_task(self.task_cfg.name)
-        torch.set_num_threads(max(1, int(self.flat.get(keys.CPUS_PER_SITE, 1))))
+        torch.set_num_threads(torch_threads(float(self.flat.get(keys.CPUS_PER_SITE, 1))))
         self.prepared = load_site_dataset(self.site, self.task, self.task_cfg, seed=self.seed)
         self.state = SiteState(self.site.state_dir, self.site.name)
         self.model = build_model(self.model_cfg, seed=self.seed)
@@ -290,7 +290,7 @@ def create_client_app(
         train_mods: Extra Flower mods around training, outermost first.
         mods: Flower mods around every message (train, evaluate, query).
     """
-    app = ClientApp(mods=list(mods))
+    app = ClientApp(mods=[packed_arrays_mod, *mods])
 
     @app.train(mods=[secure_aggregation_mod, *train_mods, central_clipping_mod])
     def train(msg: Message, context: Context) -> Message:

@@ -8,8 +8,9 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from federation import keys
+from federation.packing import is_packed, pack_content, unpack_content
 
-__all__ = ["central_clipping_mod"]
+__all__ = ["central_clipping_mod", "packed_arrays_mod"]
 
 
 def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -25,3 +26,18 @@ def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCal
     if keys.ARRAYS not in reply.content.array_records:
         return reply
     return fixedclipping_mod(msg, context, lambda _msg, _ctx: reply)
+
+
+def _carries_packed(msg: Message) -> bool:
+    return msg.has_content() and any(is_packed(r) for r in msg.content.array_records.values())
+
+
+def packed_arrays_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Site side: unpack what arrived packed, and pack the reply to it."""
+    if not _carries_packed(msg):
+        return call_next(msg, context)
+    msg.content = unpack_content(msg.content)
+    reply = call_next(msg, context)
+    if reply.has_content():
+        reply.content = pack_content(reply.content)
+    return reply

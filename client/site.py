@@ -25,7 +25,13 @@ __all__ = [
     "dataset_fingerprint",
     "load_site_dataset",
     "site_from_node_config",
+    "torch_threads",
 ]
+
+
+def torch_threads(cpus_per_site: float) -> int:
+    """Torch threads for a site given `federation.cpus_per_site`: its whole part, at least 1."""
+    return max(1, int(cpus_per_site))
 
 
 @dataclass(frozen=True)

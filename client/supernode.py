@@ -292,6 +292,7 @@ class _WarmSuperExec:
 def _main(argv: list[str]) -> None:
     """`flower-supernode` with medfed's idle poll, heartbeat and warm ClientApps."""
     from flwr.supercore import heartbeat as flwr_heartbeat
+    from flwr.supercore.logger import update_console_handler
     from flwr.supernode import fleet_http_connection, start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
@@ -306,6 +307,8 @@ def _main(argv: list[str]) -> None:
     # The interval the node announces, and the one its sender beats at: keep them equal.
     fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = heartbeat  # type: ignore[assignment]
     flwr_heartbeat.HEARTBEAT_DEFAULT_INTERVAL = heartbeat  # type: ignore[assignment]
+    # The site's log says when each message came and went; colours only on a terminal.
+    update_console_handler(timestamps=True, colored=sys.stderr.isatty())
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
 

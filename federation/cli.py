@@ -498,7 +498,10 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--state", help="the site's state folder (its data policy is applied)")
     prep.add_argument("--labels-csv", help="CSV of study/series class labels (label column)")
     prep.add_argument(
-        "--spacing", type=float, nargs=3, metavar=("SLICE", "ROW", "COL"),
+        "--spacing",
+        type=float,
+        nargs=3,
+        metavar=("SLICE", "ROW", "COL"),
         help="resample to this spacing in mm",
     )
     prep.add_argument(

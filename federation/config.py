@@ -124,7 +124,9 @@ class FederationConfig:
     site_names: list[str] | None = None
     min_sites: int = 2
     round_timeout: float = 1800.0
-    cpus_per_site: int = 1
+    # Simulation: CPU share of one site (Ray resources); below 1 several sites share a
+    # core and train at once, as separate hospitals do. Torch threads: its whole part, >= 1.
+    cpus_per_site: float = 1.0
     site_state_root: str = "site-state"
     site_budget: float = 10.0
     # How sites send updates: full weights, or fp16 deltas to the received weights.
@@ -206,6 +208,11 @@ class MedfedConfig:
             raise ValueError(
                 f"federation.min_sites={fed.min_sites} must be between 1 and "
                 f"federation.num_sites={fed.num_sites}."
+            )
+        if not fed.cpus_per_site > 0:
+            raise ValueError(
+                f"federation.cpus_per_site={fed.cpus_per_site} must be > 0 (0.5: two sites "
+                "share a core)."
             )
         if fed.engine not in ("simulation", "deployment"):
             raise ValueError(

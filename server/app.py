@@ -28,6 +28,7 @@ from federation.logs import context_logger
 from federation.tracking import RunTracker, code_version, default_tracking_uri
 from server.central import COORDINATOR
 from server.checkpoint import CONFIG_FILE, RUN_DIR_TAG, Checkpoint, check_run_dir
+from server.grids import PackingGrid, PollingGrid
 from server.loop import BEST_MODEL_FILE, RunHistory, run_rounds
 from server.quality import collect_quality
 from server.report import plot_history
@@ -185,10 +186,10 @@ def create_server_app(
             from flwr.superlink.grid import http_grid
 
             from federation.flowerpull import short_pull_backoff
-            from server.deploy import PollingGrid
 
             short_pull_backoff(http_grid, "pull_objects")
             grid = PollingGrid(grid, run_cfg.federation.poll_interval)
+        grid = PackingGrid(grid)
         if wrap_grid is not None:
             grid = wrap_grid(grid)
         result = coordinate(grid, run_cfg)

@@ -20,14 +20,12 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from flwr.app import Message
-from flwr.serverapp import Grid
 
 from federation.config import MedfedConfig, config_to_json, resolve_path
 from federation.errors import FederationError
@@ -37,7 +35,6 @@ from federation.provision import CoordinatorKit
 
 __all__ = [
     "FlowerCli",
-    "PollingGrid",
     "RunOutcome",
     "SuperLink",
     "deployment_config",
@@ -51,6 +48,8 @@ _SUPERLINK_HOME = "superlink-home"
 _CLI_HOME = "flwr-home"
 _NODES = "nodes.json"
 _DONE = "finished:"
+# The coordinator's own line at the end of each round (server.loop).
+_ROUND_LINE = "] [round "
 
 
 def _app_dir() -> Path:
@@ -81,17 +80,20 @@ class FlowerCli:
             f'root-certificates = "{kit.ca.resolve()}"\n'
         )
 
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ, FLWR_HOME=str(self.home))
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
     def call(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
         """Run `flwr ARGS CONNECTION --format json` and return its JSON answer.
 
         Raises:
             FederationError: The command failed; the message holds Flower's reason.
         """
-        env = dict(os.environ, FLWR_HOME=str(self.home))
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         proc = subprocess.run(
             ["flwr", *args, self.connection, "--format", "json"],
-            env=env,
+            env=self._env(),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -109,12 +111,10 @@ class FlowerCli:
 
     def log_text(self, run_id: int, *, timeout: float = 60.0) -> str:
         """The run's log as the SuperLink kept it."""
-        env = dict(os.environ, FLWR_HOME=str(self.home))
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         try:
             proc = subprocess.run(
                 ["flwr", "log", str(run_id), self.connection, "--show"],
-                env=env,
+                env=self._env(),
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -123,6 +123,30 @@ class FlowerCli:
         except subprocess.TimeoutExpired as err:
             return f"(flwr log timed out: {err})"
         return proc.stdout + proc.stderr
+
+    def follow_log(self, run_id: int, on_line: Callable[[str], None]) -> subprocess.Popen[str]:
+        """`flwr log RUN_ID` streaming: `on_line` gets each line; the process ends with the run.
+
+        One process for the whole run, where polling the status would start one every few
+        seconds on the coordinator's CPU.
+        """
+        proc = subprocess.Popen(
+            ["flwr", "log", str(run_id), self.connection, "--stream"],
+            env=self._env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        stream = proc.stdout
+        assert stream is not None
+
+        def pump() -> None:
+            for line in stream:
+                on_line(line)
+
+        threading.Thread(target=pump, name=f"flwr-log-{run_id}", daemon=True).start()
+        return proc
 
     def nodes(self) -> list[dict[str, Any]]:
         """The SuperNodes known to the SuperLink, with their status."""
@@ -326,52 +350,6 @@ def unregister_site(kit_dir: Path, site: str, *, database: Path | None = None) -
     return True
 
 
-class PollingGrid(Grid):
-    """A Grid whose `send_and_receive` polls for replies every `interval` seconds.
-
-    Flower's deployment Grid sleeps a fixed 3 s between polls; every round waits on
-    two exchanges (train, evaluate).
-    """
-
-    def __init__(self, inner: Grid, interval: float = 0.5) -> None:
-        self.inner = inner
-        self.interval = interval
-
-    def set_run(self, run: Any) -> None:  # noqa: D102
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Any:  # noqa: D102
-        return self.inner.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # noqa: D102
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self.inner.pull_messages(message_ids)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Push messages and collect the replies until all came or `timeout` passed."""
-        pending = set(self.inner.push_messages(messages))
-        end = time.time() + (timeout if timeout is not None else 0.0)
-        replies: list[Message] = []
-        while pending and (timeout is None or time.time() < end):
-            got = list(self.inner.pull_messages(pending))
-            replies.extend(got)
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            if pending:
-                time.sleep(self.interval)
-        return replies
-
-
 @dataclass(frozen=True)
 class RunOutcome:
     """A finished deployment run."""
@@ -458,8 +436,20 @@ def run_deployment(
     say(f"submitted run {run_id} to {cli.address} ({cli.connection})")
     limit = timeout or (cfg.rounds + 1) * 2 * cfg.federation.round_timeout + 300
     started = time.monotonic()
+    lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        if _ROUND_LINE in line:  # the coordinator's progress, as it happens
+            say(line.rstrip())
+
+    follower = cli.follow_log(run_id, on_line)
     status = ""
     while True:
+        try:  # the stream ends with the run; if it broke off, look every few seconds
+            follower.wait(timeout=max(1.0, limit - (time.monotonic() - started)))
+        except subprocess.TimeoutExpired:
+            pass
         info = cli.run_info(run_id)
         if info["status"] != status:
             status = info["status"]
@@ -467,10 +457,12 @@ def run_deployment(
         if status.startswith(_DONE):
             break
         if time.monotonic() - started > limit:
+            follower.kill()
             cli.call("stop", str(run_id))
             raise FederationError(f"run {run_id} did not finish within {limit:.0f} s; stopped it")
         time.sleep(5.0)  # each look is a `flwr` process: keep the coordinator's CPU free
-    text = cli.log_text(run_id)
+    follower.wait(timeout=30)
+    text = "".join(lines) if follower.returncode == 0 and lines else cli.log_text(run_id)
     outcome = RunOutcome(run_id, status, time.monotonic() - started, text)
     if status != _DONE + "completed":
         raise FederationError(

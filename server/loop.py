@@ -21,9 +21,10 @@ from federation.tasks import get_task
 from federation.tracking import RunTracker
 from server.central import COORDINATOR, CentralPrivacy
 from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
+from server.grids import MeteredGrid
 from server.guard import RoundReport, SiteGuard
 from server.holdout import Holdout
-from server.secagg import MeteredGrid, SecureAggregation
+from server.secagg import SecureAggregation
 from server.strategy import build_strategy
 
 __all__ = [

@@ -7,20 +7,17 @@ uses, with a legacy strategy that only collects what the workflow hands it: the 
 and signed ledger entry. The coordinator never holds an individual site's weights, so it
 cannot check them either: the norm and NaN checks of `SiteGuard` do not apply here.
 Evaluation, tracking and checkpoints stay on the plain path (`server.loop`).
-
-`MeteredGrid` counts the bytes each round moves, on either path.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -30,7 +27,6 @@ from flwr.common import (
     Scalar,
     parameters_to_ndarrays,
 )
-from flwr.common.serde import recorddict_to_proto
 from flwr.server import ServerConfig
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -40,82 +36,19 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
-from flwr.serverapp import Grid
 
 from federation import keys
 from federation.config import MedfedConfig
 from federation.errors import FederationError
 from federation.logs import context_logger
+from server.grids import MeteredGrid
 from server.guard import RoundReport
 from server.strategy import aggregate_metrics
 
-__all__ = ["SECAGGPLUS", "MeteredGrid", "SecureAggregation"]
+__all__ = ["SECAGGPLUS", "SecureAggregation"]
 
 SECAGGPLUS = "secaggplus"
 _P = keys.SECAGG_STATUS_PREFIX
-
-
-class MeteredGrid(Grid):
-    """A grid that counts the serialised bytes of message contents sent and received.
-
-    Also keeps, per node, the reason of the last error reply (a site that dropped out).
-    """
-
-    def __init__(self, grid: Grid) -> None:
-        self.inner = grid
-        self.sent = 0
-        self.received = 0
-        self.errors: dict[int, str] = {}
-
-    @property
-    def run(self) -> Any:
-        """The wrapped grid's run."""
-        return self.inner.run
-
-    def set_run(self, run_id: Any) -> None:
-        """Delegate."""
-        self.inner.set_run(run_id)
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        """Delegate."""
-        return self.inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Delegate."""
-        return self.inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Count and delegate."""
-        messages = list(messages)
-        self.sent += sum(_size(m) for m in messages)
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Delegate and count."""
-        replies = list(self.inner.pull_messages(message_ids))
-        self._count(replies)
-        return replies
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Count both ways and delegate."""
-        messages = list(messages)
-        self.sent += sum(_size(m) for m in messages)
-        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
-        self._count(replies)
-        return replies
-
-    def _count(self, replies: list[Message]) -> None:
-        for reply in replies:
-            self.received += _size(reply)
-            if reply.has_error():
-                self.errors[reply.metadata.src_node_id] = reply.error.reason or "unknown error"
-
-    def reset(self) -> None:
-        """Start counting afresh."""
-        self.sent = self.received = 0
-        self.errors = {}
 
 
 def _last_message(reason: str) -> str:
@@ -125,10 +58,6 @@ def _last_message(reason: str) -> str:
         text = text.rsplit("Message: ", 1)[1]
     lines = text.strip().rstrip("'>").strip().splitlines() or [""]
     return lines[0][:300]
-
-
-def _size(msg: Message) -> int:
-    return recorddict_to_proto(msg.content).ByteSize() if msg.has_content() else 0
 
 
 class _Collect(Strategy):

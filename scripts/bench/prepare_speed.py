@@ -204,8 +204,10 @@ def main() -> int:
     print(f"{files} files ({series} series x {slices} slices of {rows}x{rows}), best of {repeats}")
     for kind, sec in t.items():
         print(f"  {kind:10s} {sec:8.3f} s  {1e3 * sec / files:7.3f} ms/file")
-    print(f"  peak RSS of cold prepare: {mem_small:.0f} MB ({series} series), "
-          f"{mem_large:.0f} MB ({4 * series} series)")
+    print(
+        f"  peak RSS of cold prepare: {mem_small:.0f} MB ({series} series), "
+        f"{mem_large:.0f} MB ({4 * series} series)"
+    )
     result = {
         "benchmark": "prepare_speed",
         "files": files,

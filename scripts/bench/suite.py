@@ -104,12 +104,34 @@ def render_communication(r: dict[str, Any]) -> str:
 
 def render_overhead(r: dict[str, Any]) -> str:
     rows = [
-        [row["sites"], name, v["phase_seconds"], v["slowest_site_seconds"], v["overhead_share"]]
+        [
+            row["sites"],
+            row.get("cpus_per_site"),
+            name,
+            v["phase_seconds"],
+            v["slowest_site_seconds"],
+            v["overhead_share"],
+            v.get("round_overhead_share", "-"),
+        ]
         for row in r["rows"]
         for name, v in (("medfed", row["medfed"]), ("plain Flower", row["plain_flower"]))
     ]
-    return f"Engine: {r['engine']}; rounds after the first of {r['rounds']}.\n\n" + _table(
-        ["sites", "app", "training phase (s)", "slowest site (s)", "overhead share"], rows
+    return (
+        f"Engine: {r['engine']}; rounds after the first of {r['rounds']}. All sites train at "
+        "once, each on its share of the cores. Whole round: training, federated evaluation, "
+        "tracking and checkpoint (the plain app has no other step).\n\n"
+        + _table(
+            [
+                "sites",
+                "cores / site",
+                "app",
+                "training phase (s)",
+                "slowest site (s)",
+                "overhead share",
+                "whole-round share",
+            ],
+            rows,
+        )
     )
 
 

@@ -87,7 +87,7 @@ def test_a_failed_serverapp_fails_the_launch_loudly(cluster: Cluster):
 
 def test_killed_site_round_completes_with_the_others_and_site_rejoins(cluster: Cluster):
     proc, _ = launch(
-        cluster, "crash", "rounds=4", "federation.min_sites=2", "federation.round_timeout=300"
+        cluster, "crash", "rounds=8", "federation.min_sites=2", "federation.round_timeout=300"
     )
     site3 = next(p for p in cluster.procs if p.name == "site-3" and p.popen.poll() is None)
     # Round 1 done at site-3 (trained and evaluated); kill it when round 2 reaches it.
@@ -109,6 +109,8 @@ def test_killed_site_round_completes_with_the_others_and_site_rejoins(cluster: C
     by_round = {r.round: r for r in history.rounds}
     assert set(by_round[1].site_train) == set(SITES)
     assert set(by_round[2].site_train) == {"site-1", "site-2"}, by_round[2]
-    later = [set(by_round[r].site_train) for r in (3, 4)]
+    # Rounds take seconds: site-3 is back within the six that follow (its restart and
+    # the SuperLink seeing it take about 15 s).
+    later = [set(by_round[r].site_train) for r in range(3, 9)]
     assert any("site-3" in s for s in later), (later, restarted.text()[-3000:])
-    assert len(history.rounds) == 5
+    assert len(history.rounds) == 9

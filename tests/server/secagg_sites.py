@@ -22,7 +22,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import Grid
 
 from federation import keys
-from server.secagg import MeteredGrid
+from server.grids import MeteredGrid
 from tests.server._sites import simulate_with_mod
 
 
