@@ -24,7 +24,7 @@ from federation.config import (
     resolve_path,
 )
 from federation.ledger import latest_entries
-from federation.logs import context_logger
+from federation.logs import context_logger, setup_logging
 from federation.tracking import RunTracker, code_version, default_tracking_uri
 from server.central import COORDINATOR
 from server.checkpoint import CONFIG_FILE, RUN_DIR_TAG, Checkpoint, check_run_dir
@@ -181,6 +181,7 @@ def create_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        setup_logging()  # in deployment this is a process of its own; its log goes to `flwr log`
         run_cfg = cfg or config_from_run_config(context.run_config)
         if run_cfg.federation.engine == "deployment":
             from flwr.superlink.grid import http_grid

@@ -418,7 +418,8 @@ def run_deployment(
         cfg: The run configuration (`federation.kit` set), as for simulation.
         wait_sites: Seconds to wait for all sites to be connected before launching.
         timeout: Seconds to wait for the run (default: enough for every round).
-        progress: Called with a line at each change of the run's status.
+        progress: Called with a line at each change of the run's status and with the
+            coordinator's line at the end of each round.
 
     Raises:
         FederationError: The run failed, was stopped or did not finish in time; the

@@ -59,7 +59,7 @@ class SiteGuard(Strategy):
         self.max_update_norm_ratio = max_update_norm_ratio
         self._sent = ArrayRecord()
         self._asked: dict[str, set[int]] = {"train": set(), "evaluate": set()}
-        self._names: dict[int, str] = {}  # node id -> site name, learned from replies
+        self.names: dict[int, str] = {}  # node id -> site name, learned from replies
         self.log = context_logger(run=run_name)
         self.train_report = RoundReport()
         self.evaluate_report = RoundReport()
@@ -97,7 +97,7 @@ class SiteGuard(Strategy):
         replies = list(replies)
         answered = {m.metadata.src_node_id for m in replies}
         for node in sorted(self._asked["train" if train else "evaluate"] - answered):
-            name = self._names.get(node, f"node-{node}")
+            name = self.names.get(node, f"node-{node}")
             report.failures[name] = "no reply within federation.round_timeout"
         for msg in replies:
             site = self._site_of(msg)
@@ -133,8 +133,8 @@ class SiteGuard(Strategy):
         """The replying site's name; a crashed site's from its earlier replies."""
         node = msg.metadata.src_node_id
         if msg.has_content() and keys.STATUS in msg.content:
-            self._names[node] = str(msg.content.config_records[keys.STATUS][keys.SITE])
-        return self._names.get(node, f"node-{node}")
+            self.names[node] = str(msg.content.config_records[keys.STATUS][keys.SITE])
+        return self.names.get(node, f"node-{node}")
 
     def _reason_left_out(self, msg: Message, *, train: bool) -> str | None:
         """Why a reply cannot be used (crash, refusal, malformed content), or None."""

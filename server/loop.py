@@ -291,7 +291,7 @@ def run_rounds(
         new_arrays: ArrayRecord | None
         train_metrics: MetricRecord | None
         if secure is not None:  # only the masked sum of the updates reaches the coordinator
-            secure.names.update(guard._names)
+            secure.names.update(guard.names)
             new_arrays, train_metrics = secure.train_round(
                 server_round, arrays, site_config(cfg, run_name), grid
             )

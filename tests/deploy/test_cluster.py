@@ -41,6 +41,9 @@ def test_three_sites_complete_rounds_over_tls_and_mlflow_holds_them(cluster: Clu
     out = finish(proc)
     assert proc.popen.returncode == 0, out[-6000:] + cluster.logs()
     assert "finished:completed" in out
+    # The coordinator's round lines reach the launcher through the run's log stream.
+    assert "[run tls] [round 1/2] 3 sites trained" in out, out[-3000:]
+    assert "[run tls] [round 2/2] 3 sites trained" in out, out[-3000:]
     history = RunHistory.load(cluster.root / "outputs" / "tls" / "history.json")
     assert [r.round for r in history.rounds] == [0, 1, 2]
     for record in history.rounds[1:]:
