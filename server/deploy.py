@@ -35,6 +35,7 @@ from federation.provision import CoordinatorKit
 
 __all__ = [
     "FlowerCli",
+    "LogFollower",
     "RunOutcome",
     "SuperLink",
     "deployment_config",
@@ -124,8 +125,8 @@ class FlowerCli:
             return f"(flwr log timed out: {err})"
         return proc.stdout + proc.stderr
 
-    def follow_log(self, run_id: int, on_line: Callable[[str], None]) -> subprocess.Popen[str]:
-        """`flwr log RUN_ID` streaming: `on_line` gets each line; the process ends with the run.
+    def follow_log(self, run_id: int, on_line: Callable[[str], None]) -> LogFollower:
+        """Stream the run's log (`flwr log RUN_ID --stream`); `on_line` gets each line.
 
         One process for the whole run, where polling the status would start one every few
         seconds on the coordinator's CPU.
@@ -138,15 +139,7 @@ class FlowerCli:
             text=True,
             errors="replace",
         )
-        stream = proc.stdout
-        assert stream is not None
-
-        def pump() -> None:
-            for line in stream:
-                on_line(line)
-
-        threading.Thread(target=pump, name=f"flwr-log-{run_id}", daemon=True).start()
-        return proc
+        return LogFollower(proc, on_line)
 
     def nodes(self) -> list[dict[str, Any]]:
         """The SuperNodes known to the SuperLink, with their status."""
@@ -350,6 +343,41 @@ def unregister_site(kit_dir: Path, site: str, *, database: Path | None = None) -
     return True
 
 
+class LogFollower:
+    """A streaming `flwr log` process and the thread that reads it; ends with the run."""
+
+    def __init__(self, proc: subprocess.Popen[str], on_line: Callable[[str], None]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        stream = proc.stdout
+        assert stream is not None
+
+        def pump() -> None:
+            for line in stream:
+                self.lines.append(line)
+                on_line(line)
+
+        self._reader = threading.Thread(target=pump, name="flwr-log", daemon=True)
+        self._reader.start()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the stream to end; whether it ended."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def text(self, timeout: float = 30.0) -> str | None:
+        """The whole log once the stream ended cleanly and was read; None otherwise."""
+        if not self.wait(timeout):
+            self.proc.kill()
+            return None
+        self._reader.join(timeout)
+        complete = self.proc.returncode == 0 and not self._reader.is_alive()
+        return "".join(self.lines) if complete and self.lines else None
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     """A finished deployment run."""
@@ -437,20 +465,16 @@ def run_deployment(
     say(f"submitted run {run_id} to {cli.address} ({cli.connection})")
     limit = timeout or (cfg.rounds + 1) * 2 * cfg.federation.round_timeout + 300
     started = time.monotonic()
-    lines: list[str] = []
 
     def on_line(line: str) -> None:
-        lines.append(line)
         if _ROUND_LINE in line:  # the coordinator's progress, as it happens
             say(line.rstrip())
 
     follower = cli.follow_log(run_id, on_line)
     status = ""
     while True:
-        try:  # the stream ends with the run; if it broke off, look every few seconds
-            follower.wait(timeout=max(1.0, limit - (time.monotonic() - started)))
-        except subprocess.TimeoutExpired:
-            pass
+        # The stream ends with the run; if it broke off, look every few seconds.
+        follower.wait(max(1.0, limit - (time.monotonic() - started)))
         info = cli.run_info(run_id)
         if info["status"] != status:
             status = info["status"]
@@ -458,12 +482,11 @@ def run_deployment(
         if status.startswith(_DONE):
             break
         if time.monotonic() - started > limit:
-            follower.kill()
+            follower.proc.kill()
             cli.call("stop", str(run_id))
             raise FederationError(f"run {run_id} did not finish within {limit:.0f} s; stopped it")
         time.sleep(5.0)  # each look is a `flwr` process: keep the coordinator's CPU free
-    follower.wait(timeout=30)
-    text = "".join(lines) if follower.returncode == 0 and lines else cli.log_text(run_id)
+    text = follower.text() or cli.log_text(run_id)
     outcome = RunOutcome(run_id, status, time.monotonic() - started, text)
     if status != _DONE + "completed":
         raise FederationError(
