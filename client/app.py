@@ -106,7 +106,8 @@ class _Job:
         self.secure_aggregation = str(self.flat.get(keys.SECURE_AGGREGATION, "") or "")
 
     def train(self, privacy: PrivacyConfig) -> Any:
-        """Train the model locally; the wall time goes into `train_seconds`."""
+        """Train the model locally, timing it for `timing`."""
+        self.started_at = time.time()
         started = time.perf_counter()
         outcome = self.task.train(
             self.model,
@@ -118,6 +119,14 @@ class _Job:
         )
         self.train_seconds = time.perf_counter() - started
         return outcome
+
+    def timing(self) -> dict[str, float]:
+        """The local training's wall time, and when it started and finished (this clock)."""
+        return {
+            keys.TRAIN_SECONDS: self.train_seconds,
+            keys.TRAIN_STARTED: self.started_at,
+            keys.TRAIN_FINISHED: self.started_at + self.train_seconds,
+        }
 
     def reply(self, msg: Message, **content: Any) -> Message:
         """A reply naming this site and the dataset it used."""
@@ -256,7 +265,7 @@ def _train_private(job: _Job, msg: Message) -> Message:
         {
             keys.NUM_EXAMPLES: outcome.num_examples,
             keys.TRAIN_LOSS: outcome.loss,
-            keys.TRAIN_SECONDS: job.train_seconds,
+            **job.timing(),
             keys.EPSILON: entry.epsilon,
             keys.DP_STEPS: spent.steps,
             keys.SAMPLE_RATE: spent.sample_rate,
@@ -306,7 +315,7 @@ def create_client_app(
             {
                 keys.NUM_EXAMPLES: outcome.num_examples,
                 keys.TRAIN_LOSS: outcome.loss,
-                keys.TRAIN_SECONDS: job.train_seconds,
+                **job.timing(),
             }
         )
         if job.privacy.mode == "central":

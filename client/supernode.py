@@ -6,9 +6,11 @@ ClientApp for each message, with a node config that names the site, its DICOM fo
 and its state folder (policy, ledger signing key, ledger).
 
 Run as `python -m client.supernode FLOWER-SUPERNODE-ARGS` it is `flower-supernode` with
-two timings of the installed Flower (1.41) changed: its fixed 3 s sleep between empty
+three timings of the installed Flower (1.41) changed: its fixed 3 s sleep between empty
 polls of the SuperLink (up to 3 s added to every message a site receives) is capped at
-`MEDFED_SUPERNODE_POLL_INTERVAL`, and its heartbeat interval (30 s; the SuperLink
+`MEDFED_SUPERNODE_POLL_INTERVAL`, starting at 0.05 s after each reply (the next
+message of a run is due soon); its 0.5 s sleeps while it waits on its own ClientApp
+(local state, no network) are cut to 0.05 s; and its heartbeat interval (30 s; the SuperLink
 declares a node gone after two missed beats, so a crashed site stalls a round for about
 a minute) is `MEDFED_SUPERNODE_HEARTBEAT` (10 s, Flower's minimum). Its SuperExec is
 `client.superexec`, which forks each ClientApp from a warm process instead of starting a
@@ -52,8 +54,14 @@ POLL_INTERVAL_ENV = "MEDFED_SUPERNODE_POLL_INTERVAL"
 HEARTBEAT_ENV = "MEDFED_SUPERNODE_HEARTBEAT"
 _DEFAULT_POLL = 0.5
 _DEFAULT_HEARTBEAT = 10.0
-# SuperExec (started by the SuperNode) polls for ClientApp tasks; Flower's default is 1 s.
+# SuperExec (started by the SuperNode) polls it for ClientApp tasks over loopback;
+# Flower's default is 1 s.
 _SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+_SUPEREXEC_POLL = 0.1
+# Flower sleeps 3 s between empty polls of the SuperLink and 0.5 s between looks at its
+# own state while a ClientApp works; sleeps up to this long are the latter.
+_LOCAL_WAIT_MAX = 1.0
+_LOCAL_WAIT = 0.05
 # "0" turns warm ClientApps off (client.superexec): a new Python per message, as Flower does.
 WARM_ENV = "MEDFED_WARM_CLIENTAPPS"
 
@@ -174,7 +182,7 @@ def supernode_env(agent: SiteAgent, base: dict[str, str] | None = None) -> dict[
     env["FLWR_HOME"] = str(agent.kit.root / "flwr-home")
     env[POLL_INTERVAL_ENV] = str(agent.poll_interval)
     env.setdefault(HEARTBEAT_ENV, str(_DEFAULT_HEARTBEAT))
-    env.setdefault(_SUPEREXEC_POLL_ENV, str(min(agent.poll_interval, 1.0)))
+    env.setdefault(_SUPEREXEC_POLL_ENV, str(_SUPEREXEC_POLL))
     # The code runs from the shipped Flower app; the site's medfed comes from this Python.
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -264,16 +272,31 @@ def _reap_group(pgid: int, grace: float = 5.0) -> None:
 
 
 class _ShortPollClock:
-    """`time` for Flower's SuperNode loop, with idle sleeps capped at the poll interval."""
+    """`time` for Flower's SuperNode loop, with medfed's polling.
+
+    Empty polls of the SuperLink (network; Flower sleeps 3 s after each) back off from
+    0.05 s right after the node answered a message, when the next one is due within a
+    second or so, doubling up to `cap` while nothing comes. The short sleeps while the
+    node waits on its own ClientApp (local state) last at most 0.05 s.
+    """
 
     def __init__(self, cap: float) -> None:
         self.cap = cap
+        self.idle = 0  # empty polls since the node last answered a message
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
+    def answered(self) -> None:
+        """The node sent a reply: poll soon again."""
+        self.idle = 0
+
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
+        if seconds <= _LOCAL_WAIT_MAX:
+            time.sleep(min(seconds, _LOCAL_WAIT))
+            return
+        time.sleep(min(seconds, self.cap, _LOCAL_WAIT * 2.0 ** min(self.idle, 16)))
+        self.idle += 1
 
 
 class _WarmSuperExec:
@@ -299,7 +322,15 @@ def _main(argv: list[str]) -> None:
     from federation.flowerpull import short_pull_backoff
 
     cap = float(os.environ.get(POLL_INTERVAL_ENV, _DEFAULT_POLL))
-    start_client_internal.time = _ShortPollClock(cap)  # type: ignore[assignment]
+    clock = _ShortPollClock(cap)
+    start_client_internal.time = clock  # type: ignore[assignment]
+    push_messages = start_client_internal._push_messages
+
+    def push_and_poll_soon(*args: Any, **kwargs: Any) -> None:
+        push_messages(*args, **kwargs)
+        clock.answered()
+
+    start_client_internal._push_messages = push_and_poll_soon
     short_pull_backoff(start_client_internal, "pull_objects")
     if os.environ.get(WARM_ENV, "1") != "0":
         start_client_internal.subprocess = _WarmSuperExec()  # type: ignore[assignment]

@@ -37,6 +37,9 @@ SECAGG_STATUS_PREFIX = "medfed."
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"  # the site's local training wall time
+# When the site's local training started and finished (its clock, seconds since the epoch).
+TRAIN_STARTED = "train-started"
+TRAIN_FINISHED = "train-finished"
 EVAL_LOSS = "eval-loss"
 DICE = "dice"  # segmentation tasks
 AUROC = "auroc"  # classification

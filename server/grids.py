@@ -95,7 +95,7 @@ class PollingGrid(DelegatingGrid):
     two exchanges (train, evaluate).
     """
 
-    def __init__(self, inner: Grid, interval: float = 0.5) -> None:
+    def __init__(self, inner: Grid, interval: float = 0.1) -> None:
         super().__init__(inner)
         self.interval = interval
 

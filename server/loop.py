@@ -38,6 +38,8 @@ __all__ = [
 
 BEST_MODEL_FILE = "best_model.pt"
 
+# Clock readings: they make the round's idle share, not metrics of their own.
+_CLOCK_READINGS = frozenset({keys.TRAIN_STARTED, keys.TRAIN_FINISHED})
 # Config sections the sites need; coordinator-only settings stay at the coordinator.
 _SITE_SECTIONS = ("task", "model", "privacy")
 
@@ -66,6 +68,19 @@ class RoundRecord:
         if slowest is None or self.train_phase_seconds <= 0:
             return None
         return max(0.0, 1.0 - slowest / self.train_phase_seconds)
+
+    @property
+    def idle_share(self) -> float | None:
+        """Share of the training phase in which no site was training.
+
+        From the first site's start to the last site's end of local training, by the
+        sites' clocks (meaningful where they are synchronised, as NTP keeps them).
+        """
+        started = self.train.get(keys.TRAIN_STARTED)
+        finished = self.train.get(keys.TRAIN_FINISHED)
+        if started is None or finished is None or self.train_phase_seconds <= 0:
+            return None
+        return min(1.0, max(0.0, 1.0 - (finished - started) / self.train_phase_seconds))
 
 
 @dataclass
@@ -115,20 +130,26 @@ def site_config(cfg: MedfedConfig, run_name: str) -> ConfigRecord:
 
 
 def _tracked(record: RoundRecord) -> dict[str, float]:
-    out = {f"train/{k}": v for k, v in record.train.items()}
+    out = {f"train/{k}": v for k, v in record.train.items() if k not in _CLOCK_READINGS}
     out.update({f"eval/{k}": v for k, v in record.evaluate.items()})
     out.update({f"holdout/{k}": v for k, v in record.holdout.items()})
     out.update({f"traffic/{k}": v for k, v in record.traffic.items()})
     for part in (record.site_train, record.site_evaluate):
         for site, metrics in part.items():
             out.update(
-                {f"site/{site}/{k}": v for k, v in metrics.items() if k != keys.NUM_EXAMPLES}
+                {
+                    f"site/{site}/{k}": v
+                    for k, v in metrics.items()
+                    if k != keys.NUM_EXAMPLES and k not in _CLOCK_READINGS
+                }
             )
     out.update({f"site/{s}/update-bytes": float(b) for s, b in record.update_bytes.items()})
     out["sites/delivered"] = float(len(record.site_train or record.site_evaluate))
     if record.overhead_share is not None:
         out["round/train-phase-seconds"] = record.train_phase_seconds
         out["round/overhead-share"] = record.overhead_share
+    if record.idle_share is not None:
+        out["round/idle-share"] = record.idle_share
     return out
 
 

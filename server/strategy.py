@@ -30,9 +30,11 @@ _STRATEGIES: dict[str, type[FedAvg]] = {
 }
 
 # Privacy figures are per site: the consortium-level figure is the worst site's.
-# The slowest site sets the round's pace.
-_MAX_METRICS = frozenset({keys.EPSILON, keys.DP_STEPS, keys.SAMPLE_RATE, keys.TRAIN_SECONDS})
-_MIN_METRICS = frozenset({keys.NOISE_MULTIPLIER})
+# The slowest site sets the round's pace; the sites' training spans first start to last end.
+_MAX_METRICS = frozenset(
+    {keys.EPSILON, keys.DP_STEPS, keys.SAMPLE_RATE, keys.TRAIN_SECONDS, keys.TRAIN_FINISHED}
+)
+_MIN_METRICS = frozenset({keys.NOISE_MULTIPLIER, keys.TRAIN_STARTED})
 
 
 def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:

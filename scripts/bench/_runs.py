@@ -1,14 +1,25 @@
-"""One `medfed run` in its own process, as the benchmarks start it."""
+"""How the benchmarks start runs: `medfed run`, deployment clusters, plain Flower."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from plain_flower import PlainSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -80,3 +91,217 @@ def medfed_run(
 def final_dice(history: dict[str, Any]) -> float:
     """The last round's aggregated held-out Dice."""
     return float(history["rounds"][-1]["evaluate"].get("dice", float("nan")))
+
+
+def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for the processes a benchmark starts: this checkout, this Python's tools."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    return {**env, **(extra or {})}
+
+
+def start(
+    command: list[str], *, cwd: Path, log: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start `command` in its own process group, output to `log`."""
+    out = log.open("wb") if log else subprocess.DEVNULL
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=bench_env(env),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def medfed(
+    *args: str, cwd: Path, log: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start `medfed ARGS` from this checkout."""
+    return start([sys.executable, "-m", "federation.cli", *args], cwd=cwd, log=log, env=env)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process started by `start` and its whole group."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=20)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def provision(base: Path, sites: list[str]) -> Path:
+    """`medfed provision` a consortium of `sites` on a free loopback port; the kits' folder."""
+    from client.supernode import free_port
+
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "consortium.yaml").write_text(
+        json.dumps(
+            {
+                "name": "bench",
+                "coordinator": {"address": f"127.0.0.1:{free_port()}"},
+                "budget": {"max_epsilon": 100.0, "delta": 1e-5},
+                "sites": sites,
+            }
+        )
+    )
+    kits = base / "kits"
+    if medfed("provision", "consortium.yaml", "--output", str(kits), cwd=base).wait() != 0:
+        raise RuntimeError(f"provisioning failed in {base}")
+    return kits
+
+
+def medfed_deployment(
+    name: str, *, base: Path, data: Path, sites: list[str], config: list[str], warm: bool = True
+) -> Path:
+    """A medfed deployment run over TLS on loopback, through the product's commands.
+
+    `medfed provision`, `medfed server start`, one `medfed site start` per site on
+    `data/SITE`, `medfed run federation=deploy CONFIG`; everything stops at the end.
+
+    Returns:
+        The run's history.json.
+    """
+    from client.supernode import WARM_ENV
+
+    base = base / name
+    kits = provision(base, sites)
+    procs = [
+        medfed(
+            "server", "start", "--kit", str(kits / "coordinator"), "--host", "127.0.0.1",
+            cwd=base, log=base / "superlink.log",
+        )
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "SuperLink running" not in (base / "superlink.log").read_text():
+            if time.monotonic() > deadline or procs[0].poll() is not None:
+                raise RuntimeError(f"SuperLink did not start; see {base / 'superlink.log'}")
+            time.sleep(0.5)
+        for site in sites:
+            procs.append(
+                medfed(
+                    "site", "start", "--kit", str(kits / "sites" / site),
+                    "--data", str(data / site), cwd=base, log=base / f"{site}.log",
+                    env={WARM_ENV: "1" if warm else "0"},
+                )
+            )  # fmt: skip
+        run = medfed(
+            "run", "federation=deploy", f"federation.kit={kits / 'coordinator'}", *config,
+            f"run_name={name}", f"output_dir={base / 'out'}", cwd=base, log=base / "run.log",
+        )  # fmt: skip
+        if run.wait(timeout=3600) != 0:
+            raise RuntimeError(f"deployment run {name} failed; see {base / 'run.log'}")
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+    return base / "out" / name / "history.json"
+
+
+def plain_deployment(
+    name: str, *, base: Path, coordinator: Path, settings: PlainSettings, timeout: float = 3600
+) -> list[dict[str, float]]:
+    """The plain Flower app (`plain_flower`) on stock Flower over TLS on loopback.
+
+    `flower-superlink` with the coordinator kit's certificate, one `flower-supernode` per
+    site (Flower's defaults otherwise: no node authentication, a new ClientApp process per
+    message), `flwr run`, its log followed until the run ends, as `medfed run` does.
+
+    Args:
+        name: Folder of this cluster under `base`.
+        base: Work folder.
+        coordinator: A coordinator kit whose CA, certificate and key serve TLS.
+        settings: The app's `PlainSettings`.
+        timeout: Seconds the run may take.
+
+    Returns:
+        The ServerApp's rounds: training-phase and slowest site's seconds.
+    """
+    from plain_flower import SETTINGS_ENV, write_app
+
+    from client.supernode import free_port
+    from federation.provision import CoordinatorKit
+
+    kit = CoordinatorKit(coordinator)
+    base = base / name
+    app = write_app(base / "app")
+    settings.save(base / "settings.json")
+    env = {SETTINGS_ENV: str(base / "settings.json")}
+    address = f"127.0.0.1:{free_port()}"
+    link = [
+        str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(kit.ca), "--ssl-certfile",
+        str(kit.cert), "--ssl-keyfile", str(kit.key), "--disable-runtime-dependency-installation",
+        "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+    ]  # fmt: skip
+    procs = [
+        start(
+            link, cwd=base, log=base / "superlink.log", env={**env, "FLWR_HOME": str(base / "link")}
+        )
+    ]
+    cli = {"FLWR_HOME": str(base / "cli")}
+    (base / "cli").mkdir()
+    (base / "cli" / "config.toml").write_text(
+        f'[superlink]\ndefault = "plain"\n\n[superlink.plain]\naddress = "{address}"\n'
+        f'root-certificates = "{kit.ca}"\n'
+    )
+
+    def flwr(*args: str) -> dict[str, Any]:
+        proc = subprocess.run(
+            [str(BIN / "flwr"), *args, "plain", "--format", "json"],
+            env=bench_env(cli), capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        answer: dict[str, Any] = json.loads(proc.stdout[proc.stdout.find("{") :] or "{}")
+        if not answer.get("success"):
+            raise RuntimeError(f"flwr {args[0]} failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        return answer
+
+    try:
+        _wait_port(address, procs[0], base / "superlink.log")
+        for i in range(settings.sites):
+            node = [
+                str(BIN / "flower-supernode"), "--superlink", address, "--root-certificates",
+                str(kit.ca), "--node-config", f"partition-id={i} num-partitions={settings.sites}",
+                "--port", str(free_port()),
+            ]  # fmt: skip
+            node_env = {**env, "FLWR_HOME": str(base / f"node-{i}")}
+            procs.append(start(node, cwd=base, log=base / f"node-{i}.log", env=node_env))
+        run_id = str(flwr("run", str(app))["run-id"])
+        deadline = time.monotonic() + timeout
+        follow = [str(BIN / "flwr"), "log", run_id, "plain", "--stream"]
+        follower = start(follow, cwd=base, log=base / "run.log", env=cli)
+        while True:  # the stream ends with the run; if it broke off, look now and then
+            try:
+                follower.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                stop(follower)
+            status = str(flwr("ls", "--run-id", run_id)["runs"][0]["status"])
+            if status.startswith("finished:") or time.monotonic() > deadline:
+                break
+            time.sleep(5.0)
+        if status != "finished:completed":
+            raise RuntimeError(f"plain Flower run ended as {status!r}; see {base / 'run.log'}")
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+    records: list[dict[str, float]] = json.loads(Path(settings.out).read_text())
+    return records
+
+
+def _wait_port(address: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the SuperLink did not start; see {log}") from None
+            time.sleep(0.3)

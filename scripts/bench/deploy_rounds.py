@@ -18,55 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _runs import bench_env, medfed, medfed_deployment
 
-from client.supernode import WARM_ENV, free_port  # noqa: E402
-from server.loop import RoundRecord, RunHistory  # noqa: E402
+from server.loop import RoundRecord, RunHistory
 
 SITES = ["site-1", "site-2", "site-3"]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
-
-
-def _medfed(
-    *args: str, cwd: Path, log: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    out = log.open("wb") if log else subprocess.DEVNULL
-    return subprocess.Popen(
-        [sys.executable, "-m", "federation.cli", *args],
-        cwd=cwd,
-        env={**_env(), **(env or {})},
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=20)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _rounds(history: Path) -> list[RoundRecord]:
@@ -83,56 +45,11 @@ def _summary(rounds: list[RoundRecord]) -> dict[str, float]:
 
 
 def deployment(work: Path, data: Path, config: list[str], *, warm: bool) -> list[RoundRecord]:
-    """Provision, start a SuperLink and the sites, run; the coordinator's rounds."""
-    name = "warm" if warm else "cold"
-    base = work / name
-    base.mkdir()
-    port = free_port()
-    (base / "consortium.yaml").write_text(
-        json.dumps(
-            {
-                "name": "bench",
-                "coordinator": {"address": f"127.0.0.1:{port}"},
-                "budget": {"max_epsilon": 100.0, "delta": 1e-5},
-                "sites": SITES,
-            }
-        )
-    )
-    kits = base / "kits"
-    if _medfed("provision", "consortium.yaml", "--output", str(kits), cwd=base).wait() != 0:
-        sys.exit("provisioning failed")
-    procs = [
-        _medfed(
-            "server", "start", "--kit", str(kits / "coordinator"), "--host", "127.0.0.1",
-            cwd=base, log=base / "superlink.log",
-        )
-    ]  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while "SuperLink running" not in (base / "superlink.log").read_text():
-            if time.monotonic() > deadline or procs[0].poll() is not None:
-                sys.exit(f"SuperLink did not start; see {base / 'superlink.log'}")
-            time.sleep(0.5)
-        env = {WARM_ENV: "1" if warm else "0"}
-        for site in SITES:
-            procs.append(
-                _medfed(
-                    "site", "start", "--kit", str(kits / "sites" / site),
-                    "--data", str(data / site), cwd=base, log=base / f"{site}.log", env=env,
-                )
-            )  # fmt: skip
-        run = _medfed(
-            "run", "federation=deploy", f"federation.kit={kits / 'coordinator'}", *config,
-            f"run_name=deploy-{name}", f"output_dir={base / 'out'}", cwd=base,
-            log=base / "deploy.log",
-        )  # fmt: skip
-        if run.wait(timeout=3600) != 0:
-            sys.exit(f"deployment run failed; see {base / 'deploy.log'}")
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
-    rounds = _rounds(base / "out" / f"deploy-{name}" / "history.json")
-    print(f"deployment ({name} ClientApps) s/round: {[r.seconds for r in rounds]}", file=sys.stderr)
+    """The three sites on a SuperLink over TLS; the coordinator's rounds."""
+    name = "deploy-warm" if warm else "deploy-cold"
+    history = medfed_deployment(name, base=work, data=data, sites=SITES, config=config, warm=warm)
+    rounds = _rounds(history)
+    print(f"{name} s/round: {[r.seconds for r in rounds]}", file=sys.stderr)
     return rounds
 
 
@@ -158,12 +75,12 @@ def main() -> None:
     ]
     subprocess.run(
         [sys.executable, "-m", "federation.cli", "generate", "--output", str(data), *config],
-        cwd=work, env=_env(), check=True, capture_output=True,
+        cwd=work, env=bench_env(), check=True, capture_output=True,
     )  # fmt: skip
     print(f"work folder {work}", file=sys.stderr)
 
     sim_out = work / "sim"
-    proc = _medfed(
+    proc = medfed(
         "run", *config, "run_name=sim", f"output_dir={sim_out}",
         f"federation.site_state_root={work / 'sim-state'}", cwd=work, log=work / "sim.log",
     )  # fmt: skip

@@ -1,111 +1,82 @@
 #!/usr/bin/env python3
 """Round overhead: what a round costs beyond the slowest site's local training.
 
-For each consortium size, in one invocation: a `medfed run` (no DP, so both sides train
-the same way) and a plain Flower app (Message API, FedAvg, no validation, no ledgers, no
-tracking, no packing) that trains the same model on the same sites' data with the same
-task code, both in Flower's simulation engine. Every site trains at the same time, as
-separate hospitals do: each gets an equal share of this machine's cores
-(`federation.cpus_per_site` = cores / sites, one torch thread), so a site's training
-wall time includes waiting for the cores the others use and what is left of a round is
-the framework's own time. Overhead share = 1 - slowest site's training time / the
-coordinator's training-phase wall time (sending the model to aggregating the updates),
-averaged over the rounds after the first (the first also loads the data). For medfed the
-share of the whole round (training, federated evaluation, tracking, checkpoint) is also
-given; the plain app has no other step.
+For each engine (Flower's simulation engine; a SuperLink and SuperNodes over TLS on
+loopback), each consortium size and each amount of local work, in one invocation: medfed
+(no DP, so both sides train the same way) and a plain Flower app (`plain_flower`:
+Message API, FedAvg, nothing else) that trains the same model on the same sites' data
+with the same task code. In deployment medfed runs through its own commands (provision,
+`medfed server start`, `medfed site start`, `medfed run federation=deploy`); the plain
+app on stock `flower-superlink` / `flower-supernode` with the same TLS certificate.
 
-    python scripts/bench/overhead.py               # 3 and 10 sites, 4 rounds
-    python scripts/bench/overhead.py --quick       # 3 sites, 3 rounds
+Every site trains at the same time, as separate hospitals do: each gets an equal share
+of this machine's cores (`federation.cpus_per_site` = cores / sites, one torch thread),
+so a site's training time includes waiting for the cores the others use, and what is
+left of a round is the framework's own time. Overhead share = 1 - slowest site's
+training time / the coordinator's training-phase wall time (sending the model to
+aggregating the updates), averaged over the rounds after the first (the first also loads
+the data); overhead seconds are the difference itself. On shared cores the slowest
+site's training starts late when others took the cores first, so the share of the phase
+in which no site was training (outside first start to last end) is given too. For medfed
+the share of the whole round (training, federated evaluation, tracking, checkpoint) is
+also given; the plain app has no other step.
+
+    python scripts/bench/overhead.py               # both engines, 3 and 10 sites, 1 and 10 epochs
+    python scripts/bench/overhead.py --quick       # both engines, 3 sites, 1 epoch, smaller model
 The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from _runs import medfed_run
+import plain_flower
+from _runs import medfed_deployment, medfed_run, plain_deployment
+from plain_flower import SETTINGS_ENV, PlainSettings
 
 # The demo's model and local work, without DP; quick: a smaller model and one epoch.
 SETTINGS = ["privacy=none"]
+ENGINES = ("simulation", "deployment")
 QUICK = ["task.local_epochs=1", "model.channels=[8,16,32]", "model.strides=[2,2]"]
 
 
-def plain_flower(
-    n: int, *, data: Path, state: Path, rounds: int, out: Path, settings: list[str]
-) -> None:
-    """Run the plain Flower app in this process (simulation engine); rounds go to `out`."""
-    import torch
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import FedAvg
+def plain_settings(
+    name: str, n: int, *, work: Path, rounds: int, overrides: list[str]
+) -> PlainSettings:
+    """The plain app's settings for run `name` of `n` sites."""
+    return PlainSettings(
+        sites=n,
+        rounds=rounds,
+        data=str(work / "consortium"),
+        state=str(work / "plain-state" / name),
+        overrides=overrides,
+        cpus_per_site=share_of_cores(n),
+        out=str(work / f"{name}-plain-rounds.json"),
+    )
+
+
+def plain_simulation(settings_file: Path) -> None:
+    """Run the plain Flower app in this process (simulation engine)."""
     from flwr.simulation import run_simulation
 
-    from client.site import SiteIdentity, load_site_dataset, torch_threads
-    from federation.config import compose_config
-    from federation.models import build_model
-    from federation.tasks import get_task
-
-    cfg = compose_config(settings)
-    cpus = share_of_cores(n)
-    names = [f"site-{i + 1}" for i in range(n)]
-    client = ClientApp()
-
-    @client.train()
-    def train(msg: Message, context: Context) -> Message:
-        name = names[int(context.node_config["partition-id"])]
-        torch.set_num_threads(torch_threads(cpus))
-        task = get_task(cfg.task.name)
-        site = SiteIdentity(name, data / name, state / name)
-        dataset = load_site_dataset(site, task, cfg.task, seed=cfg.seed).data
-        model = build_model(cfg.model)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        started = time.perf_counter()
-        outcome = task.train(model, dataset, cfg.task, cfg.privacy, seed=cfg.seed)
-        seconds = time.perf_counter() - started
-        metrics = {"num-examples": outcome.num_examples, "train-seconds": seconds}
-        content = RecordDict(
-            {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
-        )
-        return Message(content=content, reply_to=msg)
-
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
-        arrays = ArrayRecord(build_model(cfg.model, seed=cfg.seed).state_dict())
-        records = []
-        for server_round in range(1, rounds + 1):
-            started = time.perf_counter()
-            replies = list(
-                grid.send_and_receive(
-                    strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-                )
-            )
-            new, _ = strategy.aggregate_train(server_round, replies)
-            phase = time.perf_counter() - started
-            arrays = new if new is not None else arrays
-            slowest = max(float(m.content["metrics"]["train-seconds"]) for m in replies)
-            records.append({"phase": phase, "slowest": slowest})
-        out.write_text(json.dumps(records))
-
+    os.environ[SETTINGS_ENV] = str(settings_file)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    plain = PlainSettings.from_env()
     run_simulation(
-        server_app=server,
-        client_app=client,
-        num_supernodes=n,
+        server_app=plain_flower.server,
+        client_app=plain_flower.client,
+        num_supernodes=plain.sites,
         backend_config={
-            "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": plain.cpus_per_site, "num_gpus": 0.0},
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
         },
     )
@@ -116,9 +87,9 @@ def share_of_cores(n: int) -> float:
     return min(1.0, (os.cpu_count() or 1) / n)
 
 
-def settings(quick: bool) -> list[str]:
+def settings(quick: bool, epochs: int) -> list[str]:
     """Config overrides both apps train with."""
-    return [*SETTINGS, *(QUICK if quick else [])]
+    return [*SETTINGS, *(QUICK if quick else []), f"task.local_epochs={epochs}"]
 
 
 def share(rounds: list[dict[str, float]]) -> dict[str, float]:
@@ -126,79 +97,96 @@ def share(rounds: list[dict[str, float]]) -> dict[str, float]:
     later = rounds[1:] or rounds
     out = {
         "overhead_share": statistics.mean(1 - r["slowest"] / r["phase"] for r in later),
+        "overhead_seconds": statistics.mean(r["phase"] - r["slowest"] for r in later),
         "phase_seconds": statistics.mean(r["phase"] for r in later),
         "slowest_site_seconds": statistics.mean(r["slowest"] for r in later),
     }
+    if all("span" in r for r in later):
+        out["idle_share"] = statistics.mean(1 - r["span"] / r["phase"] for r in later)
     if all("round" in r for r in later):
         out["round_seconds"] = statistics.mean(r["round"] for r in later)
         out["round_overhead_share"] = statistics.mean(1 - r["slowest"] / r["round"] for r in later)
     return out
 
 
-def measure(n: int, *, work: Path, data: Path, rounds: int, quick: bool) -> dict[str, Any]:
-    """medfed and plain Flower on the same `n` sites."""
-    history = medfed_run(
-        f"overhead-{n}",
-        work=work,
-        data=data,
-        overrides=[
-            f"rounds={rounds}",
-            f"federation.num_sites={n}",
-            f"federation.cpus_per_site={share_of_cores(n)}",
-            *settings(quick),
-        ],
-    )
-    ours = share(
-        [
-            {
-                "phase": r["train_phase_seconds"],
-                "round": r["seconds"],
-                "slowest": r["train"]["train-seconds"],
-            }
-            for r in history["rounds"][1:]
+def medfed_rounds(history: dict[str, Any]) -> list[dict[str, float]]:
+    """Training phase, whole round and slowest site of each round after round 0."""
+    return [
+        {
+            "phase": r["train_phase_seconds"],
+            "round": r["seconds"],
+            "slowest": r["train"]["train-seconds"],
+            "span": r["train"]["train-finished"] - r["train"]["train-started"],
+        }
+        for r in history["rounds"]
+        if r["round"] > 0
+    ]
+
+
+def measure(
+    n: int, *, engine: str, epochs: int, work: Path, data: Path, rounds: int, quick: bool
+) -> dict[str, Any]:
+    """medfed and plain Flower on the same `n` sites, in `engine`."""
+    name = f"overhead-{engine}-{n}-e{epochs}"
+    overrides = [
+        f"rounds={rounds}",
+        f"federation.cpus_per_site={share_of_cores(n)}",
+        *settings(quick, epochs),
+    ]
+    plain = plain_settings(name, n, work=work, rounds=rounds, overrides=settings(quick, epochs))
+    if engine == "simulation":
+        history = medfed_run(
+            name, work=work, data=data, overrides=[f"federation.num_sites={n}", *overrides]
+        )
+        plain.save(work / f"{name}-plain.json")
+        subprocess.run(
+            [sys.executable, __file__, "--plain", str(work / f"{name}-plain.json")],
+            check=True,
+            capture_output=True,
+        )
+        plain_rounds = json.loads(Path(plain.out).read_text())
+    else:
+        sites = [f"site-{i + 1}" for i in range(n)]
+        config = [
+            f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+            "tracking.registered_model=",
+            *overrides,
         ]
-    )
-    out = work / f"plain-{n}.json"
-    subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--plain",
-            str(n),
-            "--rounds",
-            str(rounds),
-            "--work",
-            str(work),
-            *(["--quick"] if quick else []),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    plain = share(json.loads(out.read_text()))
-    return {"sites": n, "cpus_per_site": share_of_cores(n), "medfed": ours, "plain_flower": plain}
+        path = medfed_deployment(name, base=work, data=data, sites=sites, config=config)
+        history = json.loads(path.read_text())
+        plain_rounds = plain_deployment(
+            f"{name}-plain",
+            base=work,
+            coordinator=path.parents[2] / "kits" / "coordinator",
+            settings=plain,
+        )
+    return {
+        "engine": engine,
+        "sites": n,
+        "local_epochs": epochs,
+        "cpus_per_site": share_of_cores(n),
+        "medfed": share(medfed_rounds(history)),
+        "plain_flower": share(plain_rounds),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sites", nargs="+", type=int, default=None)
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=None)
+    parser.add_argument("--epochs", nargs="+", type=int, default=None, help="local epochs")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--work", default=None)
-    parser.add_argument("--plain", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--plain", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    rounds = args.rounds or (3 if args.quick else 4)
-    if args.plain is not None:  # the plain Flower app, in its own process
-        work = Path(args.work)
-        plain_flower(
-            args.plain,
-            data=work / "consortium",
-            state=work / "plain-state",
-            rounds=rounds,
-            out=work / f"plain-{args.plain}.json",
-            settings=settings(args.quick),
-        )
+    if args.plain is not None:  # the plain app in the simulation engine, in its own process
+        plain_simulation(Path(args.plain))
         return 0
+    rounds = args.rounds or (3 if args.quick else 4)
     sizes = args.sites or ([3] if args.quick else [3, 10])
+    engines = args.engines or list(ENGINES)
+    workloads = args.epochs or ([1] if args.quick else [1, 10])
     from federation.dicom.synth import generate_consortium
 
     rows = []
@@ -213,28 +201,40 @@ def main() -> int:
             seed=9,
             skip_existing=True,
         )
-        for n in sizes:
-            row = measure(n, work=work, data=data, rounds=rounds, quick=args.quick)
+        for engine, epochs, n in itertools.product(engines, workloads, sizes):
+            row = measure(
+                n,
+                engine=engine,
+                epochs=epochs,
+                work=work,
+                data=data,
+                rounds=rounds,
+                quick=args.quick,
+            )
             rows.append(row)
+            ours, plain = row["medfed"], row["plain_flower"]
             print(
-                f"{n:3d} sites: medfed overhead {row['medfed']['overhead_share']:.1%} of "
-                f"{row['medfed']['phase_seconds']:.1f} s (whole round "
-                f"{row['medfed']['round_overhead_share']:.1%}), plain Flower "
-                f"{row['plain_flower']['overhead_share']:.1%} of "
-                f"{row['plain_flower']['phase_seconds']:.1f} s",
+                f"{engine}, {n} sites, {epochs} local epochs: medfed overhead "
+                f"{ours['overhead_share']:.1%} of "
+                f"{ours['phase_seconds']:.1f} s (whole round {ours['round_overhead_share']:.1%}), "
+                f"plain Flower {plain['overhead_share']:.1%} of {plain['phase_seconds']:.1f} s",
                 flush=True,
             )
-    print(
-        json.dumps(
-            {
-                "benchmark": "overhead",
-                "quick": args.quick,
-                "engine": "simulation",
-                "rounds": rounds,
-                "rows": rows,
-            }
-        )
-    )
+    result = {
+        "benchmark": "overhead",
+        "quick": args.quick,
+        "rounds": rounds,
+        "rows": rows,
+        "within_5_percent": [
+            f"{r['engine']}/{r['sites']}/e{r['local_epochs']}"
+            for r in rows
+            if r["medfed"]["overhead_share"] <= 0.05
+        ],
+        "medfed_at_most_plain": all(
+            r["medfed"]["overhead_share"] <= r["plain_flower"]["overhead_share"] for r in rows
+        ),
+    }
+    print(json.dumps(result))
     return 0
 
 

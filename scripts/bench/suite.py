@@ -105,33 +105,51 @@ def render_communication(r: dict[str, Any]) -> str:
 def render_overhead(r: dict[str, Any]) -> str:
     rows = [
         [
+            row.get("engine", r.get("engine")),
             row["sites"],
-            row.get("cpus_per_site"),
+            row.get("local_epochs", 1),
             name,
             v["phase_seconds"],
             v["slowest_site_seconds"],
+            v.get("overhead_seconds", v["phase_seconds"] - v["slowest_site_seconds"]),
             v["overhead_share"],
+            v.get("idle_share", "-"),
             v.get("round_overhead_share", "-"),
         ]
         for row in r["rows"]
         for name, v in (("medfed", row["medfed"]), ("plain Flower", row["plain_flower"]))
     ]
+    within = r.get("within_5_percent")
+    verdict = (
+        f"\n\nmedfed within 5%: {', '.join(within) or 'none'}; medfed's share at most plain "
+        f"Flower's in every row: {r['medfed_at_most_plain']}."
+        if within is not None
+        else ""
+    )
     return (
-        f"Engine: {r['engine']}; rounds after the first of {r['rounds']}. All sites train at "
-        "once, each on its share of the cores. Whole round: training, federated evaluation, "
-        "tracking and checkpoint (the plain app has no other step).\n\n"
+        f"Rounds after the first of {r['rounds']}. All sites train at once, each on its share "
+        "of the cores. Deployment: a SuperLink and one SuperNode per site over TLS on "
+        "loopback (medfed through its own commands; the plain app on stock Flower, a new "
+        "ClientApp process per message). No site training: share of the training phase "
+        "outside the span from the first site's start to the last site's end of training "
+        "(on shared cores the sites' trainings overlap unevenly). Whole round: training, "
+        "federated evaluation, tracking and checkpoint (the plain app has no other step).\n\n"
         + _table(
             [
+                "engine",
                 "sites",
-                "cores / site",
+                "local epochs",
                 "app",
                 "training phase (s)",
                 "slowest site (s)",
+                "overhead (s)",
                 "overhead share",
+                "no site training",
                 "whole-round share",
             ],
             rows,
         )
+        + verdict
     )
 
 

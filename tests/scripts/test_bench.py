@@ -3,19 +3,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench" / "dp_overhead.py"
+BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
+
+
+def bench(script, *args):
+    """Run a benchmark script; the JSON object on its last line."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_dp_overhead_quick_prints_ratios_for_every_mode():
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--size", "32", "--steps", "1", "--warmup", "1"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = bench("dp_overhead.py", "--quick", "--size", 32, "--steps", 1, "--warmup", 1)
     assert result["benchmark"] == "dp_overhead"
     assert set(result["modes"]) == {"hooks", "functorch", "ew", "ghost"}
     assert result["modes"]["hooks"]["ok"] and result["modes"]["hooks"]["time_ratio"] > 0
@@ -25,28 +30,18 @@ def test_dp_overhead_quick_prints_ratios_for_every_mode():
 
 
 def test_strategies_quick_reports_each_strategy(tmp_path):
-    script = SCRIPT.parent / "strategies.py"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--quick",
-            "--rounds",
-            "1",
-            "--strategies",
-            "fedbn",
-            "--work",
-            str(tmp_path),
-            "--plot",
-            str(tmp_path / "s.png"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
+    result = bench(
+        "strategies.py",
+        "--quick",
+        "--rounds",
+        1,
+        "--strategies",
+        "fedbn",
+        "--work",
+        tmp_path,
+        "--plot",
+        tmp_path / "s.png",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["benchmark"] == "strategies" and result["failed"] == []
     assert 0 <= result["final_dice"]["fedbn"] <= 1
     assert (tmp_path / "s.png").stat().st_size > 0
@@ -55,16 +50,8 @@ def test_strategies_quick_reports_each_strategy(tmp_path):
 def test_suite_quick_runs_a_benchmark_keeps_earlier_results_and_writes_the_docs(tmp_path):
     earlier = {"communication": {"ok": False, "error": ["stopped by hand"], "seconds": 1.0}}
     (tmp_path / "benchmarks.json").write_text(json.dumps({"quick": True, "results": earlier}))
-    suite = SCRIPT.parent / "suite.py"
-    proc = subprocess.run(
-        [sys.executable, str(suite), "--quick", "--only", "prepare_speed", "--docs", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"] == ["prepare_speed"]
+    result = bench("suite.py", "--quick", "--only", "prepare_speed", "--docs", tmp_path)
+    assert result["ok"] == ["prepare_speed"]
     saved = json.loads((tmp_path / "benchmarks.json").read_text())
     assert saved["results"]["communication"] == earlier["communication"]
     result = saved["results"]["prepare_speed"]["result"]
@@ -79,3 +66,25 @@ def test_suite_quick_runs_a_benchmark_keeps_earlier_results_and_writes_the_docs(
     page = (tmp_path / "benchmarks.md").read_text()
     assert "## prepare_speed" in page and "cores" in page and "naive / cold" in page
     assert "## communication" in page and "stopped by hand" in page
+
+
+def test_overhead_quick_measures_medfed_and_plain_flower_in_both_engines(tmp_path):
+    result = bench("overhead.py", "--quick", "--sites", 2, "--rounds", 2, "--work", tmp_path)
+    assert [(r["engine"], r["sites"]) for r in result["rows"]] == [
+        ("simulation", 2),
+        ("deployment", 2),
+    ]
+    for row in result["rows"]:
+        for app in ("medfed", "plain_flower"):
+            measured = row[app]
+            assert 0 < measured["slowest_site_seconds"] < measured["phase_seconds"]
+            assert 0 < measured["overhead_share"] < 1
+            # The sites' training spans at least the slowest site's own training.
+            assert 0 <= measured["idle_share"] <= measured["overhead_share"] + 1e-9
+    # The plain app ran on stock Flower over TLS: its SuperLink served HTTPS and each
+    # SuperNode received the training messages.
+    plain = tmp_path / "overhead-deployment-2-e1-plain"
+    assert "Uvicorn running on https://127.0.0.1:" in (plain / "superlink.log").read_text()
+    for node in ("node-0.log", "node-1.log"):
+        assert (plain / node).read_text().count("Receiving: train message") == 2
+    assert isinstance(result["medfed_at_most_plain"], bool)

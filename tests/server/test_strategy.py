@@ -2,6 +2,7 @@ import pytest
 from flwr.app import MetricRecord, RecordDict
 
 from federation.config import compose_config
+from server.loop import RoundRecord
 from server.strategy import aggregate_metrics, build_strategy
 
 
@@ -16,6 +17,21 @@ def test_metrics_are_sample_weighted_and_epsilon_is_the_worst_site():
     assert out["train-loss"] == pytest.approx((100 * 1.0 + 300 * 2.0) / 400)
     assert out["epsilon"] == pytest.approx(5.0)
     assert out["num-examples"] == 400
+
+
+def test_training_span_runs_from_the_first_start_to_the_last_end():
+    def timed(n, started, seconds):
+        metrics = {"num-examples": n, "train-seconds": seconds, "train-started": started}
+        metrics["train-finished"] = started + seconds
+        return RecordDict({"metrics": MetricRecord(metrics)})
+
+    out = aggregate_metrics([timed(10, 1000.0, 4.0), timed(30, 1001.0, 2.0)], "num-examples")
+    assert out["train-seconds"] == 4.0  # the slowest site
+    assert (out["train-started"], out["train-finished"]) == (1000.0, 1004.0)
+    record = RoundRecord(round=1, seconds=6.0, train=dict(out), train_phase_seconds=5.0)
+    assert record.overhead_share == pytest.approx(0.2)
+    assert record.idle_share == pytest.approx(0.2)  # 4 s of 5 with a site training
+    assert RoundRecord(round=1, seconds=1.0).idle_share is None
 
 
 def test_unknown_strategy_is_rejected():
