@@ -43,10 +43,10 @@ import plain_flower
 from _runs import medfed_deployment, medfed_run, plain_deployment
 from plain_flower import SETTINGS_ENV, PlainSettings
 
-# The demo's model and local work, without DP; quick: a smaller model and one epoch.
+# The demo's model without DP (local epochs per run: --epochs); quick: a smaller model.
 SETTINGS = ["privacy=none"]
 ENGINES = ("simulation", "deployment")
-QUICK = ["task.local_epochs=1", "model.channels=[8,16,32]", "model.strides=[2,2]"]
+QUICK = ["model.channels=[8,16,32]", "model.strides=[2,2]"]
 
 
 def plain_settings(
