@@ -106,15 +106,19 @@ def start(
     command: list[str], *, cwd: Path, log: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     """Start `command` in its own process group, output to `log`."""
-    out = log.open("wb") if log else subprocess.DEVNULL
-    return subprocess.Popen(
-        command,
-        cwd=cwd,
-        env=bench_env(env),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    out = log.open("wb") if log else None
+    try:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=bench_env(env),
+            stdout=out or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        if out:
+            out.close()  # the child has its own copy
 
 
 def medfed(
@@ -137,6 +141,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
+def kits_of(base: Path) -> Path:
+    """Where `provision(base, ...)` writes the kits."""
+    return base / "kits"
+
+
 def provision(base: Path, sites: list[str]) -> Path:
     """`medfed provision` a consortium of `sites` on a free loopback port; the kits' folder."""
     from client.supernode import free_port
@@ -152,7 +161,7 @@ def provision(base: Path, sites: list[str]) -> Path:
             }
         )
     )
-    kits = base / "kits"
+    kits = kits_of(base)
     if medfed("provision", "consortium.yaml", "--output", str(kits), cwd=base).wait() != 0:
         raise RuntimeError(f"provisioning failed in {base}")
     return kits
@@ -167,7 +176,7 @@ def medfed_deployment(
     `data/SITE`, `medfed run federation=deploy CONFIG`; everything stops at the end.
 
     Returns:
-        The run's history.json.
+        The run's history.json. The kits stay in `kits_of(base / name)`.
     """
     from client.supernode import WARM_ENV
 

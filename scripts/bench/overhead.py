@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import plain_flower
-from _runs import medfed_deployment, medfed_run, plain_deployment
+from _runs import kits_of, medfed_deployment, medfed_run, plain_deployment
 from plain_flower import SETTINGS_ENV, PlainSettings
 
 # The demo's model without DP (local epochs per run: --epochs); quick: a smaller model.
@@ -157,7 +157,7 @@ def measure(
         plain_rounds = plain_deployment(
             f"{name}-plain",
             base=work,
-            coordinator=path.parents[2] / "kits" / "coordinator",
+            coordinator=kits_of(work / name) / "coordinator",
             settings=plain,
         )
     return {
