@@ -43,6 +43,7 @@ __all__ = [
     "superlink_command",
     "sync_registrations",
     "unregister_site",
+    "wait_tls",
 ]
 
 _SUPERLINK_HOME = "superlink-home"
@@ -51,6 +52,13 @@ _NODES = "nodes.json"
 _DONE = "finished:"
 # The coordinator's own line at the end of each round (server.loop).
 _ROUND_LINE = "] [round "
+
+
+def _flower_env(home: Path) -> dict[str, str]:
+    """This environment for a Flower process: its Flower home, this Python's tools first."""
+    env = dict(os.environ, FLWR_HOME=str(home))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
 
 
 def _app_dir() -> Path:
@@ -81,11 +89,6 @@ class FlowerCli:
             f'root-certificates = "{kit.ca.resolve()}"\n'
         )
 
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ, FLWR_HOME=str(self.home))
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        return env
-
     def call(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
         """Run `flwr ARGS CONNECTION --format json` and return its JSON answer.
 
@@ -94,7 +97,7 @@ class FlowerCli:
         """
         proc = subprocess.run(
             ["flwr", *args, self.connection, "--format", "json"],
-            env=self._env(),
+            env=_flower_env(self.home),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -115,7 +118,7 @@ class FlowerCli:
         try:
             proc = subprocess.run(
                 ["flwr", "log", str(run_id), self.connection, "--show"],
-                env=self._env(),
+                env=_flower_env(self.home),
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -133,7 +136,7 @@ class FlowerCli:
         """
         proc = subprocess.Popen(
             ["flwr", "log", str(run_id), self.connection, "--stream"],
-            env=self._env(),
+            env=_flower_env(self.home),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -172,7 +175,12 @@ def superlink_command(kit: CoordinatorKit, *, host: str, port: int, database: Pa
     ]
 
 
-def _wait_tls(address: str, ca: Path, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_tls(address: str, ca: Path, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait until the SuperLink `proc` accepts TLS connections on `address` (CA `ca`).
+
+    Raises:
+        FederationError: It exited, or did not accept them within `timeout` s.
+    """
     host, port = address.rsplit(":", 1)
     context = ssl.create_default_context(cafile=str(ca))
     deadline = time.monotonic() + timeout
@@ -236,8 +244,7 @@ class SuperLink:
         home.mkdir(exist_ok=True)
         database = (database or home / "state.db").resolve()
         log_file = (log_file or home / "superlink.log").resolve()
-        env = dict(os.environ, FLWR_HOME=str(home))
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env = _flower_env(home)
         env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -252,7 +259,7 @@ class SuperLink:
         local = f"127.0.0.1:{port}" if host in ("0.0.0.0", "::") else f"{host}:{port}"
         link = cls(kit, proc, local, database, log_file)
         try:
-            _wait_tls(local, kit.ca, proc, timeout)
+            wait_tls(local, kit.ca, proc, timeout)
             sync_registrations(kit, FlowerCli(kit, address=local), database)
         except BaseException as err:
             link.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -237,6 +236,7 @@ def plain_deployment(
 
     from client.supernode import free_port
     from federation.provision import CoordinatorKit
+    from server.deploy import FlowerCli, wait_tls
 
     kit = CoordinatorKit(coordinator)
     base = base / name
@@ -249,30 +249,11 @@ def plain_deployment(
         str(kit.cert), "--ssl-keyfile", str(kit.key), "--disable-runtime-dependency-installation",
         "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
     ]  # fmt: skip
-    procs = [
-        start(
-            link, cwd=base, log=base / "superlink.log", env={**env, "FLWR_HOME": str(base / "link")}
-        )
-    ]
-    cli = {"FLWR_HOME": str(base / "cli")}
-    (base / "cli").mkdir()
-    (base / "cli" / "config.toml").write_text(
-        f'[superlink]\ndefault = "plain"\n\n[superlink.plain]\naddress = "{address}"\n'
-        f'root-certificates = "{kit.ca}"\n'
-    )
-
-    def flwr(*args: str) -> dict[str, Any]:
-        proc = subprocess.run(
-            [str(BIN / "flwr"), *args, "plain", "--format", "json"],
-            env=bench_env(cli), capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
-        answer: dict[str, Any] = json.loads(proc.stdout[proc.stdout.find("{") :] or "{}")
-        if not answer.get("success"):
-            raise RuntimeError(f"flwr {args[0]} failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-        return answer
-
+    link_env = {**env, "FLWR_HOME": str(base / "link")}
+    procs = [start(link, cwd=base, log=base / "superlink.log", env=link_env)]
+    cli = FlowerCli(kit, address=address)  # the kit's CA, pointed at this SuperLink
     try:
-        _wait_port(address, procs[0], base / "superlink.log")
+        wait_tls(address, kit.ca, procs[0], 60)
         for i in range(settings.sites):
             node = [
                 str(BIN / "flower-supernode"), "--superlink", address, "--root-certificates",
@@ -281,19 +262,16 @@ def plain_deployment(
             ]  # fmt: skip
             node_env = {**env, "FLWR_HOME": str(base / f"node-{i}")}
             procs.append(start(node, cwd=base, log=base / f"node-{i}.log", env=node_env))
-        run_id = str(flwr("run", str(app))["run-id"])
+        run_id = int(cli.call("run", str(app))["run-id"])
         deadline = time.monotonic() + timeout
-        follow = [str(BIN / "flwr"), "log", run_id, "plain", "--stream"]
-        follower = start(follow, cwd=base, log=base / "run.log", env=cli)
+        follower = cli.follow_log(run_id, lambda _line: None)
         while True:  # the stream ends with the run; if it broke off, look now and then
-            try:
-                follower.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                stop(follower)
-            status = str(flwr("ls", "--run-id", run_id)["runs"][0]["status"])
+            follower.wait(max(1.0, deadline - time.monotonic()))
+            status = str(cli.run_info(run_id)["status"])
             if status.startswith("finished:") or time.monotonic() > deadline:
                 break
             time.sleep(5.0)
+        (base / "run.log").write_text(follower.text() or cli.log_text(run_id))
         if status != "finished:completed":
             raise RuntimeError(f"plain Flower run ended as {status!r}; see {base / 'run.log'}")
     finally:
@@ -301,16 +279,3 @@ def plain_deployment(
             stop(proc)
     records: list[dict[str, float]] = json.loads(Path(settings.out).read_text())
     return records
-
-
-def _wait_port(address: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    host, port = address.rsplit(":", 1)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, int(port)), timeout=2):
-                return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the SuperLink did not start; see {log}") from None
-            time.sleep(0.3)
