@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.governance import RunRequest
-from client.mods import central_clipping_mod, packed_arrays_mod
+from client.mods import central_clipping_mod, packed_content_mod
 from client.prepare import quality_reply
 from client.secagg import secure_aggregation_mod, under_secure_aggregation
 from client.site import SiteIdentity, load_site_dataset, site_from_node_config, torch_threads
@@ -299,7 +299,7 @@ def create_client_app(
         train_mods: Extra Flower mods around training, outermost first.
         mods: Flower mods around every message (train, evaluate, query).
     """
-    app = ClientApp(mods=[packed_arrays_mod, *mods])
+    app = ClientApp(mods=[packed_content_mod, *mods])
 
     @app.train(mods=[secure_aggregation_mod, *train_mods, central_clipping_mod])
     def train(msg: Message, context: Context) -> Message:

@@ -10,7 +10,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from federation import keys
 from federation.packing import is_packed, pack_content, unpack_content
 
-__all__ = ["central_clipping_mod", "packed_arrays_mod"]
+__all__ = ["central_clipping_mod", "packed_content_mod"]
 
 
 def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -29,10 +29,10 @@ def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCal
 
 
 def _carries_packed(msg: Message) -> bool:
-    return msg.has_content() and any(is_packed(r) for r in msg.content.array_records.values())
+    return msg.has_content() and is_packed(msg.content)
 
 
-def packed_arrays_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+def packed_content_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Site side: unpack what arrived packed, and pack the reply to it."""
     if not _carries_packed(msg):
         return call_next(msg, context)

@@ -32,6 +32,12 @@ PRELOAD = [
     "opacus.accountants",
     "opacus.validators",
     "flwr.supernode.runtime.run_clientapp",
+    # Imported lazily on first use, so each ClientApp would import them again:
+    "httpcore",  # httpx's transport (the connection to the SuperNode)
+    "h11",
+    "torch._dynamo",  # by every torch optimizer's constructor (~1 s of each round's training)
+    "highdicom",  # the data check (quality query)
+    "sqlite3",
 ]
 
 

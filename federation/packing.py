@@ -1,93 +1,55 @@
-"""Packed arrays: a whole ArrayRecord travels as one Flower object.
+"""Packed content: a message's whole content travels as one Flower object.
 
-Flower ships a message as a tree of objects, one per array plus one per chunk, and in
-deployment every object is a request of its own on each hop (ServerApp -> SuperLink ->
-SuperNode -> ClientApp and back). A U-Net's ~60 tensors become ~120 requests per hop,
-seconds per message on a busy machine. Packing puts an ArrayRecord's arrays, byte for
-byte with their dtype, shape and serialisation, into one `Array`; unpacking restores the
-record exactly. The coordinator packs what it sends and unpacks what it receives
-(`server.grids.PackingGrid`); a site does the same with `client.mods.packed_arrays_mod`,
+Flower ships a message as a tree of objects: the message, its RecordDict, one per
+record, and per ArrayRecord one per array plus one per chunk. In deployment every
+object is a request of its own on each hop (ServerApp -> SuperLink -> SuperNode ->
+ClientApp and back), and on the SuperLink every request is a database transaction.
+Packing serialises the RecordDict with Flower's own protobuf serde into a single
+ConfigRecord entry, so a message is three objects whatever it holds; unpacking restores
+the RecordDict exactly. The coordinator packs what it sends and unpacks what it receives
+(`server.grids.PackingGrid`); a site does the same with `client.mods.packed_content_mod`,
 answering packed only what came packed.
 """
 
 from __future__ import annotations
 
-import json
-import struct
+from flwr.app import ConfigRecord, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from google.protobuf.message import DecodeError
 
-from flwr.app import Array, ArrayRecord, RecordDict
+__all__ = ["PACKED_KEY", "is_packed", "pack_content", "unpack_content"]
 
-__all__ = [
-    "PACKED_STYPE",
-    "is_packed",
-    "pack_arrays",
-    "pack_content",
-    "unpack_arrays",
-    "unpack_content",
-]
-
-PACKED_STYPE = "medfed.packed-arrays/1"
-_KEY = "packed"  # the single entry of a packed ArrayRecord
-_HEAD = struct.Struct("<Q")  # length of the JSON layout that precedes the bytes
+PACKED_KEY = "medfed.packed-content/1"  # the single record, and its single entry
 
 
-def pack_arrays(record: ArrayRecord) -> ArrayRecord:
-    """One `Array` holding every array of `record` (layout, then the arrays' bytes)."""
-    layout = [[name, a.dtype, list(a.shape), a.stype, len(a.data)] for name, a in record.items()]
-    head = json.dumps(layout).encode()
-    data = b"".join([_HEAD.pack(len(head)), head, *(a.data for a in record.values())])
-    packed = Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)
-    return ArrayRecord({_KEY: packed})
-
-
-def is_packed(record: ArrayRecord) -> bool:
-    """Whether `record` was made by `pack_arrays`."""
-    return list(record.keys()) == [_KEY] and record[_KEY].stype == PACKED_STYPE
-
-
-def unpack_arrays(record: ArrayRecord) -> ArrayRecord:
-    """The ArrayRecord `pack_arrays` packed, in its order.
-
-    Raises:
-        ValueError: The packed bytes do not match their layout (truncated or altered).
-    """
-    data = memoryview(record[_KEY].data)
-    try:
-        (size,) = _HEAD.unpack_from(data)
-        offset = _HEAD.size + size
-        if offset > len(data):
-            raise ValueError("the layout runs past the end of the packed bytes")
-        layout = json.loads(bytes(data[_HEAD.size : offset]))
-        arrays: dict[str, Array] = {}
-        for name, dtype, shape, stype, nbytes in layout:
-            end = offset + int(nbytes)
-            if end > len(data):
-                raise ValueError(f"array {name!r} runs past the end of the packed bytes")
-            arrays[str(name)] = Array(
-                dtype=str(dtype), shape=tuple(shape), stype=str(stype), data=bytes(data[offset:end])
-            )
-            offset = end
-    except (struct.error, ValueError, TypeError) as err:
-        raise ValueError(f"packed arrays are malformed: {err}") from err
-    if offset != len(data):
-        raise ValueError(f"packed arrays are malformed: {len(data) - offset} bytes left over")
-    return ArrayRecord(arrays)
-
-
-def _map_arrays(content: RecordDict, *, packing: bool) -> RecordDict:
-    out = RecordDict()
-    for name, value in content.items():
-        if isinstance(value, ArrayRecord) and is_packed(value) != packing:
-            value = pack_arrays(value) if packing else unpack_arrays(value)
-        out[name] = value
-    return out
+def is_packed(content: RecordDict) -> bool:
+    """Whether `content` was made by `pack_content`."""
+    if list(content.keys()) != [PACKED_KEY]:
+        return False
+    record = content[PACKED_KEY]
+    return isinstance(record, ConfigRecord) and isinstance(record.get(PACKED_KEY), bytes)
 
 
 def pack_content(content: RecordDict) -> RecordDict:
-    """`content` with each of its ArrayRecords packed."""
-    return _map_arrays(content, packing=True)
+    """`content` as one ConfigRecord holding its serialised RecordDict (packed stays)."""
+    if is_packed(content):
+        return content
+    data = recorddict_to_proto(content).SerializeToString()
+    return RecordDict({PACKED_KEY: ConfigRecord({PACKED_KEY: data})})
 
 
 def unpack_content(content: RecordDict) -> RecordDict:
-    """`content` with each packed ArrayRecord unpacked."""
-    return _map_arrays(content, packing=False)
+    """The RecordDict `pack_content` packed; anything else unchanged.
+
+    Raises:
+        ValueError: The packed bytes are not a serialised RecordDict (truncated or altered).
+    """
+    if not is_packed(content):
+        return content
+    proto = ProtoRecordDict()
+    try:
+        proto.ParseFromString(content[PACKED_KEY][PACKED_KEY])
+        return recorddict_from_proto(proto)
+    except (DecodeError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"packed content is malformed: {err}") from err

@@ -1,6 +1,6 @@
 """Wrappers around the Flower Grid the coordinator talks to the sites through.
 
-- `PackingGrid`: each ArrayRecord travels as one packed array (`federation.packing`).
+- `PackingGrid`: each message's content travels as one packed record (`federation.packing`).
 - `PollingGrid`: deployment; polls for replies every `federation.poll_interval` seconds.
 - `MeteredGrid`: counts the bytes a round moves and keeps the sites' error replies.
 """

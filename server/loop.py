@@ -80,7 +80,9 @@ class RoundRecord:
         finished = self.train.get(keys.TRAIN_FINISHED)
         if started is None or finished is None or self.train_phase_seconds <= 0:
             return None
-        return min(1.0, max(0.0, 1.0 - (finished - started) / self.train_phase_seconds))
+        # The span holds the slowest site's training, whatever the rounding of clock readings.
+        span = max(finished - started, self.train.get(keys.TRAIN_SECONDS, 0.0))
+        return min(1.0, max(0.0, 1.0 - span / self.train_phase_seconds))
 
 
 @dataclass

@@ -102,7 +102,11 @@ def share(rounds: list[dict[str, float]]) -> dict[str, float]:
         "slowest_site_seconds": statistics.mean(r["slowest"] for r in later),
     }
     if all("span" in r for r in later):
-        out["idle_share"] = statistics.mean(1 - r["span"] / r["phase"] for r in later)
+        # The span holds the slowest site's training; rounding of epoch clock readings
+        # (~0.2 us) must not make it look shorter.
+        out["idle_share"] = statistics.mean(
+            1 - max(r["span"], r["slowest"]) / r["phase"] for r in later
+        )
     if all("round" in r for r in later):
         out["round_seconds"] = statistics.mean(r["round"] for r in later)
         out["round_overhead_share"] = statistics.mean(1 - r["slowest"] / r["round"] for r in later)

@@ -3,7 +3,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.mods import central_clipping_mod, packed_arrays_mod
+from client.mods import central_clipping_mod, packed_content_mod
 from federation import keys
 from federation.packing import is_packed, pack_content, unpack_content
 
@@ -79,9 +79,9 @@ def test_packed_messages_are_unpacked_for_the_site_and_the_reply_packed():
         seen.append(m.content.array_records[keys.ARRAYS])
         return _reply_with(m, [1.0, 2.0, 3.0, 4.0])(m, ctx)
 
-    out = packed_arrays_mod(msg, _context(), handler)
-    assert not is_packed(seen[0]) and seen[0].object_id == plain
-    assert is_packed(out.content.array_records[keys.ARRAYS])
+    out = packed_content_mod(msg, _context(), handler)
+    assert seen[0].object_id == plain
+    assert is_packed(out.content)
     update = unpack_content(out.content).array_records[keys.ARRAYS].to_numpy_ndarrays()[0]
     np.testing.assert_allclose(update, [1.0, 2.0, 3.0, 4.0])
 
@@ -89,5 +89,6 @@ def test_packed_messages_are_unpacked_for_the_site_and_the_reply_packed():
 def test_unpacked_messages_get_unpacked_replies():
     msg = _train_msg({})
     msg.metadata.__dict__["_message_id"] = "m5"
-    out = packed_arrays_mod(msg, _context(), _reply_with(msg, [1.0, 2.0, 3.0, 4.0]))
-    assert not is_packed(out.content.array_records[keys.ARRAYS])
+    out = packed_content_mod(msg, _context(), _reply_with(msg, [1.0, 2.0, 3.0, 4.0]))
+    assert not is_packed(out.content)
+    assert keys.ARRAYS in out.content.array_records

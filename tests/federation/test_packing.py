@@ -2,18 +2,14 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_object_tree
+from flwr.supercore.inflatable.inflatable_utils import iterate_object_tree
 
-from federation.packing import (
-    is_packed,
-    pack_arrays,
-    pack_content,
-    unpack_arrays,
-    unpack_content,
-)
+from federation.packing import PACKED_KEY, is_packed, pack_content, unpack_content
 
 
-def _record() -> ArrayRecord:
-    return ArrayRecord(
+def _content() -> RecordDict:
+    arrays = ArrayRecord(
         {
             "conv.weight": Array(torch.randn(4, 2, 3, 3)),
             "norm.bias": Array(np.arange(5, dtype=np.float16)),
@@ -21,62 +17,45 @@ def _record() -> ArrayRecord:
             "empty": Array(np.zeros((0, 3), dtype=np.float32)),
         }
     )
-
-
-def test_pack_is_one_array_and_unpacks_byte_for_byte_in_order():
-    record = _record()
-    packed = pack_arrays(record)
-    assert is_packed(packed) and not is_packed(record)
-    assert len(packed) == 1
-    back = unpack_arrays(packed)
-    assert list(back.keys()) == list(record.keys())
-    for name, array in record.items():
-        assert back[name].dtype == array.dtype
-        assert back[name].shape == array.shape
-        assert back[name].stype == array.stype
-        assert back[name].data == array.data
-    torch.testing.assert_close(
-        back.to_torch_state_dict()["conv.weight"], record.to_torch_state_dict()["conv.weight"]
-    )
-
-
-def test_content_packs_only_array_records_and_round_trips():
-    content = RecordDict(
+    return RecordDict(
         {
-            "arrays": _record(),
-            "config": ConfigRecord({"server-round": 3}),
+            "arrays": arrays,
+            "config": ConfigRecord({"server-round": 3, "run": "demo"}),
             "metrics": MetricRecord({"loss": 0.5}),
         }
     )
+
+
+def _objects(content: RecordDict) -> int:
+    return sum(1 for _ in iterate_object_tree(get_object_tree(content)))
+
+
+def test_content_travels_as_three_objects_and_unpacks_exactly():
+    content = _content()
     packed = pack_content(content)
-    assert is_packed(packed.array_records["arrays"])
-    assert packed.config_records["config"]["server-round"] == 3
-    assert pack_content(packed).array_records["arrays"].object_id == (
-        packed.array_records["arrays"].object_id
-    )  # packing twice changes nothing
+    assert is_packed(packed) and not is_packed(content)
+    assert list(packed.keys()) == [PACKED_KEY]
+    # The RecordDict and one ConfigRecord (plus the message: three requests a hop);
+    # unpacked, every record, array and chunk is one more.
+    assert _objects(packed) == 2 < _objects(content)
     back = unpack_content(packed)
-    assert back.array_records["arrays"].object_id == content.array_records["arrays"].object_id
-    assert unpack_content(back).array_records["arrays"].object_id == back["arrays"].object_id
+    assert list(back.keys()) == list(content.keys())
+    for name, array in content.array_records["arrays"].items():
+        got = back.array_records["arrays"][name]
+        assert (got.dtype, got.shape, got.stype, got.data) == (
+            array.dtype,
+            array.shape,
+            array.stype,
+            array.data,
+        )
+    assert back.object_id == content.object_id
+    assert pack_content(packed).object_id == packed.object_id  # packing twice changes nothing
+    assert unpack_content(back).object_id == back.object_id
 
 
-@pytest.mark.parametrize(
-    ("cut", "reason"), [(-3, "runs past the end"), (None, "bytes left over"), (4, "malformed")]
-)
-def test_damaged_packs_are_refused_with_the_reason(cut, reason):
-    data = pack_arrays(_record())["packed"].data
-    if cut is None:
-        data = data + b"\0\0"
-    else:
-        data = data[:cut]
-    damaged = ArrayRecord(
-        {
-            "packed": Array(
-                dtype="uint8",
-                shape=(len(data),),
-                stype=pack_arrays(_record())["packed"].stype,
-                data=data,
-            )
-        }
-    )
-    with pytest.raises(ValueError, match=reason):
-        unpack_arrays(damaged)
+def test_damaged_packs_are_refused_with_the_reason():
+    data = pack_content(_content())[PACKED_KEY][PACKED_KEY]
+    assert isinstance(data, bytes)
+    damaged = RecordDict({PACKED_KEY: ConfigRecord({PACKED_KEY: data[:-7]})})
+    with pytest.raises(ValueError, match="packed content is malformed"):
+        unpack_content(damaged)

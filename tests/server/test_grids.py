@@ -1,9 +1,9 @@
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from federation import keys
-from federation.packing import pack_content
+from federation.packing import PACKED_KEY, is_packed, pack_content
 from server.grids import PackingGrid
 
 TaskIdentity.task_id = 1
@@ -40,7 +40,7 @@ def _message():
 def test_messages_leave_packed_and_replies_arrive_unpacked():
     sites = _Sites(lambda msg: pack_content(RecordDict({keys.ARRAYS: ArrayRecord([np.ones(3)])})))
     (reply,) = PackingGrid(sites).send_and_receive([_message()])
-    assert list(sites.sent[0].content.array_records[keys.ARRAYS].keys()) == ["packed"]
+    assert is_packed(sites.sent[0].content)
     np.testing.assert_array_equal(
         reply.content.array_records[keys.ARRAYS].to_numpy_ndarrays()[0], np.ones(3)
     )
@@ -48,10 +48,9 @@ def test_messages_leave_packed_and_replies_arrive_unpacked():
 
 def test_a_reply_whose_pack_is_damaged_becomes_an_error_reply():
     def damaged(msg):
-        data = b"\x05" + b"\0" * 7 + b"[]"
-        bad = Array(dtype="uint8", shape=(len(data),), stype="medfed.packed-arrays/1", data=data)
-        return RecordDict({keys.ARRAYS: ArrayRecord({"packed": bad})})
+        data = pack_content(RecordDict({keys.ARRAYS: ArrayRecord([np.ones(3)])}))[PACKED_KEY]
+        return RecordDict({PACKED_KEY: ConfigRecord({PACKED_KEY: data[PACKED_KEY][:-5]})})
 
     (reply,) = PackingGrid(_Sites(damaged)).send_and_receive([_message()])
     assert reply.has_error()
-    assert "rejected reply: packed arrays are malformed: the layout runs past" in reply.error.reason
+    assert "rejected reply: packed content is malformed" in reply.error.reason

@@ -34,6 +34,17 @@ def test_training_span_runs_from_the_first_start_to_the_last_end():
     assert RoundRecord(round=1, seconds=1.0).idle_share is None
 
 
+def test_idle_share_never_exceeds_overhead_share_from_clock_rounding():
+    # At epoch times, started + seconds - started can lose ~0.2 us against seconds.
+    started, seconds = 1795000000.903489, 0.5606166111869025
+    assert (started + seconds) - started < seconds
+    train = {"train-seconds": seconds, "train-started": started}
+    train["train-finished"] = started + seconds
+    record = RoundRecord(round=1, seconds=1.0, train=train, train_phase_seconds=1.0)
+    assert record.overhead_share is not None and record.idle_share is not None
+    assert record.idle_share <= record.overhead_share
+
+
 def test_unknown_strategy_is_rejected():
     cfg = compose_config(["strategy.name=fedsgd"])
     with pytest.raises(ValueError, match="fedsgd"):
