@@ -28,13 +28,9 @@ def central_clipping_mod(msg: Message, context: Context, call_next: ClientAppCal
     return fixedclipping_mod(msg, context, lambda _msg, _ctx: reply)
 
 
-def _carries_packed(msg: Message) -> bool:
-    return msg.has_content() and is_packed(msg.content)
-
-
 def packed_content_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Site side: unpack what arrived packed, and pack the reply to it."""
-    if not _carries_packed(msg):
+    if not (msg.has_content() and is_packed(msg.content)):
         return call_next(msg, context)
     msg.content = unpack_content(msg.content)
     reply = call_next(msg, context)

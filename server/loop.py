@@ -31,6 +31,7 @@ __all__ = [
     "BEST_MODEL_FILE",
     "RoundRecord",
     "RunHistory",
+    "idle_share",
     "initial_arrays",
     "run_rounds",
     "site_config",
@@ -80,9 +81,21 @@ class RoundRecord:
         finished = self.train.get(keys.TRAIN_FINISHED)
         if started is None or finished is None or self.train_phase_seconds <= 0:
             return None
-        # The span holds the slowest site's training, whatever the rounding of clock readings.
-        span = max(finished - started, self.train.get(keys.TRAIN_SECONDS, 0.0))
-        return min(1.0, max(0.0, 1.0 - span / self.train_phase_seconds))
+        return idle_share(
+            span=finished - started,
+            slowest=self.train.get(keys.TRAIN_SECONDS, 0.0),
+            phase=self.train_phase_seconds,
+        )
+
+
+def idle_share(*, span: float, slowest: float, phase: float) -> float:
+    """Share of a training phase of `phase` s in which no site was training.
+
+    `span` runs from the first site's start to the last site's end of training. It holds
+    the slowest site's training (`slowest` s), whatever the rounding of clock readings
+    (~0.2 us at epoch times), so it is never taken as shorter.
+    """
+    return min(1.0, max(0.0, 1.0 - max(span, slowest) / phase))
 
 
 @dataclass

@@ -94,6 +94,8 @@ def settings(quick: bool, epochs: int) -> list[str]:
 
 def share(rounds: list[dict[str, float]]) -> dict[str, float]:
     """Mean overhead over the rounds after the first (of the whole round where known)."""
+    from server.loop import idle_share
+
     later = rounds[1:] or rounds
     out = {
         "overhead_share": statistics.mean(1 - r["slowest"] / r["phase"] for r in later),
@@ -102,10 +104,8 @@ def share(rounds: list[dict[str, float]]) -> dict[str, float]:
         "slowest_site_seconds": statistics.mean(r["slowest"] for r in later),
     }
     if all("span" in r for r in later):
-        # The span holds the slowest site's training; rounding of epoch clock readings
-        # (~0.2 us) must not make it look shorter.
         out["idle_share"] = statistics.mean(
-            1 - max(r["span"], r["slowest"]) / r["phase"] for r in later
+            idle_share(span=r["span"], slowest=r["slowest"], phase=r["phase"]) for r in later
         )
     if all("round" in r for r in later):
         out["round_seconds"] = statistics.mean(r["round"] for r in later)

@@ -105,26 +105,23 @@ def render_communication(r: dict[str, Any]) -> str:
 def render_overhead(r: dict[str, Any]) -> str:
     rows = [
         [
-            row.get("engine", r.get("engine")),
+            row["engine"],
             row["sites"],
-            row.get("local_epochs", 1),
+            row["local_epochs"],
             name,
             v["phase_seconds"],
             v["slowest_site_seconds"],
-            v.get("overhead_seconds", v["phase_seconds"] - v["slowest_site_seconds"]),
+            v["overhead_seconds"],
             v["overhead_share"],
-            v.get("idle_share", "-"),
+            v["idle_share"],
             v.get("round_overhead_share", "-"),
         ]
         for row in r["rows"]
         for name, v in (("medfed", row["medfed"]), ("plain Flower", row["plain_flower"]))
     ]
-    within = r.get("within_5_percent")
     verdict = (
-        f"\n\nmedfed within 5%: {', '.join(within) or 'none'}; medfed's share at most plain "
-        f"Flower's in every row: {r['medfed_at_most_plain']}."
-        if within is not None
-        else ""
+        f"\n\nmedfed within 5%: {', '.join(r['within_5_percent']) or 'none'}; medfed's share "
+        f"at most plain Flower's in every row: {r['medfed_at_most_plain']}."
     )
     return (
         f"Rounds after the first of {r['rounds']}. All sites train at once, each on its share "
