@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
@@ -71,6 +73,28 @@ def ensure_site_policies(cfg: MedfedConfig) -> None:
             SitePolicy(max_epsilon=cfg.federation.site_budget, delta=cfg.privacy.delta).save(path)
 
 
+@contextlib.contextmanager
+def _workers_for(sites: int) -> Iterator[None]:
+    """Let Flower's simulation engine serve `sites` sites at once.
+
+    Flower (1.41) starts one worker thread per actor but in a thread pool of default
+    size (cores + 4): on 2 cores, 6 of 10 sites train while the other 4 wait for a
+    worker, and each round takes two turns. The pool is sized for every site here.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    pool = vce_api.ThreadPoolExecutor
+    size = max(sites, min(32, (os.cpu_count() or 1) + 4))
+    sized = functools.partial(ThreadPoolExecutor, max_workers=size)
+    vce_api.ThreadPoolExecutor = sized  # type: ignore[misc,assignment]
+    try:
+        yield
+    finally:
+        vce_api.ThreadPoolExecutor = pool  # type: ignore[misc]
+
+
 def run_simulation(
     cfg: MedfedConfig,
     *,
@@ -102,17 +126,18 @@ def run_simulation(
     names = cfg.federation.names()
     results: list[RunResult] = []
     gpus = 1.0 / len(names) if torch.cuda.is_available() else 0.0
-    flwr_run_simulation(
-        server_app=create_server_app(cfg, on_done=results.append, wrap_grid=wrap_grid),
-        client_app=(client_app_factory or create_client_app)(
-            SimulatedSites(tuple(names), cfg.data.root, cfg.federation.site_state_root)
-        ),
-        num_supernodes=len(names),
-        backend_config={
-            "client_resources": {"num_cpus": cfg.federation.cpus_per_site, "num_gpus": gpus},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
-        },
-    )
+    with _workers_for(len(names)):
+        flwr_run_simulation(
+            server_app=create_server_app(cfg, on_done=results.append, wrap_grid=wrap_grid),
+            client_app=(client_app_factory or create_client_app)(
+                SimulatedSites(tuple(names), cfg.data.root, cfg.federation.site_state_root)
+            ),
+            num_supernodes=len(names),
+            backend_config={
+                "client_resources": {"num_cpus": cfg.federation.cpus_per_site, "num_gpus": gpus},
+                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+            },
+        )
     if not results:
         raise FederationError("the run stopped before it finished; see the errors above")
     return results[0]

@@ -19,10 +19,13 @@ the data); overhead seconds are the difference itself. On shared cores the slowe
 site's training starts late when others took the cores first, so the share of the phase
 in which no site was training (outside first start to last end) is given too. For medfed
 the share of the whole round (training, federated evaluation, tracking, checkpoint) is
-also given; the plain app has no other step.
+also given; the plain app has no other step. A framework's fixed cost per round is
+within 5% once local training lasts 19 times that cost: each row gives that break-even.
 
-    python scripts/bench/overhead.py               # both engines, 3 and 10 sites, 1 and 10 epochs
+    python scripts/bench/overhead.py               # both engines; 3 and 10 sites at 1 and 10
+                                                   # local epochs, and 3 sites at 50
     python scripts/bench/overhead.py --quick       # both engines, 3 sites, 1 epoch, smaller model
+    python scripts/bench/overhead.py --sites 3 --epochs 1 10    # every size at every workload
 The last line is one JSON object.
 """
 
@@ -47,6 +50,12 @@ from plain_flower import SETTINGS_ENV, PlainSettings
 SETTINGS = ["privacy=none"]
 ENGINES = ("simulation", "deployment")
 QUICK = ["model.channels=[8,16,32]", "model.strides=[2,2]"]
+# (sites, local epochs) measured by default. 50 epochs is a round of about a minute on
+# this machine, closer to a hospital's; 10 sites at 50 would take hours here.
+FULL_ROWS = ((3, 1), (10, 1), (3, 10), (10, 10), (3, 50))
+QUICK_ROWS = ((3, 1),)
+# Overhead is at most 5% of a round whose local training lasts this many times it.
+BREAK_EVEN = 0.95 / 0.05
 
 
 def plain_settings(
@@ -103,6 +112,7 @@ def share(rounds: list[dict[str, float]]) -> dict[str, float]:
         "phase_seconds": statistics.mean(r["phase"] for r in later),
         "slowest_site_seconds": statistics.mean(r["slowest"] for r in later),
     }
+    out["training_for_5_percent_seconds"] = BREAK_EVEN * out["overhead_seconds"]
     if all("span" in r for r in later):
         out["idle_share"] = statistics.mean(
             idle_share(span=r["span"], slowest=r["slowest"], phase=r["phase"]) for r in later
@@ -188,9 +198,11 @@ def main() -> int:
         plain_simulation(Path(args.plain))
         return 0
     rounds = args.rounds or (3 if args.quick else 4)
-    sizes = args.sites or ([3] if args.quick else [3, 10])
     engines = args.engines or list(ENGINES)
-    workloads = args.epochs or ([1] if args.quick else [1, 10])
+    cases = list(QUICK_ROWS if args.quick else FULL_ROWS)
+    if args.sites or args.epochs:
+        sizes = args.sites or sorted({n for n, _ in cases})
+        cases = list(itertools.product(sizes, args.epochs or sorted({e for _, e in cases})))
     from federation.dicom.synth import generate_consortium
 
     rows = []
@@ -199,13 +211,13 @@ def main() -> int:
         data = work / "consortium"
         generate_consortium(
             data,
-            site_names=[f"site-{i + 1}" for i in range(max(sizes))],
+            site_names=[f"site-{i + 1}" for i in range(max(n for n, _ in cases))],
             patients_per_site=[3] if args.quick else [12],
             slices=12 if args.quick else 24,
             seed=9,
             skip_existing=True,
         )
-        for engine, epochs, n in itertools.product(engines, workloads, sizes):
+        for engine, (n, epochs) in itertools.product(engines, cases):
             row = measure(
                 n,
                 engine=engine,
@@ -221,7 +233,9 @@ def main() -> int:
                 f"{engine}, {n} sites, {epochs} local epochs: medfed overhead "
                 f"{ours['overhead_share']:.1%} of "
                 f"{ours['phase_seconds']:.1f} s (whole round {ours['round_overhead_share']:.1%}), "
-                f"plain Flower {plain['overhead_share']:.1%} of {plain['phase_seconds']:.1f} s",
+                f"plain Flower {plain['overhead_share']:.1%} of {plain['phase_seconds']:.1f} s; "
+                f"within 5% from {ours['training_for_5_percent_seconds']:.0f} s of training "
+                f"(plain {plain['training_for_5_percent_seconds']:.0f} s)",
                 flush=True,
             )
     result = {

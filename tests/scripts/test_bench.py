@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 
 
@@ -79,6 +81,9 @@ def test_overhead_quick_measures_medfed_and_plain_flower_in_both_engines(tmp_pat
             measured = row[app]
             assert 0 < measured["slowest_site_seconds"] < measured["phase_seconds"]
             assert 0 < measured["overhead_share"] < 1
+            assert measured["training_for_5_percent_seconds"] == pytest.approx(
+                19 * measured["overhead_seconds"]
+            )
             # The sites' training spans at least the slowest site's own training.
             assert 0 <= measured["idle_share"] <= measured["overhead_share"] + 1e-9
     # The plain app ran on stock Flower over TLS: its SuperLink served HTTPS and each
