@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from client.apptrust import running_app
 from client.governance import RunRequest
 from client.mods import central_clipping_mod, packed_content_mod
 from client.prepare import quality_reply
@@ -91,6 +92,9 @@ class _Job:
         torch.set_num_threads(torch_threads(float(self.flat.get(keys.CPUS_PER_SITE, 1))))
         self.prepared = load_site_dataset(self.site, self.task, self.task_cfg, seed=self.seed)
         self.state = SiteState(self.site.state_dir, self.site.name)
+        # The code this run executes here, as the SuperNode admitted it (client.apptrust).
+        self.app = running_app(self.site.state_dir, msg.metadata.run_id)
+        self.plan = plan_hash(self.flat, app=self.app)
         self.model = build_model(self.model_cfg, seed=self.seed)
         # FedBN: the norm layers are the site's own; the coordinator never sees them.
         self.local_keys = (
@@ -191,10 +195,10 @@ def _govern(job: _Job) -> None:
         raise SiteRefusal(job.site.name, f"site policy: {'; '.join(problems)}")
     if policy.require_plan_approval:
         plans = job.state.plans
-        plan = plan_hash(job.flat)
+        plan = job.plan
         status = plans.status(plan)
         if status != "approved":
-            plans.request(job.flat, run=job.run)
+            plans.request(job.flat, run=job.run, app=job.app)
             raise SiteRefusal(
                 job.site.name,
                 f"training plan {plan} is not approved at this site ({status}); the site "
@@ -252,7 +256,7 @@ def _train_private(job: _Job, msg: Message) -> Message:
             run=job.run,
             server_round=job.round,
             dataset=fingerprint,
-            plan=plan_hash(job.flat),
+            plan=job.plan,
             mechanism=spent,
             accountant=job.privacy.accountant,
             budget=budget,

@@ -202,6 +202,9 @@ class GovernancePolicy:
         return problems
 
 
+_PLAN_ACTIONS = ("requested", "approved", "revoked")
+
+
 def _opt(kind: type[Any], value: Any) -> Any:
     if value is None:
         return None
@@ -302,12 +305,24 @@ class AuditLog:
         return problems
 
 
-def plan_document(flat: dict[str, Any]) -> dict[str, Any]:
-    """The reviewable content of a plan: medfed version and the config it would run."""
+def plan_document(flat: dict[str, Any], *, app: str | None = None) -> dict[str, Any]:
+    """The reviewable content of a plan: its code (app digest) and the config it would run.
+
+    Args:
+        flat: The site config the coordinator sends.
+        app: Digest of the run's code; the site's own release by default.
+    """
+    from federation.appdigest import release_digest
     from federation.config import plan_hash
 
+    app = app or release_digest() or "unpackaged"
     config = {k: flat[k] for k in sorted(flat) if k not in _VOLATILE}
-    return {"plan": plan_hash(flat), "medfed": __version__, "config": config}
+    return {
+        "plan": plan_hash(flat, app=app),
+        "medfed": __version__,
+        "app": app,
+        "config": config,
+    }
 
 
 def plan_summary(document: dict[str, Any]) -> list[str]:
@@ -329,7 +344,8 @@ def plan_summary(document: dict[str, Any]) -> list[str]:
     elif privacy == "none":
         privacy = "none: the site's update is released without differential privacy"
     return [
-        f"plan {document['plan']} (medfed {document['medfed']})",
+        f"plan {document['plan']} (medfed {document['medfed']}, "
+        f"code: app {str(document.get('app', '?'))[:16]})",
         f"  task: {cfg.get('task.name')} at {cfg.get('task.image_size')} px, "
         f"{cfg.get('task.local_epochs')} local epoch(s), batch {cfg.get('task.batch_size')}, "
         f"lr {cfg.get('task.lr')}",
@@ -377,6 +393,8 @@ class PlanRegistry:
         for path in sorted((self.root / PLANS_DIR).glob("*.json")):
             out[path.stem] = {"status": "pending", "by": "", "time": "", "runs": []}
         for entry in self.audit.entries():
+            if entry["action"] not in _PLAN_ACTIONS:
+                continue  # the same log also records decisions on apps (client.apptrust)
             row = out.setdefault(
                 entry["plan"], {"status": "pending", "by": "", "time": "", "runs": []}
             )
@@ -406,9 +424,14 @@ class PlanRegistry:
             )
         return matches[0]
 
-    def request(self, flat: dict[str, Any], *, run: str, by: str = "coordinator") -> str:
-        """Keep a plan the coordinator asked to run, pending review; returns its hash."""
-        document = plan_document(flat)
+    def request(
+        self, flat: dict[str, Any], *, run: str, by: str = "coordinator", app: str | None = None
+    ) -> str:
+        """Keep a plan the coordinator asked to run, pending review; returns its hash.
+
+        `app` is the digest of the run's code (default: the site's own release).
+        """
+        document = plan_document(flat, app=app)
         plan = str(document["plan"])
         path = self._plan_path(plan)
         if not path.exists():

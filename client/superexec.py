@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = ["PRELOAD", "STARTED"]
@@ -78,6 +79,7 @@ def _executor_class() -> type:
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor
 
+    from client.apptrust import SITE_STATE_ENV, is_release_fab
     from client.superexec import _run_clientapp as target  # by module name, not __main__
 
     class WarmExecutor(SubprocessExecutor):
@@ -85,6 +87,7 @@ def _executor_class() -> type:
 
         def __init__(self) -> None:
             super().__init__()
+            self._state = Path(os.environ.get(SITE_STATE_ENV, "."))
             self._ctx = multiprocessing.get_context("forkserver")
             self._ctx.set_forkserver_preload(PRELOAD)
             from multiprocessing import forkserver
@@ -92,7 +95,11 @@ def _executor_class() -> type:
             forkserver.ensure_running()  # import now, not when the first message arrives
 
         def launch(self, spec: Any) -> Any:
-            if spec.task_type != TaskType.CLIENT_APP:
+            # The fork server preloaded the site's own release: any other app the site
+            # approved starts cold, from its own code.
+            if spec.task_type != TaskType.CLIENT_APP or not is_release_fab(
+                self._state, spec.fab_hash
+            ):
                 return super().launch(spec)
             try:
                 self._ctx.Process(target=target, args=(spec,), daemon=False).start()

@@ -15,13 +15,16 @@ declares a node gone after two missed beats, so a crashed site stalls a round fo
 a minute) is `MEDFED_SUPERNODE_HEARTBEAT` (10 s, Flower's minimum). Its SuperExec is
 `client.superexec`, which forks each ClientApp from a warm process instead of starting a
 new Python that imports torch again (`MEDFED_WARM_CLIENTAPPS=0` turns this off).
+
+Before the first task of any run is created, the run's app must pass the site's
+`client.apptrust.AppGate` (its own medfed release or an app it approved); otherwise the
+SuperNode answers with an error that names the app's digest, and nothing of it runs.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,8 +34,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from client.apptrust import SITE_NAME_ENV, SITE_STATE_ENV, AppGate, UntrustedApp
 from federation import keys
 from federation.logs import context_logger
+from federation.ports import free_port
 from federation.provision import SiteKit
 
 __all__ = [
@@ -64,13 +69,6 @@ _LOCAL_WAIT_MAX = 1.0
 _LOCAL_WAIT = 0.05
 # "0" turns warm ClientApps off (client.superexec): a new Python per message, as Flower does.
 WARM_ENV = "MEDFED_WARM_CLIENTAPPS"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -181,6 +179,8 @@ def supernode_env(agent: SiteAgent, base: dict[str, str] | None = None) -> dict[
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
     env["FLWR_HOME"] = str(agent.kit.root / "flwr-home")
     env[POLL_INTERVAL_ENV] = str(agent.poll_interval)
+    env[SITE_STATE_ENV] = str(agent.state)
+    env[SITE_NAME_ENV] = agent.site
     env.setdefault(HEARTBEAT_ENV, str(_DEFAULT_HEARTBEAT))
     env.setdefault(_SUPEREXEC_POLL_ENV, str(_SUPEREXEC_POLL))
     # The code runs from the shipped Flower app; the site's medfed comes from this Python.
@@ -312,8 +312,51 @@ class _WarmSuperExec:
         return subprocess.Popen(command, *args, **kwargs)
 
 
+def _guard_apps(module: Any, gate: AppGate) -> None:
+    """Check every new run's app at `gate` before Flower stores the run or creates a task.
+
+    An untrusted app's message is answered with an error naming the app, as Flower
+    answers a FAB that fails its own verification; the run is not stored, so each of
+    its later messages is checked and refused again.
+    """
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode
+
+    pull_and_store = module._pull_and_store_message
+
+    def guarded(*, state: Any, object_store: Any, receive: Any, get_fab: Any, **kw: Any) -> Any:
+        received: list[Message] = []
+
+        def remember() -> Any:
+            got = receive()
+            if got is not None:
+                received.append(got[0])
+            return got
+
+        def admitted_fab(fab_hash: str, run_id: int) -> Any:
+            fab = get_fab(fab_hash, run_id)
+            gate.admit(fab.content, fab.hash_str, run_id)
+            return fab
+
+        try:
+            return pull_and_store(
+                state=state,
+                object_store=object_store,
+                receive=remember,
+                get_fab=admitted_fab,
+                **kw,
+            )
+        except UntrustedApp as err:
+            context_logger(site=gate.site).error("%s", err)
+            reply = Message(Error(ErrorCode.INVALID_FAB, str(err)), reply_to=received[-1])
+            module._insert_message(reply, state, object_store)
+            return received[-1].metadata.run_id
+
+    module._pull_and_store_message = guarded
+
+
 def _main(argv: list[str]) -> None:
-    """`flower-supernode` with medfed's idle poll, heartbeat and warm ClientApps."""
+    """`flower-supernode` with the site's app check, idle poll, heartbeat, warm ClientApps."""
     from flwr.supercore import heartbeat as flwr_heartbeat
     from flwr.supercore.logger import update_console_handler
     from flwr.supernode import fleet_http_connection, start_client_internal
@@ -321,6 +364,16 @@ def _main(argv: list[str]) -> None:
 
     from federation.flowerpull import short_pull_backoff
 
+    try:
+        gate = AppGate.from_env()
+    except UntrustedApp as err:
+        sys.exit(f"medfed: {err}")
+    trusted = gate.trusted()  # the release's digest is computed once, before any message
+    context_logger(site=gate.site).info(
+        "this site runs only these apps: %s",
+        "; ".join(f"{d[:16]} ({why})" for d, why in trusted.items()) or "none",
+    )
+    _guard_apps(start_client_internal, gate)
     cap = float(os.environ.get(POLL_INTERVAL_ENV, _DEFAULT_POLL))
     clock = _ShortPollClock(cap)
     start_client_internal.time = clock  # type: ignore[assignment]

@@ -21,14 +21,58 @@ from federation.ledger import (
 )
 from federation.security import load_public_key
 
-__all__ = ["LedgerAudit", "audit_ledgers", "load_keys", "write_report"]
+__all__ = ["LedgerAudit", "audit_ledgers", "key_bindings", "load_keys", "write_report"]
+
+
+def key_bindings(coordinator: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Which public keys belong to which site, where each binding came from, and problems.
+
+    Each enrolled site's binding is its signed enrolment file in the coordinator kit: the
+    site proved possession of both private keys, and the coordinator recorded the
+    fingerprint the site confirmed out of band. Every key file the kit registers or
+    audits with is checked against it.
+    """
+    from federation.provision import LEDGER_KEYS_DIR, CoordinatorKit
+
+    kit = CoordinatorKit(coordinator)
+    rows, problems = [], []
+    for site, entry in kit.manifest()["sites"].items():
+        row = {
+            "site": site,
+            "status": entry["status"],
+            **{k: entry.get(k, "-") for k in ("ledger_key_id", "auth_key", "fingerprint")},
+            "enrolled": entry.get("enrolled", "-"),
+            "origin": entry.get("origin", "no enrolment yet"),
+            "retired": entry.get("retired", []),
+        }
+        rows.append(row)
+        if entry["status"] == "awaiting-enrolment":
+            continue
+        try:
+            enrolment = kit.enrolment(site)
+            enrolment.verify(fingerprint=str(entry.get("fingerprint", "")))
+        except ValueError as err:
+            problems.append(f"{site}: {err}")
+            continue
+        ledger_pub = kit.root / LEDGER_KEYS_DIR / f"{site}.pub"
+        if ledger_pub.exists() and ledger_pub.read_text() != enrolment.ledger_key:
+            problems.append(f"{site}: {ledger_pub} is not the ledger key the site enrolled")
+        site_pub = kit.site_key(site)
+        registered = site_pub.read_text() if site_pub.exists() else enrolment.supernode_key
+        if entry["status"] == "active" and registered != enrolment.supernode_key:
+            problems.append(f"{site}: {site_pub} is not the SuperNode key the site enrolled")
+        if entry.get("ledger_key_id") != enrolment.ledger_key_id:
+            problems.append(f"{site}: the manifest names another ledger key than the enrolment")
+    return rows, problems
 
 
 def load_keys(paths: list[Path]) -> dict[str, Ed25519PublicKey]:
     """Public keys by site name from files and folders.
 
     `NAME.pub` is site NAME's key; a `site_key.pub` belongs to the site whose state
-    folder holds it. Folders are searched recursively.
+    folder holds it; `NAME@KEYID.pub` is a key site NAME retired when it re-keyed
+    (`medfed site init --rekey`), for the entries it signed before. Folders are
+    searched recursively.
 
     Raises:
         ValueError: A path does not exist, or two keys claim the same site.

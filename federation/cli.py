@@ -18,11 +18,15 @@ medfed audit verify site-state/*/ledger.jsonl --keys site-state
 medfed audit epsilon --sample-rate 0.04 --noise-multiplier 1.5 --steps 2250 --delta 1e-5
 medfed audit report site-state/*/ledger.jsonl --keys site-state --output audit
 medfed config privacy=none
-medfed provision consortium.yaml --output kits        # CA, SuperLink cert, site kits
-medfed provision consortium.yaml --output kits --add-site site-4
+medfed provision consortium.yaml --output kits        # CA, SuperLink cert, coordinator kit
+medfed site init --name site-4 --kit site-kit          # at the site: own keys, enrolment
+medfed provision consortium.yaml --output kits --enrol enrolment.json --fingerprint FP
+medfed site join --kit site-kit --bundle kits/sites/site-4
+medfed site apps approve DIGEST --by "Dr. Name" --state site-kit/state
+medfed audit keys --kit kits/coordinator
 medfed provision consortium.yaml --output kits --revoke site-2
 medfed server start --kit kits/coordinator            # SuperLink: TLS + node auth
-medfed site start --kit kits/sites/site-1 --data /data/dicom
+medfed site start --kit site-kit --data /data/dicom
 medfed run federation=deploy federation.kit=kits/coordinator rounds=10
 """
 
@@ -121,25 +125,39 @@ def _run_deployment(cfg: Any) -> int:
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:
-    from federation.provision import provision, revoke_site
+    from federation.provision import legacy_private_keys, provision, revoke_site
+    from server.deploy import sync_running
 
     description, output = Path(args.description), Path(args.output)
+    coordinator = output / "coordinator"
     if args.revoke:
-        from server.deploy import unregister_site
-
-        coordinator = output / "coordinator"
         revoke_site(coordinator, args.revoke, description=description)
         print(f"site {args.revoke} revoked in {coordinator.resolve()} and {description}")
-        if unregister_site(coordinator, args.revoke):
+        if sync_running(coordinator):
             print("unregistered from the running SuperLink: it can no longer connect")
         else:
             print("no SuperLink running here: it unregisters the site at its next start")
         return 0
-    kit = provision(description, output, add_sites=args.add_site)
+    if len(args.fingerprint) != len(args.enrol):
+        raise ValueError(
+            f"{len(args.enrol)} --enrol file(s) but {len(args.fingerprint)} --fingerprint(s): "
+            "give each enrolment the fingerprint its site read to you, in the same order"
+        )
+    enrol = [(Path(f), fp) for f, fp in zip(args.enrol, args.fingerprint, strict=True)]
+    kit = provision(description, output, add_sites=args.add_site, enrol=enrol)
     for site, entry in kit.manifest()["sites"].items():
-        print(f"{site}: {entry['status']} (SuperNode key {entry['auth_key']})")
+        key = f" (SuperNode key {entry['auth_key']})" if entry.get("auth_key") else ""
+        print(f"{site}: {entry['status']}{key}")
+    if enrol and sync_running(coordinator):
+        print("registered with the running SuperLink")
     print(f"coordinator kit: {kit.root}  (start: medfed server start --kit {kit.root})")
-    print(f"site kits: {output.resolve() / 'sites'}/<site>  (hand each to its site)")
+    print(f"enrolled sites' folders: {output.resolve() / 'sites'}/<site>  (send each to its site)")
+    for path in legacy_private_keys(output):
+        print(
+            f"warning: {path} is a site private key made here by an older medfed; the site "
+            "re-keys with `medfed site init --rekey` and is enrolled again, which removes it",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -152,9 +170,15 @@ def _cmd_server_start(args: argparse.Namespace) -> int:
         Path(args.kit),
         host=args.host,
         port=args.port,
+        control_port=args.control_port,
         database=Path(args.database) if args.database else None,
     )
-    print(f"SuperLink running (pid {link.process.pid}), log: {link.log_file}; Ctrl-C stops it")
+    gate = link.gate.address if link.gate else "?"
+    print(
+        f"SuperLink running (pid {link.process.pid}) on {link.address} (this host only); the "
+        f"sites reach its Fleet API alone, through the gate on {gate}; log: {link.log_file}; "
+        "Ctrl-C stops it"
+    )
 
     def stop(signum: int, _frame: Any) -> None:
         link.stop()
@@ -162,9 +186,18 @@ def _cmd_server_start(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    code = link.process.wait()
+    import time
+
+    watched = {"SuperLink": link.process}
+    if link.gate is not None:
+        watched["Fleet gate (nginx)"] = link.gate.process
+    while all(proc.poll() is None for proc in watched.values()):
+        time.sleep(1.0)
+    gone = next(name for name, proc in watched.items() if proc.poll() is not None)
     link.stop()
-    print(f"SuperLink exited with code {code}; see {link.log_file}", file=sys.stderr)
+    print(
+        f"the {gone} exited; stopped the coordinator; see {link.log_file.parent}", file=sys.stderr
+    )
     return 1
 
 
@@ -179,6 +212,72 @@ def _cmd_site_start(args: argparse.Namespace) -> int:
         poll_interval=args.poll_interval,
     )
     return run_site(agent)
+
+
+def _cmd_site_init(args: argparse.Namespace) -> int:
+    from federation.enrolment import ENROLMENT_FILE, init_site_keys
+
+    kit = Path(args.kit)
+    enrolment = init_site_keys(kit, args.name, rekey=args.rekey)
+    print(f"site {enrolment.site}: keys made in {kit.resolve()} (private keys stay here, 0600)")
+    if enrolment.replaces:
+        print(f"retired keys: {enrolment.replaces} (public halves kept in {kit / 'retired'})")
+    print(f"send {kit.resolve() / ENROLMENT_FILE} to the coordinator (it holds public keys only)")
+    print(f"and read them this fingerprint by another channel: {enrolment.fingerprint}")
+    return 0
+
+
+def _cmd_site_join(args: argparse.Namespace) -> int:
+    from federation.provision import join_site
+
+    kit = join_site(Path(args.kit), Path(args.bundle))
+    info = kit.info()
+    print(f"site {info['site']} joined {info['consortium']}; SuperLink {info['superlink']}")
+    print(f"start it with: medfed site start --kit {kit.root} --data DIR")
+    return 0
+
+
+def _app_gate(args: argparse.Namespace) -> Any:
+    from client.apptrust import AppGate
+
+    return AppGate(*_site_state(args))
+
+
+def _cmd_apps_list(args: argparse.Namespace) -> int:
+    gate = _app_gate(args)
+    for digest, origin in gate.trusted().items():
+        print(f"trusted  {digest}  {origin}")
+    for entry in gate.refusals():
+        d = entry["details"]
+        print(f"refused  {d['app']}  run {d.get('run')} at {entry['time']} (FAB {d.get('fab')})")
+    return 0
+
+
+def _cmd_apps_approve(args: argparse.Namespace) -> int:
+    entry = _app_gate(args).approve(args.app, by=args.by, note=args.note)
+    print(f"approved app {entry['details']['app']} by {entry['by']} (audit entry {entry['index']})")
+    return 0
+
+
+def _cmd_apps_revoke(args: argparse.Namespace) -> int:
+    entry = _app_gate(args).revoke(args.app, by=args.by, reason=args.reason)
+    print(f"revoked app {entry['details']['app']} by {entry['by']} (audit entry {entry['index']})")
+    return 0
+
+
+def _cmd_audit_keys(args: argparse.Namespace) -> int:
+    from federation.audit import key_bindings
+
+    rows, problems = key_bindings(Path(args.kit))
+    for row in rows:
+        print(
+            f"{row['site']}: {row['status']}; ledger key {row['ledger_key_id']}, SuperNode key "
+            f"{row['auth_key']}; enrolment {row['fingerprint']} ({row['enrolled']}): "
+            f"{row['origin']}"
+        )
+    for problem in problems:
+        print(f"FAIL {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _cmd_site_check(args: argparse.Namespace) -> int:
@@ -298,13 +397,22 @@ def _cmd_site_policy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plans(args: argparse.Namespace) -> Any:
-    from client.state import SiteState
+def _site_state(args: argparse.Namespace) -> tuple[Path, str]:
+    """The site's state folder and name (from the kit it sits in, else the folder's name)."""
+    import json
 
     root = Path(args.state)
     if not root.is_dir():
         raise ValueError(f"site state folder {root} does not exist")
-    return SiteState(root, root.name).plans
+    kit_info = root.resolve().parent / "site.json"
+    name = json.loads(kit_info.read_text())["site"] if kit_info.is_file() else root.name
+    return root, str(name)
+
+
+def _plans(args: argparse.Namespace) -> Any:
+    from client.state import SiteState
+
+    return SiteState(*_site_state(args)).plans
 
 
 def _cmd_plans_list(args: argparse.Namespace) -> int:
@@ -419,6 +527,27 @@ def _cmd_audit_report(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _decision_parsers(
+    group: Any,
+    target: str,
+    target_help: str,
+    *,
+    approve: tuple[str, Any],
+    revoke: tuple[str, Any],
+) -> None:
+    """`approve` and `revoke` subcommands of a site decision recorded in its audit log."""
+    for name, (help_text, func), extra, extra_help in (
+        ("approve", approve, "--note", "a note kept with the approval"),
+        ("revoke", revoke, "--reason", "why the approval is withdrawn"),
+    ):
+        p = group.add_parser(name, help=help_text)
+        p.add_argument("--state", required=True, help="the site's state folder")
+        p.add_argument(target, help=target_help)
+        p.add_argument("--by", required=True, help="who decides (recorded in the audit log)")
+        p.add_argument(extra, default="", help=extra_help)
+        p.set_defaults(func=func)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medfed", description="Federated learning for hospital consortia."
@@ -456,7 +585,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     prov.add_argument("description", help="consortium description (YAML)")
     prov.add_argument("--output", required=True, help="folder for ca/, coordinator/, sites/")
-    prov.add_argument("--add-site", action="append", default=[], help="add a site (repeatable)")
+    prov.add_argument(
+        "--add-site", action="append", default=[], help="add a site awaiting enrolment"
+    )
+    prov.add_argument(
+        "--enrol",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="enrol a site from the enrolment.json it made with `medfed site init`",
+    )
+    prov.add_argument(
+        "--fingerprint",
+        action="append",
+        default=[],
+        help="the enrolment's fingerprint, as the site read it to you (one per --enrol)",
+    )
     prov.add_argument("--revoke", metavar="SITE", help="revoke a site: it can no longer connect")
     prov.set_defaults(func=_cmd_provision)
 
@@ -465,8 +609,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     start = server.add_parser("start", help="start the SuperLink (TLS, node authentication)")
     start.add_argument("--kit", required=True, help="the coordinator kit")
-    start.add_argument("--host", default="0.0.0.0", help="interface to listen on")
-    start.add_argument("--port", type=int, help="port (default: the kit's address)")
+    start.add_argument("--host", default="0.0.0.0", help="interface the Fleet gate listens on")
+    start.add_argument("--port", type=int, help="the gate's port (default: the kit's address)")
+    start.add_argument(
+        "--control-port", type=int, help="the SuperLink's port on 127.0.0.1 (default: free)"
+    )
     start.add_argument("--database", help="SuperLink state file (default: in the kit)")
     start.set_defaults(func=_cmd_server_start)
 
@@ -482,6 +629,30 @@ def _parser() -> argparse.ArgumentParser:
         "--poll-interval", type=float, default=0.5, help="seconds between idle polls"
     )
     site_start.set_defaults(func=_cmd_site_start)
+    init = site.add_parser("init", help="make the site's own keys and its enrolment file")
+    init.add_argument("--name", required=True, help="the site's name in the consortium")
+    init.add_argument("--kit", required=True, help="the site's kit folder (created)")
+    init.add_argument(
+        "--rekey", action="store_true", help="retire the kit's keys (e.g. made by the coordinator)"
+    )
+    init.set_defaults(func=_cmd_site_init)
+    join = site.add_parser("join", help="add the coordinator's public files to the site's kit")
+    join.add_argument("--kit", required=True, help="the kit `medfed site init` made")
+    join.add_argument("--bundle", required=True, help="the folder the coordinator sent back")
+    join.set_defaults(func=_cmd_site_join)
+    apps = site.add_parser(
+        "apps", help="the code the site runs: its own release, or apps it approved"
+    ).add_subparsers(dest="apps_command", required=True)
+    apps_list = apps.add_parser("list", help="trusted apps and refused runs")
+    apps_list.add_argument("--state", required=True, help="the site's state folder")
+    apps_list.set_defaults(func=_cmd_apps_list)
+    _decision_parsers(
+        apps,
+        "app",
+        "the app's digest (or its first 16+ hex digits)",
+        approve=("trust an app by its digest", _cmd_apps_approve),
+        revoke=("stop trusting an approved app", _cmd_apps_revoke),
+    )
     check = site.add_parser("check", help="check that a site folder holds usable labelled DICOM")
     check.add_argument("--data", required=True, help="the site's DICOM folder")
     check.set_defaults(func=_cmd_site_check)
@@ -551,21 +722,19 @@ def _parser() -> argparse.ArgumentParser:
         )
     )
     plans_show = plans.add_parser("show", help="a plan's summary and diff to the last approved")
-    approve = plans.add_parser("approve", help="approve a plan (recorded in the audit log)")
-    revoke = plans.add_parser("revoke", help="revoke a plan's approval")
-    for p in (plans_list, plans_add, plans_show, approve, revoke):
+    for p in (plans_list, plans_add, plans_show):
         p.add_argument("--state", required=True, help="the site's state folder")
-    for p in (plans_show, approve, revoke):
-        p.add_argument("plan", help="the plan's hash (or a unique prefix)")
-    for p in (approve, revoke):
-        p.add_argument("--by", required=True, help="who decides (recorded in the audit log)")
-    approve.add_argument("--note", default="", help="a note kept with the approval")
-    revoke.add_argument("--reason", default="", help="why the approval is withdrawn")
+    plans_show.add_argument("plan", help="the plan's hash (or a unique prefix)")
     plans_list.set_defaults(func=_cmd_plans_list)
     plans_add.set_defaults(func=_cmd_plans_add)
     plans_show.set_defaults(func=_cmd_plans_show)
-    approve.set_defaults(func=_cmd_plans_approve)
-    revoke.set_defaults(func=_cmd_plans_revoke)
+    _decision_parsers(
+        plans,
+        "plan",
+        "the plan's hash (or a unique prefix)",
+        approve=("approve a plan (recorded in the audit log)", _cmd_plans_approve),
+        revoke=("revoke a plan's approval", _cmd_plans_revoke),
+    )
 
     audit = sub.add_parser("audit", help="auditor commands").add_subparsers(
         dest="audit_command", required=True
@@ -581,6 +750,9 @@ def _parser() -> argparse.ArgumentParser:
             help="public keys: NAME.pub files, or folders holding them",
         )
     verify.set_defaults(func=_cmd_audit_verify)
+    keys_cmd = audit.add_parser("keys", help="which public key belongs to which site, and why")
+    keys_cmd.add_argument("--kit", required=True, help="the coordinator kit")
+    keys_cmd.set_defaults(func=_cmd_audit_keys)
     report.add_argument("--output", required=True, help="folder for the report")
     report.set_defaults(func=_cmd_audit_report)
     eps = audit.add_parser("epsilon", help="epsilon of a subsampled Gaussian mechanism")

@@ -415,8 +415,12 @@ def section_from_flat(flat: dict[str, Any], section: str, schema: type[Any]) -> 
     return OmegaConf.to_object(typed)
 
 
-def plan_hash(site_config: dict[str, Any]) -> str:
-    """Stable hash of what a run executes at a site: code version and site config.
+def plan_hash(site_config: dict[str, Any], *, app: str) -> str:
+    """Stable hash of what a run executes at a site: its code and its site config.
+
+    Args:
+        site_config: The config the coordinator sends the site.
+        app: Digest of the code the run executes (`federation.appdigest`).
 
     Round number and run name are left out, so every round of a run has the same plan.
     """
@@ -424,7 +428,8 @@ def plan_hash(site_config: dict[str, Any]) -> str:
 
     volatile = {keys.SERVER_ROUND, keys.RUN_NAME}
     plan = {k: v for k, v in site_config.items() if k not in volatile}
-    canonical = json.dumps({"medfed": __version__, "config": plan}, sort_keys=True, default=str)
+    body = {"medfed": __version__, "app": app, "config": plan}
+    canonical = json.dumps(body, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -255,7 +255,8 @@ def verify_ledger(
 
     Args:
         entries: A site's ledger, in file order.
-        keys: Public key of each site, by site name.
+        keys: Public key of each site, by site name; keys a site retired, by
+            `SITE@KEYID`.
         source: Name used in the messages (e.g. the file path).
     """
     problems: list[str] = []
@@ -274,7 +275,8 @@ def verify_ledger(
         prev = entry.hash
         if entry.digest() != entry.hash:
             problems.append(f"{where}: content does not match its hash: the entry was edited")
-        key = keys.get(entry.site)
+        # A key the site retired when it re-keyed is named `SITE@KEYID` (federation.audit).
+        key = keys.get(f"{entry.site}@{entry.key_id}") or keys.get(entry.site)
         if key is None:
             problems.append(f"{where}: no public key for site {entry.site!r}")
         else:

@@ -1,4 +1,4 @@
-"""Consortium provisioning: CA, SuperLink certificate, per-site keys and startup kits.
+"""Consortium provisioning: CA, SuperLink certificate, enrolment of site-owned keys.
 
 A consortium description (YAML) names the coordinator's address and the sites:
 
@@ -9,28 +9,32 @@ A consortium description (YAML) names the coordinator's address and the sites:
     budget: {max_epsilon: 10.0, delta: 1.0e-5} # optional default site policy
     sites: [site-1, site-2, {name: site-3}]
 
-`provision` writes, under one output folder:
+Sites make their own keys (`federation.enrolment`, `medfed site init`); the coordinator
+enrols each site's signed enrolment file, which holds public keys only. `provision`
+writes, under one output folder:
 
     ca/               consortium CA certificate and its private key (stays here)
     coordinator/      coordinator kit: CA, SuperLink certificate and key, the sites'
-                      SuperNode public keys and ledger public keys, manifest, README
-    sites/<name>/     site kit: CA, SuperNode auth key pair (EC P-384, OpenSSH, as
-                      Flower expects), state/ with the ledger signing key (and policy),
-                      site.json, README with the start command
+                      enrolment files, SuperNode public keys and ledger public keys,
+                      manifest, README
+    sites/<name>/     what goes back to an enrolled site: CA certificate, site.json,
+                      the consortium's default policy, README (public files only)
 
-Re-running is idempotent: nothing existing is re-keyed; sites missing from the kits are
-added without touching the others. Revoking a site marks it in the manifest and
-removes its public key from the coordinator kit; `server.deploy` unregisters it from a
-running SuperLink. Private keys are created with mode 0600 and never copied.
+Re-running is idempotent: nothing existing is re-keyed. A listed site without an
+enrolment waits for one and cannot connect. Revoking a site marks it in the manifest
+and removes its public key from the coordinator kit; `server.deploy` unregisters it
+from a running SuperLink. No site private key is ever written here.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +45,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from federation.enrolment import (
+    ENROLMENT_FILE,
+    NODE_KEY,
+    NODE_PUB,
+    Enrolment,
+    check_name,
+    read_enrolment,
+)
 from federation.ledger import KEY_FILE
-from federation.security import load_or_create_signing_key
 
 __all__ = [
     "CA_CERT",
@@ -50,8 +61,11 @@ __all__ = [
     "Consortium",
     "CoordinatorKit",
     "SiteKit",
+    "join_site",
+    "legacy_private_keys",
     "load_consortium",
     "provision",
+    "provision_local",
     "revoke_site",
 ]
 
@@ -59,14 +73,16 @@ CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 SUPERLINK_CERT = "superlink.pem"
 SUPERLINK_KEY = "superlink.key"
-NODE_KEY = "supernode.key"
-NODE_PUB = "supernode.pub"
 SITE_FILE = "site.json"
 MANIFEST = "consortium.json"
 SITE_KEYS_DIR = "site-keys"
 LEDGER_KEYS_DIR = "ledger-keys"
+ENROLMENTS_DIR = "enrolments"
 STATE_DIR = "state"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+POLICY_FILE = "policy.yaml"
+AWAITING = "awaiting-enrolment"
+# Always in the SuperLink's certificate: the coordinator reaches it on loopback.
+_LOOPBACK_NAMES = ["localhost", "127.0.0.1"]
 _VALID_DAYS = 825
 
 
@@ -89,15 +105,6 @@ class Consortium:
     def port(self) -> int:
         """Port part of the coordinator's address."""
         return int(self.address.rsplit(":", 1)[1])
-
-
-def _check_name(name: str, what: str) -> str:
-    if not _NAME.match(name):
-        raise ValueError(
-            f"{what} {name!r} is not a valid name: use letters, digits, '.', '_' or '-' "
-            "(at most 63 characters, starting with a letter or digit)"
-        )
-    return name
 
 
 def load_consortium(path: Path) -> Consortium:
@@ -129,7 +136,7 @@ def load_consortium(path: Path) -> Consortium:
     sites: list[str] = []
     for item in raw.get("sites") or []:
         name = item.get("name") if isinstance(item, dict) else item
-        sites.append(_check_name(str(name), "site name"))
+        sites.append(check_name(str(name), "site name"))
     if not sites:
         raise ValueError(f"{path}: sites is empty; list at least one site name")
     if len(set(sites)) != len(sites):
@@ -140,7 +147,7 @@ def load_consortium(path: Path) -> Consortium:
     ):
         raise ValueError(f"{path}: budget must be {{max_epsilon: E, delta: D}}, got {budget!r}")
     return Consortium(
-        name=_check_name(str(raw.get("name", "consortium")), "consortium name"),
+        name=check_name(str(raw.get("name", "consortium")), "consortium name"),
         address=address,
         sites=sites,
         san=[str(s) for s in coord.get("san") or []],
@@ -248,7 +255,7 @@ def _ensure_server_cert(
 
     Re-issued (same key) only when the wanted names changed.
     """
-    names = [consortium.host, *consortium.san]
+    names = [consortium.host, *consortium.san, *_LOOPBACK_NAMES]
     cert_path, key_path = kit / SUPERLINK_CERT, kit / SUPERLINK_KEY
     if cert_path.exists() and key_path.exists():
         current = x509.load_pem_x509_certificate(cert_path.read_bytes())
@@ -279,7 +286,7 @@ def _ensure_server_cert(
 
 @dataclass(frozen=True)
 class SiteKit:
-    """A site's startup kit folder and what it holds."""
+    """A site's kit folder (on the site's machine): its own keys plus what it joined with."""
 
     root: Path
 
@@ -292,10 +299,13 @@ class SiteKit:
         """Contents of `site.json` (site name, consortium, SuperLink address)."""
         path = self.root / SITE_FILE
         if not path.exists():
-            raise ValueError(
-                f"{self.root} is not a site kit (no {SITE_FILE}); pass the folder that "
-                "`medfed provision` wrote for this site (OUTPUT/sites/NAME)"
+            hint = (
+                "it has keys but has not joined: `medfed site join --kit KIT --bundle DIR` "
+                "with the folder the coordinator sent back"
+                if (self.root / ENROLMENT_FILE).exists()
+                else "make one with `medfed site init --name NAME --kit DIR`, then enrol and join"
             )
+            raise ValueError(f"{self.root} is not a joined site kit (no {SITE_FILE}); {hint}")
         info: dict[str, Any] = json.loads(path.read_text())
         return info
 
@@ -342,13 +352,17 @@ class CoordinatorKit:
         _write_public(self.root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     def active_sites(self) -> list[str]:
-        """Sites that are provisioned and not revoked, in provisioning order."""
+        """Sites that are enrolled and not revoked, in provisioning order."""
         sites = self.manifest()["sites"]
         return [name for name, s in sites.items() if s["status"] == "active"]
 
     def site_key(self, site: str) -> Path:
         """A site's SuperNode public key, as registered with the SuperLink."""
         return self.root / SITE_KEYS_DIR / f"{site}.pub"
+
+    def enrolment(self, site: str) -> Enrolment:
+        """The enrolment a site's keys were registered from."""
+        return read_enrolment(self.root / ENROLMENTS_DIR / f"{site}.json")
 
     @property
     def ca(self) -> Path:
@@ -366,75 +380,104 @@ class CoordinatorKit:
         return self.root / SUPERLINK_KEY
 
 
-def _ensure_site(
-    root: Path, consortium: Consortium, site: str, ca_pem: bytes
-) -> tuple[SiteKit, str]:
-    """Create what a site kit lacks; returns the kit and its auth-key fingerprint."""
-    kit = SiteKit(root / "sites" / site)
-    kit.root.mkdir(parents=True, exist_ok=True)
-    if not kit.node_key.exists():
-        key = ec.generate_private_key(ec.SECP384R1())
-        _write_private(
-            kit.node_key,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.OpenSSH,
-                serialization.NoEncryption(),
-            ),
-        )
-    loaded = serialization.load_ssh_private_key(kit.node_key.read_bytes(), password=None)
-    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{kit.node_key} is not an EC key; remove the site's kit to re-key it")
-    pub = loaded.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    _write_public(kit.node_pub, pub + f" {site}\n".encode())
-    _write_public(kit.ca, ca_pem)
-    load_or_create_signing_key(kit.state / KEY_FILE)  # ledger key, 0600, created once
-    if consortium.budget is not None and not (kit.state / "policy.yaml").exists():
-        from client.state import POLICY_FILE, SitePolicy
+def _write_bundle(root: Path, consortium: Consortium, site: str, ca_pem: bytes) -> Path:
+    """Public files an enrolled site joins with: CA, site.json, default policy, README."""
+    bundle = root / "sites" / site
+    _write_public(bundle / CA_CERT, ca_pem)
+    info = {"site": site, "consortium": consortium.name, "superlink": consortium.address}
+    _write_public(bundle / SITE_FILE, json.dumps(info, indent=2) + "\n")
+    if consortium.budget is not None:
+        # The site policy's format (client.state.SitePolicy): a `privacy` section.
+        budget = {**consortium.budget, "datasets": {}}
+        _write_public(bundle / POLICY_FILE, yaml.safe_dump({"privacy": budget}))
+    _write_public(bundle / "README.md", _site_readme(site, consortium))
+    return bundle
 
-        budget = consortium.budget
-        policy = SitePolicy(max_epsilon=budget["max_epsilon"], delta=budget["delta"])
-        policy.save(kit.state / POLICY_FILE)
-    _write_public(
-        kit.root / SITE_FILE,
-        json.dumps(
-            {"site": site, "consortium": consortium.name, "superlink": consortium.address},
-            indent=2,
+
+def legacy_private_keys(output: Path) -> list[Path]:
+    """Site private keys that an older `medfed provision` left in the output folder."""
+    sites = output / "sites"
+    if not sites.is_dir():
+        return []
+    found = [*sites.glob(f"*/{NODE_KEY}"), *sites.glob(f"*/{STATE_DIR}/{KEY_FILE}")]
+    return sorted(found)
+
+
+def _enrol(
+    coord: CoordinatorKit, manifest: dict[str, Any], enrolment: Enrolment, *, source: Path
+) -> None:
+    """Record a verified enrolment: keys into the kit, the binding into the manifest."""
+    site = enrolment.site
+    entry = manifest["sites"].get(site, {"status": AWAITING})
+    if entry["status"] == "active":
+        current = coord.enrolment(site)
+        if current.fingerprint == enrolment.fingerprint:
+            return  # the same file again
+        if enrolment.replaces.get("ledger_key_id") != current.ledger_key_id:
+            raise ValueError(
+                f"site {site!r} is already enrolled with ledger key {current.ledger_key_id}; "
+                "a new enrolment for it must come from `medfed site init --rekey` on the "
+                "site's kit (it names the keys it retires)"
+            )
+        retired = coord.root / LEDGER_KEYS_DIR / f"{site}@{current.ledger_key_id}.pub"
+        shutil.copyfile(coord.root / LEDGER_KEYS_DIR / f"{site}.pub", retired)
+        entry.setdefault("retired", []).append(
+            {"ledger_key_id": current.ledger_key_id, "auth_key": current.node_fingerprint}
         )
-        + "\n",
+    raw = source.read_bytes()
+    _write_public(coord.root / ENROLMENTS_DIR / f"{site}.json", raw)
+    _write_public(coord.site_key(site), enrolment.supernode_key.encode())
+    _write_public(coord.root / LEDGER_KEYS_DIR / f"{site}.pub", enrolment.ledger_key.encode())
+    entry.update(
+        status="active",
+        auth_key=enrolment.node_fingerprint,
+        ledger_key_id=enrolment.ledger_key_id,
+        fingerprint=enrolment.fingerprint,
+        enrolment_sha256=hashlib.sha256(raw).hexdigest(),
+        enrolled=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        origin="site-generated keys; proofs of possession verified; fingerprint confirmed "
+        "out of band at enrolment",
     )
-    _write_public(kit.root / "README.md", _site_readme(site, consortium))
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(pub)
-    return kit, digest.finalize().hex()[:16]
+    manifest["sites"][site] = entry
 
 
 def provision(
-    description: Path, output: Path, *, add_sites: list[str] | None = None
+    description: Path,
+    output: Path,
+    *,
+    add_sites: list[str] | None = None,
+    enrol: list[tuple[Path, str]] | None = None,
 ) -> CoordinatorKit:
-    """Create or complete the consortium's CA and kits; idempotent.
+    """Create or complete the consortium's CA and coordinator kit; enrol sites.
 
     Args:
         description: The consortium description (YAML).
         output: Folder for `ca/`, `coordinator/` and `sites/`.
-        add_sites: Sites to add beyond the description (written back into it).
+        add_sites: Sites to add beyond the description (written back into it); they
+            wait for their enrolment.
+        enrol: (enrolment file, fingerprint the site read out of band) pairs; each
+            site is added to the description if missing.
 
     Returns:
         The coordinator kit.
 
     Raises:
-        ValueError: The description is invalid, or a revoked site is listed again.
+        ValueError: The description or an enrolment is invalid, a fingerprint does not
+            match, or a revoked site is listed again.
     """
     consortium = load_consortium(description)
-    if add_sites:
-        new = [_check_name(s, "site name") for s in add_sites if s not in consortium.sites]
-        if new:
-            raw = yaml.safe_load(description.read_text())
-            raw["sites"] = [*raw["sites"], *new]
-            description.write_text(yaml.safe_dump(raw, sort_keys=False))
-            consortium = load_consortium(description)
+    enrolments = []
+    for path, fingerprint in enrol or []:
+        enrolment = read_enrolment(path)
+        enrolment.verify(fingerprint=fingerprint)
+        enrolments.append((enrolment, path))
+    wanted = [*(add_sites or []), *(e.site for e, _ in enrolments)]
+    new = [check_name(s) for s in dict.fromkeys(wanted) if s not in consortium.sites]
+    if new:
+        raw = yaml.safe_load(description.read_text())
+        raw["sites"] = [*raw["sites"], *new]
+        description.write_text(yaml.safe_dump(raw, sort_keys=False))
+        consortium = load_consortium(description)
     output.mkdir(parents=True, exist_ok=True)
     ca, ca_key = _ensure_ca(output, consortium.name)
     ca_pem = ca.public_bytes(serialization.Encoding.PEM)
@@ -446,22 +489,78 @@ def provision(
         coord.manifest() if (coord.root / MANIFEST).exists() else {"sites": {}}
     )
     for site in consortium.sites:
-        entry = manifest["sites"].get(site)
-        if entry is not None and entry["status"] == "revoked":
+        entry = manifest["sites"].setdefault(site, {"status": AWAITING})
+        if entry["status"] == "revoked":
             raise ValueError(
                 f"site {site!r} was revoked; remove it from {description} or give the "
                 "hospital a new name (a revoked key is never re-activated)"
             )
-        kit, fingerprint = _ensure_site(output, consortium, site, ca_pem)
-        _write_public(coord.site_key(site), kit.node_pub.read_bytes())
-        _write_public(
-            coord.root / LEDGER_KEYS_DIR / f"{site}.pub",
-            (kit.state / KEY_FILE).with_suffix(".pub").read_bytes(),
-        )
-        manifest["sites"][site] = {"status": "active", "auth_key": fingerprint}
+    for enrolment, path in enrolments:
+        _enrol(coord, manifest, enrolment, source=path)
+        # An older provision made this site's keys here; the site has replaced them.
+        for legacy in (output / "sites" / enrolment.site / NODE_KEY,
+                       output / "sites" / enrolment.site / STATE_DIR / KEY_FILE):  # fmt: skip
+            legacy.unlink(missing_ok=True)
+    for site in consortium.sites:
+        if manifest["sites"][site]["status"] == "active":
+            _write_bundle(output, consortium, site, ca_pem)
     manifest.update(name=consortium.name, superlink=consortium.address)
     coord.save_manifest(manifest)
     _write_public(coord.root / "README.md", _coordinator_readme(consortium))
+    return coord
+
+
+def join_site(kit: Path, bundle: Path) -> SiteKit:
+    """Join a site kit (own keys) with the public files the coordinator sent back.
+
+    The site's default policy from the consortium is written only where the site has
+    none yet.
+
+    Raises:
+        ValueError: The bundle is not for this kit's site, or lacks a file.
+    """
+    enrolment = read_enrolment(kit / ENROLMENT_FILE)
+    info = json.loads((bundle / SITE_FILE).read_text()) if (bundle / SITE_FILE).exists() else {}
+    if info.get("site") != enrolment.site:
+        raise ValueError(
+            f"{bundle} is for site {info.get('site')!r}, but the kit {kit} belongs to "
+            f"{enrolment.site!r}; use the folder the coordinator wrote for this site"
+        )
+    if not (bundle / CA_CERT).is_file():
+        raise ValueError(f"{bundle} has no {CA_CERT}; ask the coordinator for the site's folder")
+    for name in (CA_CERT, SITE_FILE, "README.md"):
+        if (bundle / name).exists():
+            _write_public(kit / name, (bundle / name).read_bytes())
+    policy = kit / STATE_DIR / POLICY_FILE
+    if (bundle / POLICY_FILE).exists() and not policy.exists():
+        _write_public(policy, (bundle / POLICY_FILE).read_bytes())
+    return SiteKit(kit)
+
+
+def provision_local(description: Path, output: Path, site_kits: Path) -> CoordinatorKit:
+    """Enrol every listed site with every party on one machine (tests, benchmarks).
+
+    Each site makes its own kit under `site_kits/<site>` (as `medfed site init`), is
+    enrolled with its fingerprint, and joins.
+
+    Returns:
+        The coordinator kit.
+    """
+    from federation.enrolment import init_site_keys
+
+    sites = load_consortium(description).sites
+    enrol = []
+    for site in sites:
+        kit = site_kits / site
+        enrolment = (
+            read_enrolment(kit / ENROLMENT_FILE)
+            if (kit / ENROLMENT_FILE).exists()
+            else init_site_keys(kit, site)
+        )
+        enrol.append((kit / ENROLMENT_FILE, enrolment.fingerprint))
+    coord = provision(description, output, enrol=enrol)
+    for site in sites:
+        join_site(site_kits / site, output / "sites" / site)
     return coord
 
 
@@ -501,29 +600,32 @@ def revoke_site(coordinator: Path, site: str, *, description: Path | None = None
 
 
 def _site_readme(site: str, consortium: Consortium) -> str:
-    return f"""# Startup kit of site `{site}` ({consortium.name})
+    return f"""# Joining `{site}` to {consortium.name}
 
-Keep this folder on the site's machine. `supernode.key` and `state/site_key.pem` are
-private (mode 0600): never copy them elsewhere. The site dials the coordinator at
-`{consortium.address}` (outbound only, TLS verified against `ca.pem`).
+These files are public: the consortium CA certificate (`ca.pem`), the coordinator's
+address (`site.json`, `{consortium.address}`) and, if the consortium set one, a default
+privacy budget (`policy.yaml`). Check the CA's fingerprint with the coordinator, then
+join the kit in which `medfed site init` made this site's own keys:
 
-1. Set the site's privacy budget (once; kept across runs):
+    medfed site join --kit /path/to/site-kit --bundle .
+    medfed site check --data /path/to/dicom
+    medfed site start --kit /path/to/site-kit --data /path/to/dicom
 
-       medfed site policy --state state --max-epsilon 8 --delta 1e-5
-
-2. Check the DICOM folder, then start the site agent:
-
-       medfed site check --data /path/to/dicom
-       medfed site start --kit . --data /path/to/dicom
-
-   `--state DIR` keeps the policy and ledger elsewhere (default: `state/` here).
+The site dials out only, with TLS verified against `ca.pem`. Its private keys never
+leave its machine.
 """
 
 
 def _coordinator_readme(consortium: Consortium) -> str:
     return f"""# Coordinator kit ({consortium.name})
 
-Start the SuperLink (TLS, SuperNode authentication; registers the sites' keys):
+Enrol a site from the enrolment file it sent and the fingerprint it read to you by
+another channel (it never sends private keys):
+
+    medfed provision consortium.yaml --output .. --enrol enrolment.json --fingerprint FP
+
+then send it `../sites/<site>/`. Start the SuperLink (on loopback) and the Fleet gate
+(on the consortium address, the only API the sites reach):
 
     medfed server start --kit .
 
@@ -531,6 +633,7 @@ Sites connect to `{consortium.address}`. Launch a run from this machine:
 
     medfed run federation=deploy federation.kit=$PWD rounds=10
 
-`site-keys/` holds the sites' SuperNode public keys, `ledger-keys/` the public keys
-of their privacy ledgers (for `medfed audit verify --keys ledger-keys`).
+`enrolments/` holds each site's signed enrolment (the binding of its name to its keys),
+`site-keys/` their SuperNode public keys, `ledger-keys/` the public keys of their
+privacy ledgers (`medfed audit verify --keys ledger-keys`, `medfed audit keys --kit .`).
 """

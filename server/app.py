@@ -25,11 +25,14 @@ from federation.config import (
 )
 from federation.ledger import latest_entries
 from federation.logs import context_logger, setup_logging
+from federation.provision import CoordinatorKit
 from federation.tracking import RunTracker, code_version, default_tracking_uri
 from server.central import COORDINATOR
 from server.checkpoint import CONFIG_FILE, RUN_DIR_TAG, Checkpoint, check_run_dir
+from server.deploy import registered_nodes
 from server.grids import PackingGrid, PollingGrid
 from server.loop import BEST_MODEL_FILE, RunHistory, run_rounds
+from server.members import MemberGrid
 from server.quality import collect_quality
 from server.report import plot_history
 
@@ -190,6 +193,9 @@ def create_server_app(
 
             short_pull_backoff(http_grid, "pull_objects")
             grid = PollingGrid(grid, run_cfg.federation.poll_interval)
+            if run_cfg.federation.kit:  # a kit's SuperLink: sites are named by their keys
+                identities = registered_nodes(CoordinatorKit(resolve_path(run_cfg.federation.kit)))
+                grid = MemberGrid(grid, identities, run_name=run_cfg.run_name or "")
         grid = PackingGrid(grid)
         if wrap_grid is not None:
             grid = wrap_grid(grid)

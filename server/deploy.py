@@ -1,13 +1,17 @@
-"""The coordinator in deployment: SuperLink, site registration and runs on it.
+"""The coordinator in deployment: SuperLink, Fleet gate, site registration and runs.
 
 `medfed server start --kit DIR` runs `flower-superlink` with TLS (the kit's certificate,
-signed by the consortium CA) and SuperNode authentication, and registers the public
-keys of the kit's active sites (revoked ones are unregistered). `medfed run
-federation=deploy federation.kit=DIR` submits the medfed Flower app with the resolved
-Hydra config as its run config, follows it, and fails loudly when the ServerApp failed.
+signed by the consortium CA) and SuperNode authentication on 127.0.0.1 only, and the
+Fleet gate (`server.gate`) on the consortium address: the sites reach the Fleet API and
+nothing else. It registers the public keys of the kit's enrolled sites (revoked ones
+are unregistered) and records which node id each site's key was given
+(`CoordinatorKit`'s node registry), which is how the ServerApp names replies. `medfed
+run federation=deploy federation.kit=DIR` submits the medfed Flower app with the
+resolved Hydra config as its run config, follows it, and fails loudly when the
+ServerApp failed.
 
-The `flwr` CLI talks to the SuperLink through a connection in the Flower config file of
-the kit's own Flower home (`flwr-home/config.toml`), written here.
+The `flwr` CLI talks to the SuperLink's loopback address through a connection in the
+Flower config file of the kit's own Flower home (`flwr-home/config.toml`), written here.
 """
 
 from __future__ import annotations
@@ -31,24 +35,29 @@ from federation.config import MedfedConfig, config_to_json, resolve_path
 from federation.errors import FederationError
 from federation.keys import RUN_CONFIG_JSON
 from federation.logs import context_logger
+from federation.ports import free_port
 from federation.provision import CoordinatorKit
+from server.gate import FleetGate
 
 __all__ = [
     "FlowerCli",
     "LogFollower",
     "RunOutcome",
     "SuperLink",
+    "control_address",
     "deployment_config",
+    "registered_nodes",
     "run_deployment",
     "superlink_command",
     "sync_registrations",
-    "unregister_site",
+    "sync_running",
     "wait_tls",
 ]
 
 _SUPERLINK_HOME = "superlink-home"
 _CLI_HOME = "flwr-home"
 _NODES = "nodes.json"
+_LINK = "link.json"  # the running SuperLink: its loopback address and database
 _DONE = "finished:"
 # The coordinator's own line at the end of each round (server.loop).
 _ROUND_LINE = "] [round "
@@ -73,13 +82,13 @@ def _app_dir() -> Path:
 
 
 class FlowerCli:
-    """The `flwr` CLI bound to a coordinator kit's SuperLink connection."""
+    """The `flwr` CLI bound to a coordinator kit's SuperLink (its loopback address)."""
 
     def __init__(self, kit: CoordinatorKit, *, address: str | None = None) -> None:
         self.kit = kit
         manifest = kit.manifest()
         self.connection = str(manifest["name"])
-        self.address = address or str(manifest["superlink"])
+        self.address = address or control_address(kit)
         self.home = kit.root / _CLI_HOME
         self.home.mkdir(exist_ok=True)
         (self.home / "config.toml").write_text(
@@ -204,13 +213,14 @@ def wait_tls(address: str, ca: Path, proc: subprocess.Popen[bytes], timeout: flo
 
 @dataclass
 class SuperLink:
-    """A running SuperLink started from a coordinator kit."""
+    """A running SuperLink (loopback) and its Fleet gate, started from a coordinator kit."""
 
     kit: CoordinatorKit
     process: subprocess.Popen[bytes]
-    address: str
+    address: str  # the SuperLink's own, loopback address (Control API)
     database: Path
     log_file: Path
+    gate: FleetGate | None = None
 
     @classmethod
     def start(
@@ -219,16 +229,18 @@ class SuperLink:
         *,
         host: str = "0.0.0.0",
         port: int | None = None,
+        control_port: int | None = None,
         database: Path | None = None,
         log_file: Path | None = None,
         timeout: float = 60.0,
     ) -> SuperLink:
-        """Start the SuperLink and register the kit's sites.
+        """Start the SuperLink on loopback, the Fleet gate on `host:port`, register sites.
 
         Args:
             kit_dir: The coordinator kit.
-            host: Interface to listen on (all by default; sites dial in).
-            port: Port; the kit's coordinator address's port by default.
+            host: Interface the gate listens on (all by default; sites dial in).
+            port: The gate's port; the kit's coordinator address's port by default.
+            control_port: The SuperLink's port on 127.0.0.1 (default: a free one).
             database: SuperLink state (registered keys, runs); in the kit by default,
                 so registrations survive restarts.
             log_file: Where the SuperLink's output goes (default: in the kit).
@@ -248,33 +260,46 @@ class SuperLink:
         env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        local = f"127.0.0.1:{control_port or free_port()}"
         with log_file.open("ab") as out:
             proc = subprocess.Popen(
-                superlink_command(kit, host=host, port=port, database=database),
+                superlink_command(
+                    kit, host="127.0.0.1", port=int(local.rsplit(":", 1)[1]), database=database
+                ),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
             )
-        local = f"127.0.0.1:{port}" if host in ("0.0.0.0", "::") else f"{host}:{port}"
         link = cls(kit, proc, local, database, log_file)
         try:
             wait_tls(local, kit.ca, proc, timeout)
+            (home / _LINK).write_text(
+                json.dumps({"control": local, "database": str(database)}, indent=2)
+            )
             sync_registrations(kit, FlowerCli(kit, address=local), database)
+            listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            link.gate = FleetGate.start(kit, listen=listen, upstream=local, home=home)
+            public = f"127.0.0.1:{port}" if host in ("0.0.0.0", "::") else listen
+            wait_tls(public, kit.ca, link.gate.process, timeout)
         except BaseException as err:
             link.stop()
             tail = log_file.read_text(errors="replace")[-3000:]
             raise FederationError(f"{err}\n--- superlink log ---\n{tail}") from err
         context_logger().info(
-            "SuperLink listening on %s:%d (TLS, SuperNode authentication); sites: %s",
+            "SuperLink on %s (loopback only: Control and runtime APIs); Fleet gate on %s:%d "
+            "(TLS, SuperNode authentication); sites: %s",
+            local,
             host,
             port,
-            ", ".join(kit.active_sites()),
+            ", ".join(kit.active_sites()) or "none enrolled yet",
         )
         return link
 
     def stop(self, grace: float = 10.0) -> None:
-        """Stop the SuperLink and everything it started (ServerApps, SuperExec)."""
+        """Stop the gate, the SuperLink and everything it started (ServerApps, SuperExec)."""
+        if self.gate is not None:
+            self.gate.stop(grace)
         _stop_group(self.process, grace)
 
 
@@ -302,51 +327,102 @@ def _nodes_file(database: Path) -> Path:
     return database.with_name(database.name + "." + _NODES)
 
 
-def sync_registrations(kit: CoordinatorKit, cli: FlowerCli, database: Path) -> dict[str, int]:
-    """Register the active sites' keys and unregister revoked ones.
+def _link_info(kit: CoordinatorKit) -> dict[str, str]:
+    path = kit.root / _SUPERLINK_HOME / _LINK
+    if not path.exists():
+        raise FederationError(
+            f"no SuperLink was started from {kit.root}: start it on this machine with "
+            f"`medfed server start --kit {kit.root}` (runs are launched from the coordinator)"
+        )
+    info: dict[str, str] = json.loads(path.read_text())
+    return info
 
-    Node ids are kept beside the SuperLink database, so a later revocation knows which
-    node to unregister.
+
+def control_address(kit: CoordinatorKit) -> str:
+    """The loopback address of the SuperLink that `medfed server start` runs from `kit`.
+
+    Raises:
+        FederationError: No SuperLink was started from this kit.
+    """
+    return _link_info(kit)["control"]
+
+
+def _read_nodes(path: Path) -> dict[str, dict[str, Any]]:
+    raw = json.loads(path.read_text()) if path.exists() else {}
+    # Files written before keys were tracked hold node ids alone.
+    return {s: v if isinstance(v, dict) else {"node_id": int(v)} for s, v in raw.items()}
+
+
+def registered_nodes(kit: CoordinatorKit) -> dict[int, str]:
+    """Site of each node id, from the keys the coordinator registered (not what nodes say).
+
+    Raises:
+        FederationError: No SuperLink was started from this kit.
+    """
+    nodes = _read_nodes(_nodes_file(Path(_link_info(kit)["database"])))
+    active = set(kit.active_sites())
+    return {int(v["node_id"]): site for site, v in nodes.items() if site in active}
+
+
+def sync_registrations(
+    kit: CoordinatorKit, cli: FlowerCli, database: Path
+) -> dict[str, dict[str, Any]]:
+    """Register the enrolled sites' keys, unregister revoked and replaced ones.
+
+    The node id each key was given (and the key's fingerprint) is kept beside the
+    SuperLink database: it names the replies of that node, and tells a later revocation
+    which node to unregister.
 
     Returns:
-        Node id of each registered site.
+        Node id and key fingerprint of each registered site.
     """
     log = context_logger()
     path = _nodes_file(database)
-    nodes: dict[str, int] = json.loads(path.read_text()) if path.exists() else {}
+    nodes = _read_nodes(path)
     for site, entry in kit.manifest()["sites"].items():
+        known = nodes.get(site)
+        replaced = known is not None and known.get("auth_key", entry.get("auth_key")) != entry.get(
+            "auth_key"
+        )
+        if known is not None and (entry["status"] == "revoked" or replaced):
+            cli.call("supernode", "unregister", str(known["node_id"]))
+            nodes.pop(site)
+            log.info("site %s unregistered (%s)", site, "revoked" if not replaced else "re-keyed")
         if entry["status"] == "active" and site not in nodes:
             try:
                 answer = cli.call("supernode", "register", str(kit.site_key(site)), "--name", site)
             except FederationError as err:
                 if "already in use" not in str(err):
                     raise
-                log.warning("site %s: key already registered (node id unknown here)", site)
-                continue
-            nodes[site] = int(answer["node-id"])
-            log.info("site %s registered as node %d", site, nodes[site])
-        elif entry["status"] == "revoked" and site in nodes:
-            cli.call("supernode", "unregister", str(nodes.pop(site)))
-            log.info("site %s (revoked) unregistered", site)
+                raise FederationError(
+                    f"site {site}'s key is registered with the SuperLink, but not in {path}: "
+                    "the coordinator cannot tell which node it is. Restore that file, or "
+                    "start the SuperLink with a new --database"
+                ) from err
+            nodes[site] = {"node_id": int(answer["node-id"]), "auth_key": entry.get("auth_key")}
+            log.info("site %s registered as node %d", site, nodes[site]["node_id"])
         path.write_text(json.dumps(nodes, indent=2))
     return nodes
 
 
-def unregister_site(kit_dir: Path, site: str, *, database: Path | None = None) -> bool:
-    """Unregister a revoked site from a running SuperLink.
+def sync_running(kit_dir: Path) -> bool:
+    """Bring a running SuperLink's registrations in line with the kit (enrolled, revoked).
 
     Returns:
-        False when the SuperLink is not reachable (it unregisters at its next start).
+        False when no SuperLink from this kit is reachable (it syncs at its next start).
     """
     kit = CoordinatorKit(kit_dir.resolve())
-    database = (database or kit.root / _SUPERLINK_HOME / "state.db").resolve()
-    port = str(kit.manifest()["superlink"]).rsplit(":", 1)[1]
     try:
-        with socket.create_connection(("127.0.0.1", int(port)), timeout=2):
+        info = _link_info(kit)
+    except FederationError:
+        return False
+    host, port = info["control"].rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
             pass
     except OSError:
         return False
-    sync_registrations(kit, FlowerCli(kit, address=f"127.0.0.1:{port}"), database)
+    sync_registrations(kit, FlowerCli(kit, address=info["control"]), Path(info["database"]))
     return True
 
 

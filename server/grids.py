@@ -34,6 +34,11 @@ class DelegatingGrid(Grid):
     def set_run(self, run_id: Any) -> None:  # noqa: D102
         self.inner.set_run(run_id)
 
+    @property
+    def identities(self) -> dict[int, str]:
+        """Registered site of each node id, where a wrapped grid knows them (`server.members`)."""
+        return dict(getattr(self.inner, "identities", {}))
+
     def create_message(self, *args: Any, **kwargs: Any) -> Message:  # noqa: D102
         return self.inner.create_message(*args, **kwargs)
 

@@ -7,7 +7,7 @@ error when fewer sites than the configured minimum delivered.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -18,6 +18,7 @@ from federation import keys
 from federation.compression import decode_update, payload_bytes
 from federation.errors import FederationError
 from federation.logs import context_logger
+from server.members import reply_site
 from server.validation import check_arrays, check_metrics, conform, norm_outliers, update_norm
 
 __all__ = ["RoundReport", "SiteGuard"]
@@ -41,6 +42,11 @@ class SiteGuard(Strategy):
         inner: The aggregation strategy (e.g. FedAvg).
         min_sites: Fewest sites that must deliver a training round.
         run_name: Shown in log lines.
+        max_update_norm_ratio: Updates whose norm exceeds this times the median of the
+            other sites' are left out.
+        update_encoding: How sites encode their updates (`federation.compression`).
+        identities: The registered site of each node id (deployment); replies are named
+            by it, and a node that declares another name is refused.
 
     """
 
@@ -52,8 +58,11 @@ class SiteGuard(Strategy):
         run_name: str,
         max_update_norm_ratio: float = float("inf"),
         update_encoding: str = "full",
+        identities: Mapping[int, str] | None = None,
     ) -> None:
         self.inner = inner
+        # Deployment: each node's site from its registered key (server.members).
+        self.identities = dict(identities or {})
         self.update_encoding = update_encoding
         self.min_sites = min_sites
         self.max_update_norm_ratio = max_update_norm_ratio
@@ -97,10 +106,13 @@ class SiteGuard(Strategy):
         replies = list(replies)
         answered = {m.metadata.src_node_id for m in replies}
         for node in sorted(self._asked["train" if train else "evaluate"] - answered):
-            name = self.names.get(node, f"node-{node}")
+            name = self.names.get(node) or self.identities.get(node, f"node-{node}")
             report.failures[name] = "no reply within federation.round_timeout"
         for msg in replies:
-            site = self._site_of(msg)
+            site, impostor = self._site_of(msg)
+            if impostor:
+                report.failures[site] = impostor
+                continue
             if msg.has_content() and keys.LEDGER in msg.content:
                 # A released update is recorded even when it is then rejected.
                 entry = msg.content.config_records[keys.LEDGER][keys.LEDGER_ENTRY]
@@ -122,19 +134,25 @@ class SiteGuard(Strategy):
         for site, reason in outliers.items():
             report.failures[site] = f"update rejected: {reason}"
             report.metrics.pop(site)
-        usable = [m for m in usable if self._site_of(m) not in outliers]
+        usable = [m for m in usable if self._site_of(m)[0] not in outliers]
         for site, reason in sorted(report.failures.items()):
             self.log.log(
                 logging.WARNING, "[round %d] site %s left out: %s", server_round, site, reason
             )
         return usable, report
 
-    def _site_of(self, msg: Message) -> str:
-        """The replying site's name; a crashed site's from its earlier replies."""
+    def _site_of(self, msg: Message) -> tuple[str, str | None]:
+        """The replying site's name, and why the reply is refused for its identity.
+
+        A crashed site's name comes from its registered key or its earlier replies.
+        """
         node = msg.metadata.src_node_id
         if msg.has_content() and keys.STATUS in msg.content:
-            self.names[node] = str(msg.content.config_records[keys.STATUS][keys.SITE])
-        return self.names.get(node, f"node-{node}")
+            site, impostor = reply_site(msg, self.identities)
+            if impostor:
+                return site, impostor
+            self.names[node] = site
+        return self.names.get(node) or self.identities.get(node, f"node-{node}"), None
 
     def _reason_left_out(self, msg: Message, *, train: bool) -> str | None:
         """Why a reply cannot be used (crash, refusal, malformed content), or None."""

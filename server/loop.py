@@ -24,6 +24,7 @@ from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
 from server.grids import MeteredGrid
 from server.guard import RoundReport, SiteGuard
 from server.holdout import Holdout
+from server.members import site_identities
 from server.secagg import SecureAggregation
 from server.strategy import build_strategy
 
@@ -257,6 +258,7 @@ def run_rounds(
         run_name=run_name,
         max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
         update_encoding=cfg.federation.update_encoding,
+        identities=site_identities(grid),
     )
     guard.summary()
     central = (

@@ -19,6 +19,7 @@ from federation.dicom.quality import format_table, plot_summaries
 from federation.logs import context_logger
 from federation.tracking import RunTracker
 from server.loop import site_config
+from server.members import reply_site, site_identities
 
 __all__ = ["QUALITY_JSON", "QUALITY_PNG", "collect_quality"]
 
@@ -46,12 +47,16 @@ def collect_quality(
     ]
     replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
     summaries: dict[str, dict[str, Any]] = {}
+    identities = site_identities(grid)
     for reply in replies:
         if reply.has_error():
             log.warning("a site sent no data-quality summary: %s", reply.error.reason)
             continue
+        site, refused = reply_site(reply, identities)
+        if refused:
+            log.error("data-quality reply of %s: %s", site, refused)
+            continue
         status = reply.content.config_records.get(keys.STATUS)
-        site = str(status.get(keys.SITE, "?")) if status is not None else "?"
         if status is not None and status.get(keys.REFUSED):
             log.warning("site %s sent no data-quality summary: %s", site, status[keys.REFUSED])
             continue

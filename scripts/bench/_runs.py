@@ -145,9 +145,15 @@ def kits_of(base: Path) -> Path:
     return base / "kits"
 
 
+def site_kit(base: Path, site: str) -> Path:
+    """The kit that `site` made for itself in `provision(base, ...)`."""
+    return base / "site-kits" / site
+
+
 def provision(base: Path, sites: list[str]) -> Path:
-    """`medfed provision` a consortium of `sites` on a free loopback port; the kits' folder."""
-    from client.supernode import free_port
+    """Provision `sites` on a free loopback port (each makes its own keys); the kits' folder."""
+    from federation.ports import free_port
+    from federation.provision import provision_local
 
     base.mkdir(parents=True, exist_ok=True)
     (base / "consortium.yaml").write_text(
@@ -161,8 +167,7 @@ def provision(base: Path, sites: list[str]) -> Path:
         )
     )
     kits = kits_of(base)
-    if medfed("provision", "consortium.yaml", "--output", str(kits), cwd=base).wait() != 0:
-        raise RuntimeError(f"provisioning failed in {base}")
+    provision_local(base / "consortium.yaml", kits, base / "site-kits")
     return kits
 
 
@@ -196,7 +201,7 @@ def medfed_deployment(
         for site in sites:
             procs.append(
                 medfed(
-                    "site", "start", "--kit", str(kits / "sites" / site),
+                    "site", "start", "--kit", str(site_kit(base, site)),
                     "--data", str(data / site), cwd=base, log=base / f"{site}.log",
                     env={WARM_ENV: "1" if warm else "0"},
                 )

@@ -11,6 +11,7 @@ import yaml
 
 from client.governance import GovernancePolicy, RunRequest
 from client.state import SitePolicy, SiteState
+from federation.appdigest import release_digest
 from federation.cli import main as medfed
 from federation.config import compose_config, plan_hash
 from federation.security import load_public_key
@@ -96,7 +97,12 @@ def test_plans_review_approve_revoke_and_a_signed_audit_log(tmp_path, capsys):
     state = tmp_path / "site-1"
     plans = SiteState(state, "site-1").plans
     first = plans.request(_flat(), run="run-a")
-    assert first == plan_hash(_flat()) and plans.status(first) == "pending"
+    # The plan names the code too: by default the site's own release.
+    assert first == plan_hash(_flat(), app=str(release_digest()))
+    assert plans.status(first) == "pending"
+    elsewhere = SiteState(tmp_path / "site-x", "site-x").plans
+    other_code = elsewhere.request(_flat(), run="run-a", app="0" * 64)
+    assert other_code != first and elsewhere.document(other_code)["app"] == "0" * 64
     assert plans.request(_flat(), run="run-a") == first  # asked again: one record
     assert (
         medfed(["site", "plans", "approve", first[:6], "--by", "Dr. Ada", "--state", str(state)])
@@ -174,7 +180,8 @@ def test_unapproved_plan_refused_approved_one_trains_and_limits_apply(tmp_path, 
     # The coordinator publishes its run's overrides; site-1 registers, reviews and
     # approves the plan ahead of the run.
 
-    plan = plan_hash(dict(site_config(compose_config([*SMALL, *run]), "governed")))
+    flat = dict(site_config(compose_config([*SMALL, *run]), "governed"))
+    plan = plan_hash(flat, app=str(release_digest()))
     assert medfed(["site", "plans", "add", "--state", str(state / "site-1"), *SMALL, *run]) == 0
     assert (
         medfed(

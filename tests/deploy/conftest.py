@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from client.supernode import free_port
-from federation.provision import provision
+from federation.provision import provision_local
 from tests.conftest import SITES, TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,9 +127,10 @@ class Cluster:
         return self.kits / "coordinator"
 
     def site_kit(self, name: str) -> Path:
-        return self.kits / "sites" / name
+        """The kit the site made itself (`medfed site init`), joined to the consortium."""
+        return self.root / "site-kits" / name
 
-    def spawn(self, name: str, *args: str) -> Proc:
+    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
         log = self.root / "logs" / f"{name}-{len(self.procs)}.log"
         log.parent.mkdir(exist_ok=True)
         with log.open("wb") as out:
@@ -138,7 +139,7 @@ class Cluster:
                 cwd=self.root,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=medfed_env(),
+                env=medfed_env() | (env or {}),
                 start_new_session=True,
             )
         proc = Proc(name, popen, log)
@@ -152,7 +153,9 @@ class Cluster:
         proc.wait_for("SuperLink running", 90)
         return proc
 
-    def start_site(self, name: str, *extra: str, kit: Path | None = None) -> Proc:
+    def start_site(
+        self, name: str, *extra: str, kit: Path | None = None, env: dict[str, str] | None = None
+    ) -> Proc:
         return self.spawn(
             name,
             "site",
@@ -162,6 +165,7 @@ class Cluster:
             "--data",
             str(self.data / name),
             *extra,
+            env=env,
         )
 
     def flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -175,7 +179,7 @@ class Cluster:
         from federation.provision import CoordinatorKit
         from server.deploy import FlowerCli
 
-        cli = FlowerCli(CoordinatorKit(self.coordinator), address=f"127.0.0.1:{self.port}")
+        cli = FlowerCli(CoordinatorKit(self.coordinator))  # the SuperLink's loopback address
         return sum(1 for n in cli.nodes() if n.get("status") == "online")
 
     def wait_online(self, count: int, timeout: float = 90) -> None:
@@ -209,7 +213,7 @@ def make_consortium(root: Path, data: Path, sites: list[str], *, name: str = "lo
             }
         )
     )
-    provision(cluster.description, cluster.kits)
+    provision_local(cluster.description, cluster.kits, root / "site-kits")
     return cluster
 
 

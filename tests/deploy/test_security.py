@@ -86,15 +86,17 @@ def test_site_trusting_another_ca_cannot_connect(link: Cluster, tmp_path, consor
 
 
 def test_plain_connection_is_refused(link: Cluster):
-    # A plain HTTP request gets no HTTP answer from the TLS-only SuperLink.
+    # A plain HTTP request, even for the Fleet API, is turned away by the TLS-only gate
+    # (nginx says why) and never reaches Flower.
     with socket.create_connection(("127.0.0.1", link.port), timeout=5) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: x\r\n\r\n")
         sock.settimeout(5)
         try:
             answer = sock.recv(1024)
         except (ConnectionResetError, TimeoutError):
             answer = b""
-    assert not answer.startswith(b"HTTP/"), answer
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert b"plain HTTP request was sent to HTTPS port" in answer, answer
     # A SuperNode with a registered key but without TLS never gets in.
     kit = link.site_kit("site-3")
     log = link.root / "logs" / "insecure.log"
