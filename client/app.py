@@ -41,7 +41,7 @@ from federation.models import build_model, norm_state_keys, split_norm_state
 from federation.privacy import MechanismStep, PrivacyHistory, calibrate_noise, plan_round
 from federation.tasks import get_task
 
-__all__ = ["app", "create_client_app"]
+__all__ = ["SiteRound", "app", "create_client_app"]
 
 SiteResolver = Callable[[Context], SiteIdentity]
 
@@ -67,8 +67,8 @@ def _reply(
     return Message(content=content, reply_to=msg)
 
 
-class _Job:
-    """One message's work at a site: configuration, model and data.
+class SiteRound:
+    """One round's message at a site: its configuration, the received model, the site's data.
 
     Raises:
         SiteRefusal: The site cannot be identified or its data is unusable.
@@ -108,6 +108,9 @@ class _Job:
         self.model.load_state_dict(weights)
         # Secure aggregation the coordinator asked for; honoured only inside the protocol.
         self.secure_aggregation = str(self.flat.get(keys.SECURE_AGGREGATION, "") or "")
+        # When the local training started (this clock) and how long it took; set by train.
+        self.started_at: float | None = None
+        self.train_seconds: float | None = None
 
     def train(self, privacy: PrivacyConfig) -> Any:
         """Train the model locally, timing it for `timing`."""
@@ -125,7 +128,13 @@ class _Job:
         return outcome
 
     def timing(self) -> dict[str, float]:
-        """The local training's wall time, and when it started and finished (this clock)."""
+        """The local training's wall time, and when it started and finished (this clock).
+
+        Raises:
+            RuntimeError: Nothing was trained in this round yet.
+        """
+        if self.started_at is None or self.train_seconds is None:
+            raise RuntimeError("timing() of a round at a site before its train()")
         return {
             keys.TRAIN_SECONDS: self.train_seconds,
             keys.TRAIN_STARTED: self.started_at,
@@ -160,7 +169,7 @@ class _Job:
         return Mechanism(sample_rate, noise, privacy.max_grad_norm, steps, privacy.delta)
 
 
-def _govern(job: _Job) -> None:
+def _govern(job: SiteRound) -> None:
     """Train only on an approved plan within the site's policy limits.
 
     Raises:
@@ -217,7 +226,7 @@ def _refuse(msg: Message, err: SiteRefusal, action: str) -> Message:
     return _reply(msg, err.site, refused=str(err))
 
 
-def _train_private(job: _Job, msg: Message) -> Message:
+def _train_private(job: SiteRound, msg: Message) -> Message:
     """Train under DP-SGD within the site's own budget, and sign the spend."""
     state = job.state
     stored = state.stored_reply(job.run, job.round)
@@ -308,7 +317,7 @@ def create_client_app(
     @app.train(mods=[secure_aggregation_mod, *train_mods, central_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
         try:
-            job = _Job(msg, context, resolve)
+            job = SiteRound(msg, context, resolve)
             _govern(job)
             if job.privacy.mode == "dp-sgd":
                 return _train_private(job, msg)
@@ -332,7 +341,7 @@ def create_client_app(
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         try:
-            job = _Job(msg, context, resolve)
+            job = SiteRound(msg, context, resolve)
         except SiteRefusal as err:
             return _refuse(msg, err, "evaluate")
         outcome = job.task.evaluate(job.model, job.prepared.data)

@@ -30,6 +30,7 @@ from typing import Any
 
 from client.governance import AUDIT_FILE, AuditLog
 from federation.appdigest import app_digest, release_digest
+from federation.files import write_atomically
 from federation.ledger import KEY_FILE
 from federation.security import load_or_create_signing_key
 
@@ -76,13 +77,6 @@ def is_release_fab(state_dir: Path, fab_hash: str | None) -> bool:
         return False
     record = _records(state_dir, "fabs") / f"{fab_hash}.json"
     return record.exists() and json.loads(record.read_text()).get("origin") == RELEASE
-
-
-def _write(path: Path, body: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
-    tmp.replace(path)
 
 
 @dataclass
@@ -199,6 +193,7 @@ class AppGate:
                 f"{digest[:16]} --by NAME --state DIR` after reviewing the code"
             )
         body = {"app": digest, "fab": fab_hash, "origin": origin}
-        _write(_records(self.state_dir, "runs") / f"{run_id}.json", body)
-        _write(_records(self.state_dir, "fabs") / f"{fab_hash}.json", body)
+        text = json.dumps(body, indent=2, sort_keys=True)
+        write_atomically(_records(self.state_dir, "runs") / f"{run_id}.json", text)
+        write_atomically(_records(self.state_dir, "fabs") / f"{fab_hash}.json", text)
         return digest

@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from federation import __version__, keys
+from federation.files import write_atomically
 from federation.ledger import GENESIS
 from federation.security import key_id
 
@@ -435,10 +436,7 @@ class PlanRegistry:
         plan = str(document["plan"])
         path = self._plan_path(plan)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(document, indent=2, sort_keys=True, default=str))
-            tmp.replace(path)
+            write_atomically(path, json.dumps(document, indent=2, sort_keys=True, default=str))
         if run not in self.statuses().get(plan, {}).get("runs", []):
             self.audit.append("requested", plan=plan, by=by, run=run)
         return plan

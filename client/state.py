@@ -18,6 +18,7 @@ import yaml
 
 from client.governance import GovernancePolicy, PlanRegistry
 from federation.errors import SiteRefusal
+from federation.files import write_atomically
 from federation.ledger import Ledger, LedgerEntry, Mechanism, history_of, open_ledger
 from federation.privacy import MechanismStep
 
@@ -33,10 +34,7 @@ def write_policy_section(path: Path, section: str, values: dict[str, Any]) -> No
     raw = yaml.safe_load(path.read_text()) if path.exists() else None
     tree = raw if isinstance(raw, dict) else {}
     tree[section] = values
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(tree, sort_keys=False))
-    tmp.replace(path)
+    write_atomically(path, yaml.safe_dump(tree, sort_keys=False))
 
 
 @dataclass(frozen=True)
@@ -176,11 +174,7 @@ class SiteState:
         """Keep the layers this site never shares in a run (FedBN's norm layers)."""
         import torch
 
-        path = self._run_file(LOCAL_LAYERS_DIR, run)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        write_atomically(self._run_file(LOCAL_LAYERS_DIR, run), lambda tmp: torch.save(state, tmp))
 
     def local_layers(self, run: str) -> dict[str, Any] | None:
         """The layers kept by `save_local_layers`, or None before the site's first round."""

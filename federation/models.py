@@ -13,8 +13,13 @@ __all__ = ["build_model", "norm_state_keys", "split_norm_state"]
 
 _NORMS = {"instance": "instance", "group": "group", "batch": "batch"}
 _NORM_TYPES = (
-    nn.modules.batchnorm._NormBase,
-    nn.modules.instancenorm._InstanceNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
     nn.GroupNorm,
     nn.LayerNorm,
 )

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from federation.config import PrivacyConfig
+
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
 
 __all__ = [
     "GRAD_SAMPLE_MODES",
@@ -62,7 +66,8 @@ class PrivacyHistory:
         from opacus.accountants import create_accountant
 
         acc = create_accountant(accountant)
-        acc.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in self.steps]
+        history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in self.steps]
+        acc.load_state_dict({"history": history, "mechanism": acc.mechanism()})
         return float(acc.get_epsilon(delta=delta))
 
 
@@ -78,7 +83,7 @@ class PrivateTraining:
     optimizer: Optimizer
     loader: DataLoader
     criterion: nn.Module
-    engine: object | None
+    engine: PrivacyEngine | None
     grad_sample_mode: str = "hooks"
 
     def empty_step(self) -> None:
@@ -104,7 +109,7 @@ class PrivateTraining:
         """Mechanism steps taken since `make_private` (empty without DP)."""
         if self.engine is None:
             return []
-        history = self.engine.accountant.history  # type: ignore[attr-defined]
+        history = self.engine.accountant.state_dict()["history"]
         return [MechanismStep(float(n), float(q), int(t)) for n, q, t in history]
 
 

@@ -53,6 +53,7 @@ from federation.enrolment import (
     check_name,
     read_enrolment,
 )
+from federation.files import write_atomically
 from federation.ledger import KEY_FILE
 
 __all__ = [
@@ -164,13 +165,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _write_public(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, str):
-        data = data.encode()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(0o644)
-    tmp.replace(path)
+    write_atomically(path, data, mode=0o644)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -10,8 +10,7 @@ on disk, and a site asked again for a round it trained answers from its stored r
 from __future__ import annotations
 
 import dataclasses
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from federation.config import MedfedConfig, compose_config, config_from_json, resolve_path
+from federation.files import write_atomically
 from federation.tracking import default_tracking_uri
 
 __all__ = [
@@ -58,14 +58,11 @@ class Checkpoint:
     mlflow_run_id: str
     best_round: int = -1
     best_value: float = float("-inf")
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, run_dir: Path) -> Path:
         """Write the checkpoint atomically (a crash mid-write keeps the previous one)."""
         path = run_dir / CHECKPOINT_FILE
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.__dict__, tmp)
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: torch.save(self.__dict__, tmp))
         return path
 
     @classmethod
@@ -82,7 +79,9 @@ class Checkpoint:
                 "nothing to resume; start it again instead."
             )
         # Plain tensors, numbers and strings only: nothing executable is unpickled.
-        return cls(**torch.load(path, weights_only=True))
+        saved = torch.load(path, weights_only=True)
+        saved.pop("extra", None)  # an unused field in checkpoints of earlier versions
+        return cls(**saved)
 
 
 def strategy_layers(strategy: Strategy) -> list[Strategy]:

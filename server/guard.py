@@ -97,10 +97,11 @@ class SiteGuard(Strategy):
         self._asked["evaluate"] = {m.metadata.dst_node_id for m in messages}
         return messages
 
-    def _sort(
+    def _triage(
         self, server_round: int, replies: Iterable[Message], *, train: bool
     ) -> tuple[list[Message], RoundReport]:
-        usable: list[Message] = []
+        """The replies to aggregate (train: with full weights), and the round's report."""
+        usable: dict[str, Message] = {}
         report = RoundReport()
         norms: dict[str, float] = {}
         replies = list(replies)
@@ -119,11 +120,13 @@ class SiteGuard(Strategy):
                 report.ledger[site] = str(entry)
             if train and msg.has_content() and keys.ARRAYS in msg.content.array_records:
                 report.update_bytes[site] = payload_bytes(msg.content.array_records[keys.ARRAYS])
-            reason = self._reason_left_out(msg, train=train)
+            reason, update = self._judge(msg, train=train)
             if reason:
                 report.failures[site] = reason
                 continue
-            usable.append(msg)
+            if update is not None:
+                msg.content[keys.ARRAYS] = update  # the strategy aggregates full weights
+            usable[site] = msg
             if dataset := str(msg.content.config_records[keys.STATUS].get(keys.DATASET, "")):
                 report.datasets[site] = dataset
             metrics = msg.content.metric_records[keys.METRICS]
@@ -134,12 +137,11 @@ class SiteGuard(Strategy):
         for site, reason in outliers.items():
             report.failures[site] = f"update rejected: {reason}"
             report.metrics.pop(site)
-        usable = [m for m in usable if self._site_of(m)[0] not in outliers]
         for site, reason in sorted(report.failures.items()):
             self.log.log(
                 logging.WARNING, "[round %d] site %s left out: %s", server_round, site, reason
             )
-        return usable, report
+        return [m for site, m in usable.items() if site not in outliers], report
 
     def _site_of(self, msg: Message) -> tuple[str, str | None]:
         """The replying site's name, and why the reply is refused for its identity.
@@ -154,37 +156,40 @@ class SiteGuard(Strategy):
             self.names[node] = site
         return self.names.get(node) or self.identities.get(node, f"node-{node}"), None
 
-    def _reason_left_out(self, msg: Message, *, train: bool) -> str | None:
-        """Why a reply cannot be used (crash, refusal, malformed content), or None."""
+    def _judge(self, msg: Message, *, train: bool) -> tuple[str | None, ArrayRecord | None]:
+        """Why a reply cannot be used (crash, refusal, malformed content), or None.
+
+        A usable training reply comes with its update decoded to full weights.
+        """
         if msg.has_error():
             # Ray and Flower wrap the site's traceback; its last line says what broke.
             lines = (msg.error.reason or "unknown error").strip().splitlines() or [""]
-            return f"site process failed: {lines[-1][-300:]}"
+            return f"site process failed: {lines[-1][-300:]}", None
         if refused := str(msg.content.config_records[keys.STATUS][keys.REFUSED]):
-            return refused
+            return refused, None
         if keys.METRICS not in msg.content.metric_records:
-            return "update rejected: no metrics"
-        problem = check_metrics(msg.content.metric_records[keys.METRICS])
-        if train and not problem:
-            if keys.ARRAYS not in msg.content.array_records:
-                return "update rejected: no model update"
-            try:
-                update = decode_update(
-                    msg.content.array_records[keys.ARRAYS],
-                    self._sent,
-                    encoding=self.update_encoding,
-                )
-            except ValueError as err:
-                return f"update rejected: {err}"
-            msg.content[keys.ARRAYS] = update  # the strategy aggregates full weights
-            problem = check_arrays(update, self._sent)
-        return f"update rejected: {problem}" if problem else None
+            return "update rejected: no metrics", None
+        if problem := check_metrics(msg.content.metric_records[keys.METRICS]):
+            return f"update rejected: {problem}", None
+        if not train:
+            return None, None
+        if keys.ARRAYS not in msg.content.array_records:
+            return "update rejected: no model update", None
+        try:
+            update = decode_update(
+                msg.content.array_records[keys.ARRAYS], self._sent, encoding=self.update_encoding
+            )
+        except ValueError as err:
+            return f"update rejected: {err}", None
+        if problem := check_arrays(update, self._sent):
+            return f"update rejected: {problem}", None
+        return None, update
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the delivered updates, or stop if too few sites delivered."""
-        usable, self.train_report = self._sort(server_round, replies, train=True)
+        usable, self.train_report = self._triage(server_round, replies, train=True)
         if len(usable) < self.min_sites:
             failed = "; ".join(f"{s}: {r}" for s, r in sorted(self.train_report.failures.items()))
             raise FederationError(
@@ -199,5 +204,5 @@ class SiteGuard(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Aggregate the delivered evaluation metrics."""
-        usable, self.evaluate_report = self._sort(server_round, replies, train=False)
+        usable, self.evaluate_report = self._triage(server_round, replies, train=False)
         return self.inner.aggregate_evaluate(server_round, usable) if usable else None

@@ -49,12 +49,18 @@ def reply_site(msg: Message, identities: Mapping[int, str]) -> tuple[str, str | 
 
 
 class MemberGrid(DelegatingGrid):
-    """Deployment: only nodes whose key the coordinator registered for a site are asked."""
+    """Deployment: only nodes whose key the coordinator registered for a site are asked.
+
+    A node whose reply declares another site's name is logged and not asked again in
+    this run (the data-quality query before round 1 finds it before any training, which
+    matters under SecAgg+, where a masked update cannot be taken out of the sum).
+    """
 
     def __init__(self, inner: Grid, identities: Mapping[int, str], *, run_name: str) -> None:
         super().__init__(inner)
         self._identities = dict(identities)
         self._strangers: set[int] = set()
+        self._impostors: set[int] = set()
         self.log = context_logger(run=run_name)
 
     @property
@@ -72,4 +78,24 @@ class MemberGrid(DelegatingGrid):
                     "node %d is connected but its key is no enrolled site's: it is never asked",
                     node,
                 )
-        return [n for n in connected if n in self._identities]
+        return [n for n in connected if n in self._identities and n not in self._impostors]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Delegate, watching the replies for impostors."""
+        return self._watch(self.inner.pull_messages(message_ids))
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Delegate, watching the replies for impostors."""
+        return self._watch(self.inner.send_and_receive(messages, timeout=timeout))
+
+    def _watch(self, replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            site, refused = reply_site(reply, self._identities)
+            if refused and node not in self._impostors:
+                self._impostors.add(node)
+                self.log.error("%s; site %s is not asked again in this run", refused, site)
+        return replies

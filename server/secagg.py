@@ -43,6 +43,7 @@ from federation.errors import FederationError
 from federation.logs import context_logger
 from server.grids import MeteredGrid
 from server.guard import RoundReport
+from server.members import site_identities
 from server.strategy import aggregate_metrics
 
 __all__ = ["SECAGGPLUS", "SecureAggregation"]
@@ -117,9 +118,9 @@ class SecureAggregation:
     """Training rounds under Flower's SecAgg+ protocol.
 
     Args:
-        cfg: The run's configuration (`federation.secagg_*` set the protocol).
+        cfg: The run's configuration (`federation.secagg_*` set the protocol;
+            `federation.min_sites` the fewest sites whose update must be in the sum).
         run_name: Shown in log lines.
-        min_sites: Fewest sites whose update must be in the sum.
     """
 
     cfg: MedfedConfig
@@ -180,10 +181,18 @@ class SecureAggregation:
         self._workflow()(grid, context)
         report = RoundReport()
         records = []
+        identities = site_identities(grid)  # deployment: each node's site from its key
         for proxy, fitres in strategy.results:
             metrics: dict[str, Any] = dict(fitres.metrics)
-            site = str(metrics.pop(f"{_P}{keys.SITE}", f"node-{proxy.node_id}"))
+            declared = str(metrics.pop(f"{_P}{keys.SITE}", f"node-{proxy.node_id}"))
+            site = identities.get(proxy.node_id, declared)
             self.names[proxy.node_id] = site
+            if site != declared:  # its masked update is in the sum; its claims are not kept
+                report.failures[site] = (
+                    f"node {proxy.node_id} authenticated with site {site}'s key but declared "
+                    f"itself {declared!r}: its metrics and ledger entry are refused"
+                )
+                continue
             report.datasets[site] = str(metrics.pop(f"{_P}{keys.DATASET}", ""))
             if entry := str(metrics.pop(f"{_P}{keys.LEDGER}", "")):
                 report.ledger[site] = entry

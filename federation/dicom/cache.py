@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from federation.dicom.scan import Instance
 from federation.dicom.volume import Volume
+from federation.files import write_atomically
 
 __all__ = ["PIPELINE_VERSION", "VolumeCache", "file_hash"]
 
@@ -32,12 +32,6 @@ def file_hash(inst: Instance) -> str:
         with open(inst.path, "rb") as fh:
             inst.content_hash = hashlib.sha256(fh.read()).hexdigest()[:32]
     return inst.content_hash
-
-
-def _atomic_write(path: Path, writer: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    writer(tmp)
-    os.replace(tmp, path)
 
 
 class VolumeCache:
@@ -67,7 +61,7 @@ class VolumeCache:
     def save_index(self, instances: list[Instance]) -> None:
         """Remember the scanned instances (with their content hashes) for the next run."""
         data = json.dumps({i.path: i.to_dict() for i in instances})
-        _atomic_write(self.root / "index.json", lambda p: p.write_text(data))
+        write_atomically(self.root / "index.json", lambda p: p.write_text(data))
 
     def has(self, key: str) -> bool:
         """Whether a prepared volume with this key is stored."""
@@ -75,10 +69,10 @@ class VolumeCache:
 
     def put(self, key: str, volume: Volume) -> None:
         """Store a prepared volume (image, optional mask and geometry)."""
-        _atomic_write(self.volumes / f"{key}.image.npy", lambda p: _save(p, volume.hu))
+        write_atomically(self.volumes / f"{key}.image.npy", lambda p: _save(p, volume.hu))
         if volume.label is not None:
             label = volume.label
-            _atomic_write(self.volumes / f"{key}.label.npy", lambda p: _save(p, label))
+            write_atomically(self.volumes / f"{key}.label.npy", lambda p: _save(p, label))
         meta = {
             "series_uid": volume.series_uid,
             "study_uid": volume.study_uid,
@@ -91,7 +85,7 @@ class VolumeCache:
             "sop_uids": volume.sop_uids,
             "has_label": volume.label is not None,
         }
-        _atomic_write(self.volumes / f"{key}.json", lambda p: p.write_text(json.dumps(meta)))
+        write_atomically(self.volumes / f"{key}.json", lambda p: p.write_text(json.dumps(meta)))
 
     def prune(self, *, keep: set[str]) -> int:
         """Delete stored volumes whose key is not in `keep`; return how many."""

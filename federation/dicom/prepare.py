@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ __all__ = [
     "PrepareOptions",
     "PrepareReport",
     "SeriesEntry",
-    "iter_volumes",
     "labelled_volumes",
     "prepare_folder",
 ]
@@ -301,6 +299,21 @@ def prepare_folder(
     return report
 
 
+def _quarantine_series(
+    uid: str, insts: list[Instance], labels: _Labels, report: PrepareReport, reason: str
+) -> None:
+    """Leave a series out with its reason, and with it every label of it.
+
+    SEG, RTSTRUCT and NIfTI labels alike: they would otherwise be reported as unmatched.
+    """
+    report.problems.extend(Problem(i.path, reason) for i in insts)
+    orphaned = [i.path for i in labels.by_series.get(uid, [])]
+    orphaned += [str(labels.nifti[uid])] if uid in labels.nifti else []
+    report.problems.extend(
+        Problem(p, f"label of a quarantined series ({reason})") for p in orphaned
+    )
+
+
 def _prepare_series(
     uid: str,
     insts: list[Instance],
@@ -312,13 +325,7 @@ def _prepare_series(
     try:
         plan = plan_series(insts)
     except GeometryError as err:
-        reason = f"inconsistent series geometry: {err}"
-        report.problems.extend(Problem(i.path, reason) for i in insts)
-        orphaned = [i.path for i in labels.by_series.get(uid, [])]
-        orphaned += [str(labels.nifti[uid])] if uid in labels.nifti else []
-        report.problems.extend(
-            Problem(p, f"label of a quarantined series ({err})") for p in orphaned
-        )
+        _quarantine_series(uid, insts, labels, report, f"inconsistent series geometry: {err}")
         return
     label_hashes = _label_hashes(uid, labels)
     if all(i.content_hash for i in insts):
@@ -332,9 +339,7 @@ def _prepare_series(
     try:
         volume = read_volume(plan)
     except ValueError as err:
-        report.problems.extend(Problem(i.path, f"undecodable pixel data: {err}") for i in insts)
-        orphaned = [i.path for i in labels.by_series.get(uid, [])]
-        report.problems.extend(Problem(p, "label of a quarantined series") for p in orphaned)
+        _quarantine_series(uid, insts, labels, report, f"undecodable pixel data: {err}")
         return
     key = cache.key([i.content_hash for i in insts], label_hashes, opts.fingerprint())
     kind = _attach_label(volume, uid, labels, report.problems)
@@ -359,13 +364,6 @@ def _load(cache: VolumeCache, entry: SeriesEntry, *, mmap: bool) -> Volume:
     volume = cache.get(entry.key, mmap=mmap)
     volume.class_label = entry.class_label
     return volume
-
-
-def iter_volumes(cache_dir: Path, report: PrepareReport) -> Iterator[Volume]:
-    """The report's prepared volumes from the cache, one at a time (memory-mapped)."""
-    cache = VolumeCache(cache_dir)
-    for entry in report.entries:
-        yield _load(cache, entry, mmap=True)
 
 
 def labelled_volumes(

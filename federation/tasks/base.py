@@ -236,7 +236,7 @@ def private_train(
             batches += 1
     if private.engine is not None:
         # Drop Opacus's hooks so the plain model can be evaluated and serialised.
-        private.model._close()  # type: ignore[operator]
+        private.model.to_standard_module()  # type: ignore[operator]
     model.to("cpu")
     return TrainOutcome(
         loss=total / max(batches, 1), num_examples=num_examples, spent=private.spent()

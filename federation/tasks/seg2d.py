@@ -21,6 +21,7 @@ from federation.tasks.base import (
     private_train,
     split_patients,
 )
+from federation.tasks.metrics import dice
 
 __all__ = [
     "TASK",
@@ -156,10 +157,7 @@ def evaluate(model: nn.Module, data: SiteDataset, *, batch_size: int = 32) -> Ev
             logits = model(images[start : start + batch_size])
             losses.append(float(loss_fn(logits, masks[start : start + batch_size])) * len(logits))
             preds.append(logits > 0)
-        pred = torch.cat(preds)
-        inter = float((pred * masks).sum())
-        denom = float(pred.sum() + masks.sum())
-        dices.append(1.0 if denom == 0 else 2.0 * inter / denom)
+        dices.append(dice(torch.cat(preds).cpu().numpy(), masks.cpu().numpy()))
     model.to("cpu").train()
     return EvalOutcome(
         loss=sum(losses) / max(data.num_val, 1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from federation.cli import main as medfed
 from federation.config import compose_config, plan_hash
 from federation.security import load_public_key
 from server.loop import RunHistory, site_config
-from tests.server.test_simulation import SMALL, medfed_run
+from tests.helpers import SMALL, medfed_run
 
 REQUEST = RunRequest(
     task="seg2d",
@@ -30,21 +31,22 @@ REQUEST = RunRequest(
 
 
 @pytest.mark.parametrize(
-    ("limits", "named"),
+    ("limits", "named", "within"),
     [
-        ({"allowed_tasks": ["cls3d"]}, "allowed_tasks"),
-        ({"max_rounds": 3}, "max_rounds=3"),
-        ({"min_dataset_size": 100}, "min_dataset_size=100"),
-        ({"min_noise_multiplier": 1.5}, "min_noise_multiplier=1.5"),
-        ({"max_epsilon_per_run": 4.0}, "max_epsilon_per_run=4"),
-        ({"allowed_accountants": ["prv"]}, "allowed_accountants"),
+        ({"allowed_tasks": ["cls3d"]}, "allowed_tasks", {"task": "cls3d"}),
+        ({"max_rounds": 3}, "max_rounds=3", {"rounds": 3}),
+        ({"min_dataset_size": 100}, "min_dataset_size=100", {"num_train": 100}),
+        ({"min_noise_multiplier": 1.5}, "min_noise_multiplier=1.5", {"noise_multiplier": 1.5}),
+        ({"max_epsilon_per_run": 4.0}, "max_epsilon_per_run=4", {"run_epsilon": 4.0}),
+        ({"allowed_accountants": ["prv"]}, "allowed_accountants", {"accountant": "prv"}),
     ],
 )
-def test_each_policy_limit_refuses_naming_itself(limits, named):
-    (problem,) = GovernancePolicy.from_dict(limits).violations(REQUEST)
+def test_each_policy_limit_refuses_naming_itself(limits, named, within):
+    policy = GovernancePolicy.from_dict(limits)
+    (problem,) = policy.violations(REQUEST)
     assert named in problem
-    # The same limits at a run within them: accepted.
-    assert not GovernancePolicy().violations(REQUEST)
+    # The same limit, and a run brought within it (exactly at the limit): accepted.
+    assert policy.violations(dataclasses.replace(REQUEST, **within)) == []
 
 
 def test_dp_limits_require_dp_sgd_and_bad_settings_are_named():

@@ -21,10 +21,9 @@ import yaml
 
 from client.supernode import free_port
 from federation.provision import provision_local
-from tests.conftest import SITES, TINY_RUN
+from tests.conftest import SITES
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["rounds=2", *TINY_RUN]
 
 
 def _children(pid: int) -> list[int]:

@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 from client.superexec import STARTED
 from server.loop import RunHistory
 from tests.conftest import SITES
-from tests.deploy.conftest import SMALL, Cluster, kill_tree
+from tests.deploy.conftest import Cluster, kill_tree
+from tests.helpers import SMALL
 
 
 def launch(cluster: Cluster, name: str, *overrides: str) -> tuple[object, list[str]]:

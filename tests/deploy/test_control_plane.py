@@ -33,12 +33,12 @@ from server.deploy import FlowerCli
 from server.loop import RunHistory
 from tests.conftest import REPO, SITES
 from tests.deploy.conftest import (
-    SMALL,
     Cluster,
     make_consortium,
     medfed_env,
     teardown_on_sigterm,
 )
+from tests.helpers import SMALL
 
 OUTSIDER = REPO / "scripts" / "security" / "outsider.py"
 IMPOSTOR = "site-4"  # enrolled with its own key; its node declares itself site-1
@@ -175,7 +175,9 @@ def test_a_node_declaring_another_sites_name_is_refused_and_named(plane: Cluster
     assert f"authenticated with site {IMPOSTOR}'s key but declared itself 'site-1'" in log, log[
         -6000:
     ]
-    assert f"site {IMPOSTOR} left out" in log, log[-6000:]
+    # Found by the data-quality query, before any training: never asked again.
+    assert f"site {IMPOSTOR} is not asked again in this run" in log, log[-6000:]
+    assert IMPOSTOR not in history.rounds[1].site_evaluate
     # The real sites trained with their own keys, warm or cold, and their ledgers verify.
     audit = plane.spawn(
         "audit", "audit", "verify",

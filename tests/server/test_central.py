@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from federation.ledger import read_ledger
 from federation.privacy import MechanismStep, PrivacyHistory
 from server.loop import RunHistory
-from tests.server.test_simulation import medfed_run
+from tests.helpers import medfed_run
 
 
 def test_central_dp_runs_with_both_clippings_and_is_audited(tmp_path, consortium):

@@ -16,7 +16,7 @@ from federation.privacy import MechanismStep, PrivacyHistory, plan_round
 from federation.tasks import seg2d
 from server.loop import RunHistory
 from tests.conftest import SEED
-from tests.server.test_simulation import medfed_run
+from tests.helpers import medfed_run
 
 
 def _medfed(*args, cwd):

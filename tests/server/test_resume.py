@@ -20,7 +20,7 @@ from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
 from server.guard import SiteGuard
 from server.loop import RunHistory
 from server.strategy import build_strategy
-from tests.server.test_simulation import SMALL, _mlflow_run, medfed_run
+from tests.helpers import SMALL, medfed_run, mlflow_run
 
 SITES = ("site-1", "site-2", "site-3")
 
@@ -90,7 +90,7 @@ def test_killed_coordinator_resumes_without_double_charging(tmp_path, consortium
     charged = {s: _ledger_rounds(state_root, s) for s in SITES}
     assert all(rounds == [1, 2] for rounds in charged.values()), charged
 
-    client, run = _mlflow_run(tmp_path, "phoenix")
+    client, run = mlflow_run(tmp_path, "phoenix")
     assert run.info.status == "RUNNING"  # the dead coordinator never closed it
 
     # Overrides that would change the run are refused; locating ones are fine.
@@ -121,7 +121,7 @@ def test_killed_coordinator_resumes_without_double_charging(tmp_path, consortium
     assert [r.round for r in history.rounds] == [0, 1, 2, 3]
     assert all(0 <= r.holdout["dice"] <= 1 for r in history.rounds)
 
-    client, run = _mlflow_run(tmp_path, "phoenix")  # still one run of that name
+    client, run = mlflow_run(tmp_path, "phoenix")  # still one run of that name
     assert run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "holdout/dice"))
     assert steps == [0, 1, 2, 3]

@@ -2,50 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from federation.config import ModelConfig
 from federation.models import build_model, norm_state_keys
 from server.loop import RunHistory
-from tests.conftest import SEED, TINY_RUN
-
-SMALL = ["rounds=2", *TINY_RUN]
-
-
-def medfed_run(
-    tmp_path: Path, data_root: Path, *overrides: str
-) -> subprocess.CompletedProcess[str]:
-    args = [
-        *SMALL,
-        f"data.root={data_root}",
-        f"output_dir={tmp_path / 'outputs'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        *overrides,
-    ]
-    return subprocess.run(
-        [sys.executable, "-m", "federation.cli", "run", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-
-
-def _mlflow_run(tmp_path: Path, name: str):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs(
-        [client.get_experiment_by_name("medfed").experiment_id],
-        filter_string=f"attributes.run_name = '{name}'",
-    )
-    assert len(runs) == 1
-    return client, runs[0]
+from tests.conftest import SEED
+from tests.helpers import medfed_run, mlflow_run
 
 
 def test_three_sites_two_rounds_train_aggregate_and_track(tmp_path, consortium):
@@ -81,7 +47,7 @@ def test_three_sites_two_rounds_train_aggregate_and_track(tmp_path, consortium):
     assert len(changed) > len(final) // 2
     assert (out / "rounds.png").stat().st_size > 0
 
-    client, run = _mlflow_run(tmp_path, "happy")
+    client, run = mlflow_run(tmp_path, "happy")
     assert run.info.status == "FINISHED"
     assert run.data.params["privacy.noise_multiplier"] == "1.3"
     assert run.data.params["federation.num_sites"] == "3"
@@ -130,7 +96,7 @@ def test_bad_sites_are_named_and_the_run_goes_on(tmp_path, consortium):
     assert "no usable labelled series" in last.failures["junk"]
     assert str(mixed / "junk") in last.failures["junk"]
     assert "site 'ghost'" in proc.stderr and "site 'junk'" in proc.stderr
-    _, run = _mlflow_run(tmp_path, "partial")
+    _, run = mlflow_run(tmp_path, "partial")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["sites/delivered"] == 2
 
@@ -150,7 +116,7 @@ def test_too_few_usable_sites_stop_the_run_with_a_clear_error(tmp_path, consorti
     message = proc.stderr
     assert "round 1: only 1 site(s) delivered an update, federation.min_sites=2" in message
     assert "ghost" in message and "junk" in message
-    _, run = _mlflow_run(tmp_path, "doomed")
+    _, run = mlflow_run(tmp_path, "doomed")
     assert run.info.status == "FAILED"
     assert "min_sites" in run.data.tags["medfed.error"]
 
@@ -172,7 +138,7 @@ def test_each_kind_of_strategy_runs_federated_rounds(tmp_path, consortium, strat
     initial = build_model(ModelConfig(), seed=SEED).state_dict()
     assert any(not torch.equal(final[k], initial[k]) for k in final)
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
-    _, run = _mlflow_run(tmp_path, strategy)
+    _, run = mlflow_run(tmp_path, strategy)
     assert run.data.params["strategy.name"] == strategy
 
 
@@ -227,5 +193,5 @@ def test_all_sites_failing_stops_the_run_instead_of_hanging(tmp_path, consortium
     assert proc.returncode == 2
     assert "round 1: only 0 site(s) delivered an update" in proc.stderr
     assert "ghost: " in proc.stderr and "junk: " in proc.stderr
-    _, run = _mlflow_run(tmp_path, "allfail")
+    _, run = mlflow_run(tmp_path, "allfail")
     assert run.info.status == "FAILED"

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from server.loop import RunHistory
-from tests.server.test_simulation import medfed_run
+from tests.helpers import medfed_run
 
 SIZES = {
     "seg3d": [

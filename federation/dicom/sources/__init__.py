@@ -14,6 +14,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from federation.dicom.prepare import PrepareOptions, PrepareReport, prepare_folder
+from federation.files import write_atomically
 
 __all__ = ["INCOMING_DIR", "SourceQuery", "prepare_source", "store_instance"]
 
@@ -51,9 +52,7 @@ def store_instance(ds: Dataset, incoming: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.dcm"
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        ds.save_as(tmp, enforce_file_format=True)
-        tmp.replace(path)
+        write_atomically(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
     return path
 
 
