@@ -19,8 +19,7 @@ import yaml
 from client.governance import GovernancePolicy, PlanRegistry
 from federation.errors import SiteRefusal
 from federation.files import write_atomically
-from federation.ledger import Ledger, LedgerEntry, Mechanism, history_of, open_ledger
-from federation.privacy import MechanismStep
+from federation.ledger import Ledger, LedgerEntry, Mechanism, open_ledger, projected_epsilon
 
 __all__ = ["POLICY_FILE", "SitePolicy", "SiteState", "write_policy_section"]
 
@@ -149,12 +148,9 @@ class SiteState:
                 f"delta={policy.delta:g}; ask the coordinator for privacy.delta={policy.delta:g}",
             )
         budget = policy.budget_for(dataset)
-        history = history_of(self.ledger.entries(), dataset)
-        spent = history.epsilon(delta=policy.delta, accountant=accountant)
-        history.extend(
-            [MechanismStep(planned.noise_multiplier, planned.sample_rate, planned.steps)]
+        spent, after = projected_epsilon(
+            self.ledger.entries(), dataset, planned, accountant=accountant
         )
-        after = history.epsilon(delta=policy.delta, accountant=accountant)
         if after > budget:
             raise SiteRefusal(
                 self.site,

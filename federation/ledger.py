@@ -32,6 +32,7 @@ __all__ = [
     "Mechanism",
     "history_of",
     "open_ledger",
+    "projected_epsilon",
     "read_ledger",
     "verify_ledger",
 ]
@@ -140,6 +141,22 @@ def history_of(entries: list[LedgerEntry], dataset: str) -> PrivacyHistory:
     return history
 
 
+def projected_epsilon(
+    entries: list[LedgerEntry], dataset: str, mechanism: Mechanism, *, accountant: str
+) -> tuple[float, float]:
+    """A dataset's epsilon over `entries`, and what it would be after `mechanism` runs.
+
+    Both at the mechanism's delta; the one budget projection the site's pre-round check
+    and the ledger's locked append share.
+    """
+    history = history_of(entries, dataset)
+    before = history.epsilon(delta=mechanism.delta, accountant=accountant)
+    history.extend(
+        [MechanismStep(mechanism.noise_multiplier, mechanism.sample_rate, mechanism.steps)]
+    )
+    return before, history.epsilon(delta=mechanism.delta, accountant=accountant)
+
+
 def read_ledger(path: Path) -> list[LedgerEntry]:
     """All entries of a ledger file, in file order.
 
@@ -211,11 +228,7 @@ class Ledger:
         with open(self.path, "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             entries = self.entries()
-            history = history_of(entries, dataset)
-            history.extend(
-                [MechanismStep(mechanism.noise_multiplier, mechanism.sample_rate, mechanism.steps)]
-            )
-            epsilon = history.epsilon(delta=mechanism.delta, accountant=accountant)
+            _, epsilon = projected_epsilon(entries, dataset, mechanism, accountant=accountant)
             if epsilon > budget:
                 raise BudgetExceeded(
                     f"dataset {dataset} would reach epsilon {epsilon:.3f}, over its budget "

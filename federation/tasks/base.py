@@ -140,6 +140,17 @@ class Task(Protocol):
         ...
 
 
+def windowed(volume: TaskVolume, cfg: TaskConfig) -> torch.Tensor:
+    """The volume in the task's CT window (`task.window_min`..`window_max` HU) as [0, 1].
+
+    float32, slices first; `federation.dicom.volume.normalise` (MONAI) does the scaling.
+    """
+    from federation.dicom.volume import normalise
+
+    hu = np.asarray(volume.hu, dtype=np.float32)
+    return torch.from_numpy(normalise(hu, modality="CT", window=(cfg.window_min, cfg.window_max)))
+
+
 def device() -> torch.device:
     """The site's GPU when it has one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -30,6 +29,7 @@ from federation.tasks.base import (
     private_train,
     split_patients,
     task_params,
+    windowed,
 )
 from federation.tasks.metrics import auroc, balanced_accuracy
 
@@ -95,8 +95,7 @@ class WeightedCrossEntropy(nn.Module):
 
 
 def _stack(volume: TaskVolume, cfg: TaskConfig, slices: int) -> torch.Tensor:
-    hu = torch.from_numpy(np.asarray(volume.hu, dtype=np.float32))[None, None]
-    image = ((hu - cfg.window_min) / (cfg.window_max - cfg.window_min)).clamp_(0.0, 1.0)
+    image = windowed(volume, cfg)[None, None]
     size = (slices, cfg.image_size, cfg.image_size)
     return F.interpolate(image, size=size, mode="trilinear", align_corners=False)[0, 0]
 

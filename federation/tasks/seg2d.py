@@ -20,6 +20,7 @@ from federation.tasks.base import (
     device,
     private_train,
     split_patients,
+    windowed,
 )
 from federation.tasks.metrics import dice
 
@@ -59,8 +60,7 @@ class SiteDataset:
 
 
 def _to_slices(volume: TaskVolume, cfg: TaskConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    hu = torch.from_numpy(volume.hu).float().unsqueeze(1)
-    image = ((hu - cfg.window_min) / (cfg.window_max - cfg.window_min)).clamp_(0.0, 1.0)
+    image = windowed(volume, cfg).unsqueeze(1)
     assert volume.label is not None
     mask = torch.from_numpy(volume.label).float().unsqueeze(1)
     size = (cfg.image_size, cfg.image_size)

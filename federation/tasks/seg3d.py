@@ -22,6 +22,7 @@ from federation.tasks.base import (
     private_train,
     split_patients,
     task_params,
+    windowed,
 )
 from federation.tasks.metrics import dice
 from federation.tasks.seg2d import SegmentationLoss, check_segmentation_model
@@ -102,8 +103,7 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 def _grid(volume: TaskVolume, cfg: TaskConfig, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
     if volume.label is None:
         raise ValueError(f"series {volume.series_uid} has no mask label; seg3d needs one")
-    hu = torch.from_numpy(np.asarray(volume.hu, dtype=np.float32))[None, None]
-    image = ((hu - cfg.window_min) / (cfg.window_max - cfg.window_min)).clamp_(0.0, 1.0)
+    image = windowed(volume, cfg)[None, None]
     size = (depth, cfg.image_size, cfg.image_size)
     image = F.interpolate(image, size=size, mode="trilinear", align_corners=False)
     mask = torch.from_numpy(np.asarray(volume.label, dtype=np.float32))[None, None]
