@@ -430,16 +430,11 @@ def _cmd_plans_list(args: argparse.Namespace) -> int:
 
 def _cmd_plans_add(args: argparse.Namespace) -> int:
     """Register the plan a run with these overrides will send, for review ahead of it."""
-    from federation import keys
     from federation.config import compose_config
     from server.loop import site_config
 
     cfg = compose_config(args.overrides)
     flat: dict[str, Any] = dict(site_config(cfg, ""))
-    if cfg.strategy.name == "fedprox":  # Flower's FedProx adds its mu to the config
-        flat[keys.PROXIMAL_MU] = cfg.strategy.proximal_mu
-    if cfg.federation.secure_aggregation != "none":
-        flat[keys.SECURE_AGGREGATION] = cfg.federation.secure_aggregation
     plan = _plans(args).request(flat, run=cfg.run_name or "", by="medfed site plans add")
     print(f"plan {plan} is pending review at {args.state}")
     return 0

@@ -142,6 +142,12 @@ def site_config(cfg: MedfedConfig, run_name: str) -> ConfigRecord:
     flat[keys.RUN_NAME] = run_name
     flat[keys.LOCAL_NORM] = cfg.strategy.local_norm
     flat[keys.UPDATE_ENCODING] = cfg.federation.update_encoding
+    # Part of the training plan: Flower's FedProx sends its mu too (the same value), and
+    # the SecAgg+ round sends this config as it is.
+    if cfg.strategy.name == "fedprox":
+        flat[keys.PROXIMAL_MU] = cfg.strategy.proximal_mu
+    if cfg.federation.secure_aggregation != "none":
+        flat[keys.SECURE_AGGREGATION] = cfg.federation.secure_aggregation
     return ConfigRecord(flat)
 
 

@@ -151,11 +151,7 @@ class SecureAggregation:
         log = context_logger(run=self.run_name, round=server_round)
         names = list(arrays.keys())
         dtypes = {k: arrays[k].numpy().dtype for k in names}
-        flat: dict[str, Any] = {
-            **config,
-            keys.SERVER_ROUND: server_round,
-            keys.SECURE_AGGREGATION: SECAGGPLUS,
-        }
+        flat: dict[str, Any] = {**config, keys.SERVER_ROUND: server_round}
         # Legacy FitIns configs hold scalars only: the site config travels as JSON.
         strategy = _Collect({keys.SITE_CONFIG_JSON: json.dumps(flat)})
         clients = SimpleClientManager()
