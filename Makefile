@@ -15,8 +15,9 @@ test: $(STAMP) lint
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check federation client server conf scripts tests
+	$(BIN)/ruff check federation client server medfed conf scripts tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 setup: $(STAMP)
 

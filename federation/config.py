@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ __all__ = [
     "StrategyConfig",
     "TaskConfig",
     "TrackingConfig",
+    "anchor_paths",
     "compose_config",
     "config_from_json",
     "config_sha256",
@@ -382,8 +384,6 @@ def config_from_json(text: str) -> MedfedConfig:
 
 def config_sha256(cfg: MedfedConfig) -> str:
     """Stable hash of a run's whole configuration (the same when it is resumed)."""
-    import dataclasses
-
     text = config_to_json(dataclasses.replace(cfg, resume=False))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -431,6 +431,21 @@ def plan_hash(site_config: dict[str, Any], *, app: str) -> str:
     body = {"medfed": __version__, "app": app, "config": plan}
     canonical = json.dumps(body, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def anchor_paths(cfg: MedfedConfig) -> MedfedConfig:
+    """Make the config's paths absolute, so every process reads the same files."""
+    from federation.tracking import default_tracking_uri
+
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, root=str(resolve_path(cfg.data.root))),
+        federation=dataclasses.replace(
+            cfg.federation, site_state_root=str(resolve_path(cfg.federation.site_state_root))
+        ),
+        output_dir=str(resolve_path(cfg.output_dir)),
+        tracking=dataclasses.replace(cfg.tracking, uri=cfg.tracking.uri or default_tracking_uri()),
+    )
 
 
 def resolve_path(path: str, base: Path | None = None) -> Path:

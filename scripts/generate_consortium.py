@@ -6,7 +6,7 @@ python scripts/generate_consortium.py --output consortium --sites 3 data.slices=
 
 import sys
 
-from federation.cli import main
+from medfed.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["generate", *sys.argv[1:]]))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federation.config import MedfedConfig, config_to_json, resolve_path
+from federation.config import MedfedConfig, anchor_paths, config_to_json, resolve_path
 from federation.errors import FederationError
 from federation.keys import RUN_CONFIG_JSON
 from federation.logs import context_logger
@@ -477,8 +477,6 @@ def deployment_config(cfg: MedfedConfig) -> tuple[MedfedConfig, CoordinatorKit]:
     Raises:
         ValueError: `federation.kit` is unset or not a coordinator kit.
     """
-    from server.launch import anchor_paths
-
     if not cfg.federation.kit:
         raise ValueError(
             "federation.kit is unset: point it to the coordinator kit written by "

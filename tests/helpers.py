@@ -27,7 +27,7 @@ def medfed_run(
         *overrides,
     ]
     return subprocess.run(
-        [sys.executable, "-m", "federation.cli", "run", *args],
+        [sys.executable, "-m", "medfed.cli", "run", *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -50,7 +50,7 @@ def medfed_run(
     args = [
         sys.executable,
         "-m",
-        "federation.cli",
+        "medfed.cli",
         "run",
         f"run_name={name}",
         f"data.root={data}",
@@ -124,7 +124,7 @@ def medfed(
     *args: str, cwd: Path, log: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     """Start `medfed ARGS` from this checkout."""
-    return start([sys.executable, "-m", "federation.cli", *args], cwd=cwd, log=log, env=env)
+    return start([sys.executable, "-m", "medfed.cli", *args], cwd=cwd, log=log, env=env)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -74,7 +74,7 @@ def main() -> None:
         f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
     ]
     subprocess.run(
-        [sys.executable, "-m", "federation.cli", "generate", "--output", str(data), *config],
+        [sys.executable, "-m", "medfed.cli", "generate", "--output", str(data), *config],
         cwd=work, env=bench_env(), check=True, capture_output=True,
     )  # fmt: skip
     print(f"work folder {work}", file=sys.stderr)

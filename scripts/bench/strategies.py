@@ -88,7 +88,7 @@ def main() -> int:
             # The demo's consortium, generated once and shared by every strategy.
             small = ["data.slices=12", "data.patients_per_site=[3,3,4]"] if args.quick else []
             subprocess.run(
-                [sys.executable, "-m", "federation.cli", "generate", "--output", str(data), *small],
+                [sys.executable, "-m", "medfed.cli", "generate", "--output", str(data), *small],
                 check=True,
                 capture_output=True,
             )

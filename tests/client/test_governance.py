@@ -13,9 +13,9 @@ import yaml
 from client.governance import GovernancePolicy, RunRequest
 from client.state import SitePolicy, SiteState
 from federation.appdigest import release_digest
-from federation.cli import main as medfed
 from federation.config import compose_config, plan_hash
 from federation.security import load_public_key
+from medfed.cli import main as medfed
 from server.loop import RunHistory, site_config
 from tests.helpers import SMALL, medfed_run
 
@@ -223,7 +223,7 @@ def test_unapproved_plan_refused_approved_one_trains_and_limits_apply(tmp_path, 
         [
             sys.executable,
             "-m",
-            "federation.cli",
+            "medfed.cli",
             "site",
             "plans",
             "list",

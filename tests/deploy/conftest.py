@@ -134,7 +134,7 @@ class Cluster:
         log.parent.mkdir(exist_ok=True)
         with log.open("wb") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "federation.cli", *args],
+                [sys.executable, "-m", "medfed.cli", *args],
                 cwd=self.root,
                 stdout=out,
                 stderr=subprocess.STDOUT,

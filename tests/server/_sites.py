@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 from client.app import create_client_app
 from federation.config import MedfedConfig, compose_config
 from federation.logs import setup_logging
-from server.launch import run_simulation
+from medfed.launch import run_simulation
 
 
 def simulate_with_mod(

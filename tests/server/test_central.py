@@ -57,7 +57,7 @@ def test_central_dp_runs_with_both_clippings_and_is_audited(tmp_path, consortium
         [
             sys.executable,
             "-m",
-            "federation.cli",
+            "medfed.cli",
             "audit",
             "verify",
             str(ledger_path),

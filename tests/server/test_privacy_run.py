@@ -21,7 +21,7 @@ from tests.helpers import medfed_run
 
 def _medfed(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "federation.cli", *args],
+        [sys.executable, "-m", "medfed.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -65,7 +65,7 @@ def test_killed_coordinator_resumes_without_double_charging(tmp_path, consortium
     ]
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(
-        [sys.executable, "-m", "federation.cli", "run", *args],
+        [sys.executable, "-m", "medfed.cli", "run", *args],
         cwd=tmp_path,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -96,7 +96,7 @@ def test_killed_coordinator_resumes_without_double_charging(tmp_path, consortium
     # Overrides that would change the run are refused; locating ones are fine.
     def resume(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "federation.cli", "run", "--resume", *args],
+            [sys.executable, "-m", "medfed.cli", "run", "--resume", *args],
             cwd=tmp_path,
             capture_output=True,
             text=True,

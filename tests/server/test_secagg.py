@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from federation.cli import main as medfed
 from federation.dicom.synth import generate_consortium
 from federation.ledger import read_ledger
+from medfed.cli import main as medfed
 from server.loop import RunHistory
 from tests.conftest import SEED, TINY_RUN, run_sites_module
 

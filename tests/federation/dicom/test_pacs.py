@@ -15,9 +15,9 @@ import pydicom
 import pytest
 
 from client.supernode import free_port
-from federation.cli import main
 from federation.dicom.cache import VolumeCache
 from federation.dicom.prepare import prepare_folder
+from medfed.cli import main
 
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")

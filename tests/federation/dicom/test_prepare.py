@@ -14,11 +14,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_rescale
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from federation.cli import main
 from federation.dicom.cache import VolumeCache
 from federation.dicom.phi import PHI_KEYWORDS, DeidentificationRequired
 from federation.dicom.prepare import HISTOGRAM_STRIDE, PrepareOptions, prepare_folder
 from federation.dicom.synth import patient_id
+from medfed.cli import main
 from tests.conftest import SLICES
 
 

@@ -6,7 +6,7 @@ import threading
 
 from flwr.server.superlink.fleet.vce import vce_api
 
-from server.launch import _workers_for
+from medfed.launch import _workers_for
 
 
 def test_every_site_gets_a_simulation_worker_at_once():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator
@@ -14,27 +13,13 @@ from flwr.serverapp import Grid
 from client.app import create_client_app
 from client.site import SimulatedSites
 from client.state import POLICY_FILE, SitePolicy
-from federation.config import MedfedConfig, resolve_path
+from federation.config import MedfedConfig, anchor_paths, resolve_path
 from federation.errors import FederationError
 from federation.logs import context_logger
-from federation.tracking import default_tracking_uri
 from server.app import RunResult, create_server_app
 from server.checkpoint import check_run_dir
 
-__all__ = ["anchor_paths", "ensure_consortium", "ensure_site_policies", "run_simulation"]
-
-
-def anchor_paths(cfg: MedfedConfig) -> MedfedConfig:
-    """Make the config's paths absolute, so every process reads the same files."""
-    return dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(cfg.data, root=str(resolve_path(cfg.data.root))),
-        federation=dataclasses.replace(
-            cfg.federation, site_state_root=str(resolve_path(cfg.federation.site_state_root))
-        ),
-        output_dir=str(resolve_path(cfg.output_dir)),
-        tracking=dataclasses.replace(cfg.tracking, uri=cfg.tracking.uri or default_tracking_uri()),
-    )
+__all__ = ["ensure_consortium", "ensure_site_policies", "run_simulation"]
 
 
 def ensure_consortium(cfg: MedfedConfig) -> None:

@@ -72,7 +72,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import datetime as dt
 
     from federation.config import compose_config, resolve_path
-    from server.launch import run_simulation
+    from medfed.launch import run_simulation
     from server.report import run_summary
 
     if getattr(args, "resume", None):
