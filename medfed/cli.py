@@ -543,23 +543,19 @@ def _decision_parsers(
         p.set_defaults(func=func)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="medfed", description="Federated learning for hospital consortia."
+def _with_overrides(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. privacy.noise_multiplier=1.1"
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    return p
 
-    def with_overrides(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "overrides", nargs="*", help="Hydra overrides, e.g. privacy.noise_multiplier=1.1"
-        )
-        return p
 
-    with_overrides(
+def _run_parsers(sub: Any) -> None:
+    """demo, run, config, generate: runs and their configuration."""
+    _with_overrides(
         sub.add_parser("demo", help="run the local consortium demo on embedded defaults")
     ).set_defaults(func=_cmd_run)
-    run = with_overrides(sub.add_parser("run", help="run a federated training (coordinator)"))
+    run = _with_overrides(sub.add_parser("run", help="run a federated training (coordinator)"))
     run.add_argument(
         "--resume",
         metavar="RUN",
@@ -567,14 +563,17 @@ def _parser() -> argparse.ArgumentParser:
         "its last completed round; only output_dir= and tracking.uri= may be given",
     )
     run.set_defaults(func=_cmd_run)
-    with_overrides(sub.add_parser("config", help="print the resolved configuration")).set_defaults(
+    _with_overrides(sub.add_parser("config", help="print the resolved configuration")).set_defaults(
         func=_cmd_config
     )
-    gen = with_overrides(sub.add_parser("generate", help="write a synthetic DICOM consortium"))
+    gen = _with_overrides(sub.add_parser("generate", help="write a synthetic DICOM consortium"))
     gen.add_argument("--output", required=True, help="output folder (one sub-folder per site)")
     gen.add_argument("--sites", type=int, default=0, help="number of sites (default: config)")
     gen.set_defaults(func=_cmd_generate)
 
+
+def _coordinator_parsers(sub: Any) -> None:
+    """provision, server: the coordinator's commands."""
     prov = sub.add_parser(
         "provision", help="consortium CA, SuperLink certificate and startup kits (idempotent)"
     )
@@ -612,9 +611,18 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--database", help="SuperLink state file (default: in the kit)")
     start.set_defaults(func=_cmd_server_start)
 
+
+def _site_parsers(sub: Any) -> None:
+    """site: the hospital's commands."""
     site = sub.add_parser("site", help="site (hospital) commands").add_subparsers(
         dest="site_command", required=True
     )
+    for add in (_site_agent_parsers, _site_data_parsers, _site_governance_parsers):
+        add(site)
+
+
+def _site_agent_parsers(site: Any) -> None:
+    """The site agent's commands: start, init, join (its SuperNode and its keys)."""
     site_start = site.add_parser("start", help="start the site agent (Flower SuperNode)")
     site_start.add_argument("--kit", required=True, help="the site's startup kit")
     site_start.add_argument("--data", help="the site's DICOM folder (default: KIT/data)")
@@ -635,19 +643,10 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("--kit", required=True, help="the kit `medfed site init` made")
     join.add_argument("--bundle", required=True, help="the folder the coordinator sent back")
     join.set_defaults(func=_cmd_site_join)
-    apps = site.add_parser(
-        "apps", help="the code the site runs: its own release, or apps it approved"
-    ).add_subparsers(dest="apps_command", required=True)
-    apps_list = apps.add_parser("list", help="trusted apps and refused runs")
-    apps_list.add_argument("--state", required=True, help="the site's state folder")
-    apps_list.set_defaults(func=_cmd_apps_list)
-    _decision_parsers(
-        apps,
-        "app",
-        "the app's digest (or its first 16+ hex digits)",
-        approve=("trust an app by its digest", _cmd_apps_approve),
-        revoke=("stop trusting an approved app", _cmd_apps_revoke),
-    )
+
+
+def _site_data_parsers(site: Any) -> None:
+    """The site's data commands: check, prepare."""
     check = site.add_parser("check", help="check that a site folder holds usable labelled DICOM")
     check.add_argument("--data", required=True, help="the site's DICOM folder")
     check.set_defaults(func=_cmd_site_check)
@@ -678,6 +677,10 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--series-description", help="PACS query: series description (wildcards)")
     prep.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=_cmd_site_prepare)
+
+
+def _site_governance_parsers(site: Any) -> None:
+    """What may run on the site's data: data-policy, policy, apps, plans."""
     dpol = site.add_parser("data-policy", help="set or show the site's data policy")
     dpol.add_argument("--state", required=True, help="the site's state folder")
     dpol.add_argument("--require-deidentified", choices=("yes", "no"))
@@ -707,11 +710,24 @@ def _parser() -> argparse.ArgumentParser:
         "--allowed-accountants", nargs="*", choices=("rdp", "prv"), help="accepted accountants"
     )
     policy.set_defaults(func=_cmd_site_policy)
+    apps = site.add_parser(
+        "apps", help="the code the site runs: its own release, or apps it approved"
+    ).add_subparsers(dest="apps_command", required=True)
+    apps_list = apps.add_parser("list", help="trusted apps and refused runs")
+    apps_list.add_argument("--state", required=True, help="the site's state folder")
+    apps_list.set_defaults(func=_cmd_apps_list)
+    _decision_parsers(
+        apps,
+        "app",
+        "the app's digest (or its first 16+ hex digits)",
+        approve=("trust an app by its digest", _cmd_apps_approve),
+        revoke=("stop trusting an approved app", _cmd_apps_revoke),
+    )
     plans = site.add_parser(
         "plans", help="review, approve and revoke the training plans run on the site's data"
     ).add_subparsers(dest="plans_command", required=True)
     plans_list = plans.add_parser("list", help="plans requested or approved, with their status")
-    plans_add = with_overrides(
+    plans_add = _with_overrides(
         plans.add_parser(
             "add", help="register the plan a run with these overrides will send, for review"
         )
@@ -731,6 +747,9 @@ def _parser() -> argparse.ArgumentParser:
         revoke=("revoke a plan's approval", _cmd_plans_revoke),
     )
 
+
+def _audit_parsers(sub: Any) -> None:
+    """audit: the auditor's commands."""
     audit = sub.add_parser("audit", help="auditor commands").add_subparsers(
         dest="audit_command", required=True
     )
@@ -757,6 +776,16 @@ def _parser() -> argparse.ArgumentParser:
     eps.add_argument("--delta", type=float, required=True)
     eps.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
     eps.set_defaults(func=_cmd_audit_epsilon)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medfed", description="Federated learning for hospital consortia."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_run_parsers, _coordinator_parsers, _site_parsers, _audit_parsers):
+        add(sub)
     return parser
 
 
