@@ -48,6 +48,11 @@ class TaskConfig:
     # Task-specific settings, checked by the task itself (see federation/tasks/base.py).
     params: dict[str, Any] = field(default_factory=dict)
 
+    def validate(self) -> None:
+        """Reject a section that cannot run, naming the value (the task checks `params`)."""
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"task.val_fraction={self.val_fraction} must lie in (0, 1).")
+
 
 @dataclass
 class ModelConfig:
@@ -90,6 +95,14 @@ class StrategyConfig:
     # FedBN: normalisation layers stay at each site, never sent nor averaged.
     local_norm: bool = False
 
+    def validate(self) -> None:
+        """Reject a section that cannot run, naming the value."""
+        if self.name == "fedbn" and not self.local_norm:
+            raise ValueError(
+                "strategy.name=fedbn keeps normalisation layers local at each site; "
+                "drop strategy.local_norm=false or choose another strategy."
+            )
+
 
 @dataclass
 class PrivacyConfig:
@@ -105,6 +118,26 @@ class PrivacyConfig:
     # Client-level (central) DP only: adaptive-server | fixed-client
     clipping: str = "adaptive-server"
     clipped_count_stddev: float | None = None
+
+    def validate(self) -> None:
+        """Reject a section that cannot run, naming the value."""
+        if self.mode not in ("dp-sgd", "central", "none"):
+            raise ValueError(
+                f"privacy.mode={self.mode!r} is unknown; "
+                "use privacy=dp_sgd, privacy=central or privacy=none."
+            )
+        if self.mode == "central" and self.clipping not in ("adaptive-server", "fixed-client"):
+            raise ValueError(
+                f"privacy.clipping={self.clipping!r} is unknown; "
+                "use adaptive-server or fixed-client."
+            )
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ValueError(f"privacy.target_epsilon={self.target_epsilon} must be > 0.")
+        if self.mode != "none" and (self.noise_multiplier <= 0 or self.max_grad_norm <= 0):
+            raise ValueError(
+                "DP needs privacy.noise_multiplier > 0 and privacy.max_grad_norm > 0; "
+                "to train without DP choose privacy=none."
+            )
 
 
 @dataclass
@@ -155,6 +188,39 @@ class FederationConfig:
             return list(self.site_names)
         return [f"site-{i + 1}" for i in range(self.num_sites)]
 
+    def validate(self) -> None:
+        """Reject a section that cannot run, naming the value."""
+        from federation.compression import ENCODINGS
+
+        names = self.names()
+        if self.site_names and len(self.site_names) != self.num_sites:
+            raise ValueError(
+                f"federation.site_names lists {len(self.site_names)} sites but "
+                f"federation.num_sites={self.num_sites}; make them agree or drop site_names."
+            )
+        if len(set(names)) != len(names):
+            raise ValueError(f"federation.site_names has duplicates: {names}")
+        if not 1 <= self.min_sites <= self.num_sites:
+            raise ValueError(
+                f"federation.min_sites={self.min_sites} must be between 1 and "
+                f"federation.num_sites={self.num_sites}."
+            )
+        if not self.cpus_per_site > 0:
+            raise ValueError(
+                f"federation.cpus_per_site={self.cpus_per_site} must be > 0 (0.5: two sites "
+                "share a core)."
+            )
+        if self.engine not in ("simulation", "deployment"):
+            raise ValueError(
+                f"federation.engine={self.engine!r} is unknown; use federation=local "
+                "(simulation) or federation=deploy (deployment)."
+            )
+        if self.update_encoding not in ENCODINGS:
+            raise ValueError(
+                f"federation.update_encoding={self.update_encoding!r} is unknown; use one of "
+                f"{', '.join(ENCODINGS)}."
+            )
+
 
 @dataclass
 class TrackingConfig:
@@ -197,67 +263,15 @@ class MedfedConfig:
     resume: bool = False
 
     def validate(self) -> None:
-        """Reject settings that cannot run, saying which value and why."""
-        fed = self.federation
-        names = fed.names()
-        if fed.site_names and len(fed.site_names) != fed.num_sites:
-            raise ValueError(
-                f"federation.site_names lists {len(fed.site_names)} sites but "
-                f"federation.num_sites={fed.num_sites}; make them agree or drop site_names."
-            )
-        if len(set(names)) != len(names):
-            raise ValueError(f"federation.site_names has duplicates: {names}")
-        if not 1 <= fed.min_sites <= fed.num_sites:
-            raise ValueError(
-                f"federation.min_sites={fed.min_sites} must be between 1 and "
-                f"federation.num_sites={fed.num_sites}."
-            )
-        if not fed.cpus_per_site > 0:
-            raise ValueError(
-                f"federation.cpus_per_site={fed.cpus_per_site} must be > 0 (0.5: two sites "
-                "share a core)."
-            )
-        if fed.engine not in ("simulation", "deployment"):
-            raise ValueError(
-                f"federation.engine={fed.engine!r} is unknown; use federation=local "
-                "(simulation) or federation=deploy (deployment)."
-            )
+        """Reject settings that cannot run, saying which value and why.
+
+        Each section checks itself; what spans sections is checked here.
+        """
         if self.rounds < 1:
             raise ValueError(f"rounds={self.rounds}: a run needs at least one round.")
-        if self.privacy.mode not in ("dp-sgd", "central", "none"):
-            raise ValueError(
-                f"privacy.mode={self.privacy.mode!r} is unknown; "
-                "use privacy=dp_sgd, privacy=central or privacy=none."
-            )
-        if self.privacy.mode == "central" and self.privacy.clipping not in (
-            "adaptive-server",
-            "fixed-client",
-        ):
-            raise ValueError(
-                f"privacy.clipping={self.privacy.clipping!r} is unknown; "
-                "use adaptive-server or fixed-client."
-            )
-        if self.privacy.target_epsilon is not None and self.privacy.target_epsilon <= 0:
-            raise ValueError(f"privacy.target_epsilon={self.privacy.target_epsilon} must be > 0.")
-        if self.privacy.mode != "none" and (
-            self.privacy.noise_multiplier <= 0 or self.privacy.max_grad_norm <= 0
-        ):
-            raise ValueError(
-                "DP needs privacy.noise_multiplier > 0 and privacy.max_grad_norm > 0; "
-                "to train without DP choose privacy=none."
-            )
-        if self.strategy.name == "fedbn" and not self.strategy.local_norm:
-            raise ValueError(
-                "strategy.name=fedbn keeps normalisation layers local at each site; "
-                "drop strategy.local_norm=false or choose another strategy."
-            )
-        from federation.compression import ENCODINGS
-
-        if fed.update_encoding not in ENCODINGS:
-            raise ValueError(
-                f"federation.update_encoding={fed.update_encoding!r} is unknown; use one of "
-                f"{', '.join(ENCODINGS)}."
-            )
+        for section in (self.federation, self.privacy, self.strategy, self.task):
+            section.validate()
+        fed = self.federation
         if (
             fed.update_encoding != "full"
             and self.privacy.mode == "central"
@@ -271,8 +285,9 @@ class MedfedConfig:
         self._validate_secure_aggregation()
         if self.resume and not self.run_name:
             raise ValueError("resume=true needs the run_name of the run to continue.")
-        if not 0 < self.task.val_fraction < 1:
-            raise ValueError(f"task.val_fraction={self.task.val_fraction} must lie in (0, 1).")
+        self._validate_task()
+
+    def _validate_task(self) -> None:
         from federation.tasks import get_task
 
         task = get_task(self.task.name)
