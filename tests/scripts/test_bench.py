@@ -81,9 +81,14 @@ def test_overhead_quick_measures_medfed_and_plain_flower_in_both_engines(tmp_pat
             measured = row[app]
             assert 0 < measured["slowest_site_seconds"] < measured["phase_seconds"]
             assert 0 < measured["overhead_share"] < 1
-            assert measured["training_for_5_percent_seconds"] == pytest.approx(
-                19 * measured["overhead_seconds"]
+            # The overhead is the measured phase beyond the slowest site's training.
+            assert measured["overhead_seconds"] == pytest.approx(
+                measured["phase_seconds"] - measured["slowest_site_seconds"], abs=0.05
             )
+            # One local epoch is far from the 5% mark: the break-even local training is
+            # longer than what these rounds trained.
+            assert measured["overhead_share"] > 0.05
+            assert measured["training_for_5_percent_seconds"] > measured["slowest_site_seconds"]
             # The sites' training spans at least the slowest site's own training.
             assert 0 <= measured["idle_share"] <= measured["overhead_share"] + 1e-9
     # The plain app ran on stock Flower over TLS: its SuperLink served HTTPS and each
@@ -92,4 +97,9 @@ def test_overhead_quick_measures_medfed_and_plain_flower_in_both_engines(tmp_pat
     assert "Uvicorn running on https://127.0.0.1:" in (plain / "superlink.log").read_text()
     for node in ("node-0.log", "node-1.log"):
         assert (plain / node).read_text().count("Receiving: train message") == 2
-    assert isinstance(result["medfed_at_most_plain"], bool)
+    # Over TLS, stock Flower's 3 s polls dominate its rounds; medfed's fixed cost is lower.
+    deployed = next(r for r in result["rows"] if r["engine"] == "deployment")
+    assert deployed["medfed"]["overhead_seconds"] < deployed["plain_flower"]["overhead_seconds"]
+    assert result["medfed_at_most_plain"] == all(
+        r["medfed"]["overhead_share"] <= r["plain_flower"]["overhead_share"] for r in result["rows"]
+    )
