@@ -193,10 +193,12 @@ def create_server_app(
 
             short_pull_backoff(http_grid, "pull_objects")
             grid = PollingGrid(grid, run_cfg.federation.poll_interval)
-            if run_cfg.federation.kit:  # a kit's SuperLink: sites are named by their keys
-                identities = registered_nodes(CoordinatorKit(resolve_path(run_cfg.federation.kit)))
-                grid = MemberGrid(grid, identities, run_name=run_cfg.run_name or "")
         grid = PackingGrid(grid)
+        if run_cfg.federation.engine == "deployment" and run_cfg.federation.kit:
+            # A kit's SuperLink: sites are named by their keys; outside the packing, so
+            # every reply is read as the site sent it.
+            identities = registered_nodes(CoordinatorKit(resolve_path(run_cfg.federation.kit)))
+            grid = MemberGrid(grid, identities, run_name=run_cfg.run_name or "")
         if wrap_grid is not None:
             grid = wrap_grid(grid)
         result = coordinate(grid, run_cfg)
