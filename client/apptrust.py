@@ -22,6 +22,7 @@ needs no signer, so it checks digests at the same point instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -102,7 +103,7 @@ class AppGate:
             )
         return cls(Path(state), site)
 
-    @property
+    @functools.cached_property
     def audit(self) -> AuditLog:
         """The site's governance audit log (the same one plan decisions go to)."""
         key = load_or_create_signing_key(self.state_dir / KEY_FILE)

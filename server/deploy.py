@@ -260,12 +260,11 @@ class SuperLink:
         env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        local = f"127.0.0.1:{control_port or free_port()}"
+        control_port = control_port or free_port()
+        local = f"127.0.0.1:{control_port}"
         with log_file.open("ab") as out:
             proc = subprocess.Popen(
-                superlink_command(
-                    kit, host="127.0.0.1", port=int(local.rsplit(":", 1)[1]), database=database
-                ),
+                superlink_command(kit, host="127.0.0.1", port=control_port, database=database),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -381,9 +380,8 @@ def sync_registrations(
     nodes = _read_nodes(path)
     for site, entry in kit.manifest()["sites"].items():
         known = nodes.get(site)
-        replaced = known is not None and known.get("auth_key", entry.get("auth_key")) != entry.get(
-            "auth_key"
-        )
+        # Re-keyed: the registered key is not the one enrolled now (older records lack it).
+        replaced = known is not None and known.get("auth_key") not in (None, entry.get("auth_key"))
         if known is not None and (entry["status"] == "revoked" or replaced):
             cli.call("supernode", "unregister", str(known["node_id"]))
             nodes.pop(site)
@@ -422,7 +420,7 @@ def sync_running(kit_dir: Path) -> bool:
             pass
     except OSError:
         return False
-    sync_registrations(kit, FlowerCli(kit, address=info["control"]), Path(info["database"]))
+    sync_registrations(kit, FlowerCli(kit), Path(info["database"]))
     return True
 
 

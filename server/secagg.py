@@ -46,9 +46,8 @@ from server.guard import RoundReport
 from server.members import site_identities
 from server.strategy import aggregate_metrics
 
-__all__ = ["SECAGGPLUS", "SecureAggregation"]
+__all__ = ["SecureAggregation"]
 
-SECAGGPLUS = "secaggplus"
 _P = keys.SECAGG_STATUS_PREFIX
 
 
