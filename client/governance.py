@@ -14,23 +14,18 @@ and run name); `federation.config.plan_hash` names it. The site keeps, in its st
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import fcntl
-import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from federation import __version__, keys
 from federation.files import write_atomically
-from federation.ledger import GENESIS
-from federation.security import key_id
+from federation.signedlog import SignedLog, chain_problems
 
 __all__ = [
     "AUDIT_FILE",
@@ -222,88 +217,39 @@ def _names(value: Any) -> tuple[str, ...] | None:
     return tuple(str(v) for v in value)
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def _digest(body: dict[str, Any]) -> str:
-    return hashlib.sha256(
-        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
-
-
 @dataclass
 class AuditLog:
     """The site's append-only governance log: hash-chained, each entry signed."""
 
     path: Path
-    key: Ed25519PrivateKey
+    key: Ed25519PrivateKey | None
     site: str
 
     def entries(self) -> list[dict[str, Any]]:
         """All entries, in file order.
 
         Raises:
-            ValueError: A line is not JSON (its number is named).
+            LogFormatError: A line is not an entry (its number is named).
         """
-        if not self.path.exists():
-            return []
-        out = []
-        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{self.path}:{number}: not an audit entry: {err}") from err
-        return out
+        return SignedLog(self.path, self.key).records()
 
     def append(self, action: str, *, plan: str, by: str, **details: Any) -> dict[str, Any]:
         """Sign and append one entry (under a file lock); returns it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            entries = self.entries()
-            body = {
-                "index": len(entries),
-                "time": _now(),
+        time = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        return SignedLog(self.path, self.key).append(
+            lambda _: {
+                "time": time,
                 "site": self.site,
                 "action": action,
                 "plan": plan,
                 "by": by,
                 "details": details,
-                "prev_hash": entries[-1]["hash"] if entries else GENESIS,
-                "key_id": key_id(self.key.public_key()),
             }
-            digest = _digest(body)
-            entry = {
-                **body,
-                "hash": digest,
-                "signature": base64.b64encode(self.key.sign(digest.encode())).decode(),
-            }
-            handle.write(json.dumps(entry, sort_keys=True) + "\n")
-            handle.flush()
-        return entry
+        )
 
     def verify(self, public_key: Ed25519PublicKey) -> list[str]:
         """Problems with the chain or the signatures (empty when intact)."""
-        problems = []
-        prev = GENESIS
-        for position, entry in enumerate(self.entries()):
-            where = f"{self.path}: entry {position}"
-            body = {k: v for k, v in entry.items() if k not in ("hash", "signature")}
-            if entry.get("index") != position or entry.get("prev_hash") != prev:
-                problems.append(f"{where}: chain broken: entries removed, inserted or reordered")
-            if _digest(body) != entry.get("hash"):
-                problems.append(f"{where}: content does not match its hash: the entry was edited")
-            try:
-                public_key.verify(
-                    base64.b64decode(str(entry.get("signature", ""))),
-                    str(entry.get("hash", "")).encode(),
-                )
-            except (InvalidSignature, ValueError):
-                problems.append(f"{where}: signature is not by the site's key")
-            prev = str(entry.get("hash", ""))
-        return problems
+        return chain_problems(self.entries(), {self.site: public_key}, source=str(self.path))
 
 
 def plan_document(flat: dict[str, Any], *, app: str | None = None) -> dict[str, Any]:

@@ -7,21 +7,19 @@ inserted, reordered or edited, and recompute every epsilon from the raw mechanis
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import fcntl
-import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from federation import signedlog
 from federation.privacy import MechanismStep, PrivacyHistory
-from federation.security import key_id, load_or_create_signing_key
+from federation.security import load_or_create_signing_key
+from federation.signedlog import GENESIS, LogFormatError, SignedLog
 
 __all__ = [
     "GENESIS",
@@ -37,7 +35,6 @@ __all__ = [
     "verify_ledger",
 ]
 
-GENESIS = "0" * 64
 EPSILON_RTOL = 1e-6
 # A ledger owner's state folder holds these (a site's, or the coordinator's).
 LEDGER_FILE = "ledger.jsonl"
@@ -45,7 +42,7 @@ KEY_FILE = "site_key.pem"
 PUBLIC_KEY_FILE = "site_key.pub"
 
 
-class LedgerFormatError(ValueError):
+class LedgerFormatError(LogFormatError):
     """A ledger file cannot be parsed."""
 
 
@@ -89,26 +86,39 @@ class LedgerEntry:
     # existed keep their hash and signature.
     secure_aggregation: str = ""
 
-    def body(self) -> dict[str, Any]:
-        """Everything the hash covers (all but `hash` and `signature`)."""
+    def record(self) -> dict[str, Any]:
+        """The entry as one ledger line holds it (an empty `secure_aggregation` left out)."""
         data = asdict(self)
-        data.pop("hash")
-        data.pop("signature")
         if not data["secure_aggregation"]:
             data.pop("secure_aggregation")
         return data
 
+    def body(self) -> dict[str, Any]:
+        """Everything the hash covers (all but `hash` and `signature`)."""
+        data = self.record()
+        data.pop("hash")
+        data.pop("signature")
+        return data
+
     def digest(self) -> str:
         """SHA-256 of the canonical JSON of the body."""
-        canonical = json.dumps(self.body(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return signedlog.digest(self.body())
 
     def to_json(self) -> str:
-        """One line of the ledger file (an empty `secure_aggregation` is left out)."""
-        data = asdict(self)
-        if not data["secure_aggregation"]:
-            data.pop("secure_aggregation")
-        return json.dumps(data, sort_keys=True)
+        """One line of the ledger file."""
+        return json.dumps(self.record(), sort_keys=True)
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> LedgerEntry:
+        """The entry of one parsed ledger line.
+
+        Raises:
+            LedgerFormatError: The record is not a complete entry.
+        """
+        try:
+            return cls(**{**data, "mechanism": Mechanism(**data["mechanism"])})
+        except (TypeError, KeyError) as err:
+            raise LedgerFormatError(f"not a ledger entry: {err}") from err
 
     @classmethod
     def from_json(cls, text: str) -> LedgerEntry:
@@ -119,16 +129,13 @@ class LedgerEntry:
         """
         try:
             data = json.loads(text)
-            data["mechanism"] = Mechanism(**data["mechanism"])
-            return cls(**data)
-        except (json.JSONDecodeError, TypeError, KeyError) as err:
+        except json.JSONDecodeError as err:
             raise LedgerFormatError(f"not a ledger entry: {err}") from err
+        return cls.from_record(data)
 
     def signed(self, key: Ed25519PrivateKey) -> LedgerEntry:
         """This entry with its hash and the site's signature over it."""
-        digest = self.digest()
-        signature = base64.b64encode(key.sign(digest.encode())).decode()
-        return replace(self, hash=digest, signature=signature)
+        return LedgerEntry.from_record(signedlog.seal(self.body(), key))
 
 
 def history_of(entries: list[LedgerEntry], dataset: str) -> PrivacyHistory:
@@ -163,14 +170,16 @@ def read_ledger(path: Path) -> list[LedgerEntry]:
     Raises:
         LedgerFormatError: A line is not an entry (its line number is named).
     """
+    try:
+        records = signedlog.read_records(path)
+    except LogFormatError as err:
+        raise LedgerFormatError(str(err)) from err
     entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, record in enumerate(records, start=1):
         try:
-            entries.append(LedgerEntry.from_json(line))
+            entries.append(LedgerEntry.from_record(record))
         except LedgerFormatError as err:
-            raise LedgerFormatError(f"{path}:{number}: {err}") from err
+            raise LedgerFormatError(f"{path}: entry {number}: {err}") from err
     return entries
 
 
@@ -193,7 +202,7 @@ class Ledger:
 
     def entries(self) -> list[LedgerEntry]:
         """Entries on disk (re-read on each call, so restarts never lose spend)."""
-        return read_ledger(self.path) if self.path.exists() else []
+        return read_ledger(self.path)
 
     def find(self, run: str, server_round: int) -> LedgerEntry | None:
         """The entry of a run's round, if this site already trained it."""
@@ -224,36 +233,33 @@ class Ledger:
         Raises:
             BudgetExceeded: The dataset's epsilon after this entry would exceed `budget`.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            entries = self.entries()
+
+        def body(records: list[dict[str, Any]]) -> dict[str, Any]:
+            entries = [LedgerEntry.from_record(r) for r in records]
             _, epsilon = projected_epsilon(entries, dataset, mechanism, accountant=accountant)
             if epsilon > budget:
                 raise BudgetExceeded(
                     f"dataset {dataset} would reach epsilon {epsilon:.3f}, over its budget "
                     f"of {budget:g}; the update must not be released"
                 )
-            entry = LedgerEntry(
-                index=len(entries),
-                site=self.site,
-                run=run,
-                round=server_round,
-                dataset=dataset,
-                plan=plan,
-                mechanism=mechanism,
-                accountant=accountant,
-                epsilon=epsilon,
-                budget=budget,
-                grad_sample_mode=grad_sample_mode,
-                time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                prev_hash=entries[-1].hash if entries else GENESIS,
-                key_id=key_id(self.key.public_key()),
-                secure_aggregation=secure_aggregation,
-            ).signed(self.key)
-            handle.write(entry.to_json() + "\n")
-            handle.flush()
-        return entry
+            fields = {
+                "site": self.site,
+                "run": run,
+                "round": server_round,
+                "dataset": dataset,
+                "plan": plan,
+                "mechanism": asdict(mechanism),
+                "accountant": accountant,
+                "epsilon": epsilon,
+                "budget": budget,
+                "grad_sample_mode": grad_sample_mode,
+                "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            }
+            return fields | (
+                {"secure_aggregation": secure_aggregation} if secure_aggregation else {}
+            )
+
+        return LedgerEntry.from_record(SignedLog(self.path, self.key).append(body))
 
 
 def open_ledger(state_dir: Path, owner: str) -> Ledger:
@@ -272,34 +278,14 @@ def verify_ledger(
             `SITE@KEYID`.
         source: Name used in the messages (e.g. the file path).
     """
-    problems: list[str] = []
-    prev = GENESIS
+    problems = signedlog.chain_problems(
+        [entry.record() for entry in entries],
+        keys,
+        source=source,
+        describe=lambda record: f"run {record['run']!r}, round {record['round']}",
+    )
     for position, entry in enumerate(entries):
         where = f"{source}: entry {position} (run {entry.run!r}, round {entry.round})"
-        if entry.index != position:
-            problems.append(
-                f"{where}: index {entry.index} at position {position}: "
-                "entries were removed, inserted or reordered"
-            )
-        if entry.prev_hash != prev:
-            problems.append(
-                f"{where}: previous-hash link broken: entries were removed, inserted or reordered"
-            )
-        prev = entry.hash
-        if entry.digest() != entry.hash:
-            problems.append(f"{where}: content does not match its hash: the entry was edited")
-        # A key the site retired when it re-keyed is named `SITE@KEYID` (federation.audit).
-        key = keys.get(f"{entry.site}@{entry.key_id}") or keys.get(entry.site)
-        if key is None:
-            problems.append(f"{where}: no public key for site {entry.site!r}")
-        else:
-            try:
-                key.verify(base64.b64decode(entry.signature), entry.hash.encode())
-            except (InvalidSignature, ValueError):
-                problems.append(
-                    f"{where}: signature is not by site {entry.site!r}'s key "
-                    f"(entry claims key {entry.key_id}, site key is {key_id(key)})"
-                )
         try:
             recomputed = history_of(entries[: position + 1], entry.dataset).epsilon(
                 delta=entry.mechanism.delta, accountant=entry.accountant
