@@ -32,10 +32,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from client.apptrust import SITE_NAME_ENV, SITE_STATE_ENV, AppGate, UntrustedApp
-from federation import keys
+from federation import flowerpatch, keys
 from federation.logs import context_logger
 from federation.ports import free_port
 from federation.provision import SiteKit
@@ -63,10 +62,6 @@ _DEFAULT_HEARTBEAT = 10.0
 # Flower's default is 1 s.
 _SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 _SUPEREXEC_POLL = 0.1
-# Flower sleeps 3 s between empty polls of the SuperLink and 0.5 s between looks at its
-# own state while a ClientApp works; sleeps up to this long are the latter.
-_LOCAL_WAIT_MAX = 1.0
-_LOCAL_WAIT = 0.05
 # "0" turns warm ClientApps off (client.superexec): a new Python per message, as Flower does.
 WARM_ENV = "MEDFED_WARM_CLIENTAPPS"
 
@@ -271,130 +266,27 @@ def _reap_group(pgid: int, grace: float = 5.0) -> None:
         time.sleep(0.2)
 
 
-class _ShortPollClock:
-    """`time` for Flower's SuperNode loop, with medfed's polling.
-
-    Empty polls of the SuperLink (network; Flower sleeps 3 s after each) back off from
-    0.05 s right after the node answered a message, when the next one is due within a
-    second or so, doubling up to `cap` while nothing comes. The short sleeps while the
-    node waits on its own ClientApp (local state) last at most 0.05 s.
-    """
-
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
-        self.idle = 0  # empty polls since the node last answered a message
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    def answered(self) -> None:
-        """The node sent a reply: poll soon again."""
-        self.idle = 0
-
-    def sleep(self, seconds: float) -> None:
-        if seconds <= _LOCAL_WAIT_MAX:
-            time.sleep(min(seconds, _LOCAL_WAIT))
-            return
-        time.sleep(min(seconds, self.cap, _LOCAL_WAIT * 2.0 ** min(self.idle, 16)))
-        self.idle += 1
-
-
-class _WarmSuperExec:
-    """`subprocess` for Flower's SuperNode: its SuperExec is medfed's warm one."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(subprocess, name)
-
-    @staticmethod
-    def Popen(command: list[str], *args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
-        if command[:1] == ["flower-superexec"]:
-            command = [sys.executable, "-m", "client.superexec", *command[1:]]
-        return subprocess.Popen(command, *args, **kwargs)
-
-
-def _guard_apps(module: Any, gate: AppGate) -> None:
-    """Check every new run's app at `gate` before Flower stores the run or creates a task.
-
-    An untrusted app's message is answered with an error naming the app, as Flower
-    answers a FAB that fails its own verification; the run is not stored, so each of
-    its later messages is checked and refused again.
-    """
-    from flwr.app import Error, Message
-    from flwr.common.constant import ErrorCode
-
-    pull_and_store = module._pull_and_store_message
-
-    def guarded(*, state: Any, object_store: Any, receive: Any, get_fab: Any, **kw: Any) -> Any:
-        received: list[Message] = []
-
-        def remember() -> Any:
-            got = receive()
-            if got is not None:
-                received.append(got[0])
-            return got
-
-        def admitted_fab(fab_hash: str, run_id: int) -> Any:
-            fab = get_fab(fab_hash, run_id)
-            gate.admit(fab.content, fab.hash_str, run_id)
-            return fab
-
-        try:
-            return pull_and_store(
-                state=state,
-                object_store=object_store,
-                receive=remember,
-                get_fab=admitted_fab,
-                **kw,
-            )
-        except UntrustedApp as err:
-            context_logger(site=gate.site).error("%s", err)
-            reply = Message(Error(ErrorCode.INVALID_FAB, str(err)), reply_to=received[-1])
-            module._insert_message(reply, state, object_store)
-            return received[-1].metadata.run_id
-
-    module._pull_and_store_message = guarded
-
-
 def _main(argv: list[str]) -> None:
     """`flower-supernode` with the site's app check, idle poll, heartbeat, warm ClientApps."""
-    from flwr.supercore import heartbeat as flwr_heartbeat
-    from flwr.supercore.logger import update_console_handler
-    from flwr.supernode import fleet_http_connection, start_client_internal
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
-    from federation.flowerpull import short_pull_backoff
-
     try:
         gate = AppGate.from_env()
     except UntrustedApp as err:
         sys.exit(f"medfed: {err}")
+    log = context_logger(site=gate.site)
     trusted = gate.trusted()  # the release's digest is computed once, before any message
-    context_logger(site=gate.site).info(
+    log.info(
         "this site runs only these apps: %s",
         "; ".join(f"{d[:16]} ({why})" for d, why in trusted.items()) or "none",
     )
-    _guard_apps(start_client_internal, gate)
-    cap = float(os.environ.get(POLL_INTERVAL_ENV, _DEFAULT_POLL))
-    clock = _ShortPollClock(cap)
-    start_client_internal.time = clock  # type: ignore[assignment]
-    push_messages = start_client_internal._push_messages
-
-    def push_and_poll_soon(*args: Any, **kwargs: Any) -> None:
-        push_messages(*args, **kwargs)
-        clock.answered()
-
-    start_client_internal._push_messages = push_and_poll_soon
-    short_pull_backoff(start_client_internal, "pull_objects")
-    if os.environ.get(WARM_ENV, "1") != "0":
-        start_client_internal.subprocess = _WarmSuperExec()  # type: ignore[assignment]
-    heartbeat = float(os.environ.get(HEARTBEAT_ENV, _DEFAULT_HEARTBEAT))
-    # The interval the node announces, and the one its sender beats at: keep them equal.
-    fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = heartbeat  # type: ignore[assignment]
-    flwr_heartbeat.HEARTBEAT_DEFAULT_INTERVAL = heartbeat  # type: ignore[assignment]
-    # The site's log says when each message came and went; colours only on a terminal.
-    update_console_handler(timestamps=True, colored=sys.stderr.isatty())
-    sys.argv = ["flower-supernode", *argv]
-    flower_supernode()
+    try:
+        flowerpatch.guard_new_runs(gate.admit, UntrustedApp, lambda err: log.error("%s", err))
+        flowerpatch.short_supernode_polls(float(os.environ.get(POLL_INTERVAL_ENV, _DEFAULT_POLL)))
+        if os.environ.get(WARM_ENV, "1") != "0":
+            flowerpatch.warm_clientapps(superexec_module="client.superexec")
+        flowerpatch.heartbeat_interval(float(os.environ.get(HEARTBEAT_ENV, _DEFAULT_HEARTBEAT)))
+    except flowerpatch.FlowerVersionError as err:
+        sys.exit(f"medfed: {err}")
+    flowerpatch.run_supernode(argv)
 
 
 if __name__ == "__main__":

@@ -793,12 +793,21 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `medfed` console script."""
     args = _parser().parse_args(argv)
     from federation.errors import FederationError, SiteRefusal
+    from federation.flowerpatch import FlowerVersionError, check_flower_version
     from federation.logs import setup_logging
 
     setup_logging(verbose=args.verbose)
     try:
+        check_flower_version()
         return int(args.func(args))
-    except (ValueError, FederationError, SiteRefusal, FileNotFoundError, FileExistsError) as err:
+    except (
+        ValueError,
+        FederationError,
+        SiteRefusal,
+        FileNotFoundError,
+        FileExistsError,
+        FlowerVersionError,
+    ) as err:
         print(f"medfed: error: {err}", file=sys.stderr)
         return 2
 

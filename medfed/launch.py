@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
@@ -13,6 +11,7 @@ from flwr.serverapp import Grid
 from client.app import create_client_app
 from client.site import SimulatedSites
 from client.state import POLICY_FILE, SitePolicy
+from federation import flowerpatch
 from federation.config import MedfedConfig, anchor_paths, resolve_path
 from federation.errors import FederationError
 from federation.logs import context_logger
@@ -58,28 +57,6 @@ def ensure_site_policies(cfg: MedfedConfig) -> None:
             SitePolicy(max_epsilon=cfg.federation.site_budget, delta=cfg.privacy.delta).save(path)
 
 
-@contextlib.contextmanager
-def _workers_for(sites: int) -> Iterator[None]:
-    """Let Flower's simulation engine serve `sites` sites at once.
-
-    Flower (1.41) starts one worker thread per actor but in a thread pool of default
-    size (cores + 4): on 2 cores, 6 of 10 sites train while the other 4 wait for a
-    worker, and each round takes two turns. The pool is sized for every site here.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    pool = vce_api.ThreadPoolExecutor
-    size = max(sites, min(32, (os.cpu_count() or 1) + 4))
-    sized = functools.partial(ThreadPoolExecutor, max_workers=size)
-    vce_api.ThreadPoolExecutor = sized  # type: ignore[misc,assignment]
-    try:
-        yield
-    finally:
-        vce_api.ThreadPoolExecutor = pool  # type: ignore[misc]
-
-
 def run_simulation(
     cfg: MedfedConfig,
     *,
@@ -111,7 +88,7 @@ def run_simulation(
     names = cfg.federation.names()
     results: list[RunResult] = []
     gpus = 1.0 / len(names) if torch.cuda.is_available() else 0.0
-    with _workers_for(len(names)):
+    with flowerpatch.simulation_workers(len(names)):
         flwr_run_simulation(
             server_app=create_server_app(cfg, on_done=results.append, wrap_grid=wrap_grid),
             client_app=(client_app_factory or create_client_app)(

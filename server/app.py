@@ -13,7 +13,7 @@ from flwr.app import Context, UserConfig
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
-from federation import keys
+from federation import flowerpatch, keys
 from federation.config import (
     MedfedConfig,
     compose_config,
@@ -187,11 +187,7 @@ def create_server_app(
         setup_logging()  # in deployment this is a process of its own; its log goes to `flwr log`
         run_cfg = cfg or config_from_run_config(context.run_config)
         if run_cfg.federation.engine == "deployment":
-            from flwr.superlink.grid import http_grid
-
-            from federation.flowerpull import short_pull_backoff
-
-            short_pull_backoff(http_grid, "pull_objects")
+            flowerpatch.short_serverapp_pulls()
             grid = PollingGrid(grid, run_cfg.federation.poll_interval)
         grid = PackingGrid(grid)
         if run_cfg.federation.engine == "deployment" and run_cfg.federation.kit:

@@ -1,0 +1,360 @@
+"""Every change medfed makes to Flower's internals, in one place, written for Flower 1.41.
+
+Everywhere else medfed uses Flower's public API. What Flower 1.41 does not let a caller
+set is changed here, and nowhere else:
+
+- `guard_new_runs` (`start_client_internal._pull_and_store_message`): a site checks a
+  run's app before any task of it is created.
+- `short_supernode_polls` (`start_client_internal.time`, `._push_messages`,
+  `.pull_objects`): Flower sleeps 3 s after each empty poll of the SuperLink and 0.5 s
+  while its ClientApp works.
+- `heartbeat_interval` (`HEARTBEAT_DEFAULT_INTERVAL`, two modules): at 30 s, a crashed
+  site stalls a round for a minute.
+- `warm_clientapps` (`start_client_internal.subprocess`) and `forked_clientapp_executor`
+  (`superexec.executor.factory.SubprocessExecutor`), with `run_warm_clientapp`: Flower
+  starts a new Python, which imports torch again, for every message.
+- `short_serverapp_pulls`, `short_clientapp_pulls` (`pull_objects`,
+  `pull_and_inflate_object_from_tree`): 1, 2, 4 ... s waits for a message's parts.
+- `simulation_workers` (`vce_api.ThreadPoolExecutor`): cores + 4 workers, so other
+  sites wait a turn.
+
+Each function first checks the installed Flower and refuses any other series with
+`FlowerVersionError`, so an upgrade stops the process at start instead of misbehaving in
+a round; `medfed` checks it once when it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+__all__ = [
+    "FLOWER_SERIES",
+    "PULL_BACKOFF",
+    "STARTED",
+    "FlowerVersionError",
+    "ShortPollClock",
+    "check_flower_version",
+    "forked_clientapp_executor",
+    "guard_new_runs",
+    "heartbeat_interval",
+    "run_superexec",
+    "run_supernode",
+    "run_warm_clientapp",
+    "short_clientapp_pulls",
+    "short_serverapp_pulls",
+    "short_supernode_polls",
+    "simulation_workers",
+    "warm_clientapps",
+]
+
+FLOWER_SERIES = "1.41"
+# Waits between pulls of a message's parts: first, and at most (seconds).
+PULL_BACKOFF = (0.05, 0.5)
+# Logged by each warm ClientApp process, like Flower's own start line.
+STARTED = "Start warm ClientApp process"
+# Flower sleeps 3 s between empty polls of the SuperLink and 0.5 s between looks at its
+# own state while a ClientApp works; sleeps up to this long are the latter.
+_LOCAL_WAIT_MAX = 1.0
+_LOCAL_WAIT = 0.05
+
+
+class FlowerVersionError(RuntimeError):
+    """The installed Flower is not the one medfed's adaptations were written for."""
+
+
+def check_flower_version(installed: str | None = None) -> None:
+    """Refuse any Flower but the series medfed adapts.
+
+    Raises:
+        FlowerVersionError: Another version is installed (named, with what to install).
+    """
+    installed = installed or importlib.metadata.version("flwr")
+    if not installed.startswith(FLOWER_SERIES + "."):
+        raise FlowerVersionError(
+            f"medfed adapts Flower {FLOWER_SERIES} internals (federation/flowerpatch.py) "
+            f"but flwr {installed} is installed; install `flwr>={FLOWER_SERIES},<1.42` "
+            "(pip install -e . does), or port federation/flowerpatch.py to the new Flower"
+        )
+
+
+def _rebind(module: ModuleType, name: str, make: Callable[[Any], Any]) -> None:
+    """Replace `module.name` with `make(old)`, after the version check."""
+    check_flower_version()
+    if not hasattr(module, name):
+        raise FlowerVersionError(f"Flower's {module.__name__} has no {name!r} to adapt")
+    setattr(module, name, make(getattr(module, name)))
+
+
+def _short_pulls(module: ModuleType, name: str) -> None:
+    """Rebind Flower's pull function `module.name` with short waits (idempotent)."""
+    if isinstance(getattr(module, name, None), functools.partial):
+        return
+    _rebind(
+        module,
+        name,
+        lambda pull: functools.partial(
+            pull, initial_backoff=PULL_BACKOFF[0], backoff_cap=PULL_BACKOFF[1]
+        ),
+    )
+
+
+def short_serverapp_pulls() -> None:
+    """The ServerApp pulls the sites' replies from the SuperLink with short waits."""
+    from flwr.superlink.grid import http_grid
+
+    _short_pulls(http_grid, "pull_objects")
+
+
+def short_clientapp_pulls() -> None:
+    """The ClientApp pulls its message from the SuperNode with short waits."""
+    from flwr.supernode.runtime import run_clientapp
+
+    _short_pulls(run_clientapp, "pull_and_inflate_object_from_tree")
+
+
+class ShortPollClock:
+    """`time` for Flower's SuperNode loop, with medfed's polling.
+
+    Empty polls of the SuperLink (network; Flower sleeps 3 s after each) back off from
+    0.05 s right after the node answered a message, when the next one is due within a
+    second or so, doubling up to `cap` while nothing comes. The short sleeps while the
+    node waits on its own ClientApp (local state) last at most 0.05 s.
+    """
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+        self.idle = 0  # empty polls since the node last answered a message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def answered(self) -> None:
+        """The node sent a reply: poll soon again."""
+        self.idle = 0
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep as Flower asked, shortened as the class says."""
+        if seconds <= _LOCAL_WAIT_MAX:
+            time.sleep(min(seconds, _LOCAL_WAIT))
+            return
+        time.sleep(min(seconds, self.cap, _LOCAL_WAIT * 2.0 ** min(self.idle, 16)))
+        self.idle += 1
+
+
+def short_supernode_polls(cap: float) -> None:
+    """The SuperNode polls the SuperLink and its ClientApps as `ShortPollClock` says."""
+    from flwr.supernode import start_client_internal
+
+    clock = ShortPollClock(cap)
+    _rebind(start_client_internal, "time", lambda _: clock)
+
+    def poll_soon_after(push: Callable[..., None]) -> Callable[..., None]:
+        def push_and_poll_soon(*args: Any, **kwargs: Any) -> None:
+            push(*args, **kwargs)
+            clock.answered()
+
+        return push_and_poll_soon
+
+    _rebind(start_client_internal, "_push_messages", poll_soon_after)
+    _short_pulls(start_client_internal, "pull_objects")
+
+
+def heartbeat_interval(seconds: float) -> None:
+    """The interval the SuperNode announces, and the one its sender beats at (kept equal)."""
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    for module in (fleet_http_connection, heartbeat):
+        _rebind(module, "HEARTBEAT_DEFAULT_INTERVAL", lambda _: seconds)
+
+
+def guard_new_runs(
+    admit: Callable[[bytes, str, int], object],
+    refused: type[Exception],
+    on_refused: Callable[[Exception], None],
+) -> None:
+    """Call `admit(fab, fab_hash, run_id)` before the SuperNode stores a new run.
+
+    When it raises `refused`, the message is answered with an error that carries the
+    exception's text, as Flower answers a FAB that fails its own verification; the run is
+    not stored, so each of its later messages is checked and refused again.
+    """
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode
+    from flwr.supernode import start_client_internal as sci
+
+    def guard(pull_and_store: Callable[..., Any]) -> Callable[..., Any]:
+        def guarded(*, state: Any, object_store: Any, receive: Any, get_fab: Any, **kw: Any) -> Any:
+            received: list[Message] = []
+
+            def remember() -> Any:
+                got = receive()
+                if got is not None:
+                    received.append(got[0])
+                return got
+
+            def admitted_fab(fab_hash: str, run_id: int) -> Any:
+                fab = get_fab(fab_hash, run_id)
+                admit(fab.content, fab.hash_str, run_id)
+                return fab
+
+            try:
+                return pull_and_store(
+                    state=state,
+                    object_store=object_store,
+                    receive=remember,
+                    get_fab=admitted_fab,
+                    **kw,
+                )
+            except refused as err:
+                on_refused(err)
+                reply = Message(Error(ErrorCode.INVALID_FAB, str(err)), reply_to=received[-1])
+                sci._insert_message(reply, state, object_store)
+                return received[-1].metadata.run_id
+
+        return guarded
+
+    _rebind(sci, "_pull_and_store_message", guard)
+
+
+class _WarmSuperExec:
+    """`subprocess` for Flower's SuperNode: its SuperExec is `module`'s."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    def Popen(self, command: list[str], *args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        if command[:1] == ["flower-superexec"]:
+            command = [sys.executable, "-m", self.module, *command[1:]]
+        return subprocess.Popen(command, *args, **kwargs)
+
+
+def warm_clientapps(*, superexec_module: str) -> None:
+    """The SuperNode starts its SuperExec as `python -m superexec_module` (see below)."""
+    from flwr.supernode import start_client_internal
+
+    _rebind(start_client_internal, "subprocess", lambda _: _WarmSuperExec(superexec_module))
+
+
+def run_warm_clientapp(spec: Any) -> None:
+    """Body of one forked ClientApp process (what `flwr-clientapp --token ...` runs)."""
+    from logging import INFO
+
+    from flwr.supercore import log
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    if spec.suppress_output:  # as Flower's executor does for such tasks
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    log(INFO, "%s (task %d)", STARTED, spec.task_id)
+    # A warm ClientApp asks for its message at once, often before the SuperNode holds
+    # all of it: poll for the rest briefly.
+    short_clientapp_pulls()
+    run_clientapp(
+        runtime_api_address=spec.runtime_api_address,
+        token=spec.token,
+        insecure=spec.insecure,
+        certificates=validate_and_resolve_root_certificates(
+            spec.root_certificates_path, spec.insecure
+        ),
+        parent_pid=spec.parent_pid,
+        runtime_dependency_install=spec.runtime_dependency_install,
+    )
+
+
+def forked_clientapp_executor(*, preload: list[str], warm: Callable[[str], bool]) -> None:
+    """The SuperExec forks ClientApp tasks whose FAB hash is `warm` from a fork server.
+
+    The fork server imports `preload` once; every such task is still its own process
+    (one message, own memory, own exit) but starts without importing torch again. Other
+    tasks start as Flower starts them.
+    """
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor, factory
+
+    class WarmExecutor(SubprocessExecutor):
+        """Flower's subprocess executor, with warm ClientApp tasks forked."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._ctx = multiprocessing.get_context("forkserver")
+            self._ctx.set_forkserver_preload(preload)
+            forkserver.ensure_running()  # import now, not when the first message arrives
+
+        def launch(self, spec: Any) -> Any:
+            if spec.task_type != TaskType.CLIENT_APP or not warm(spec.fab_hash):
+                return super().launch(spec)
+            try:
+                self._ctx.Process(target=run_warm_clientapp, args=(spec,), daemon=False).start()
+            except OSError as err:
+                return LaunchResult.failed(f"cannot fork a warm ClientApp: {err}")
+            self.reconcile()
+            return LaunchResult.accepted()
+
+        def reconcile(self) -> None:
+            multiprocessing.active_children()  # reaps finished ClientApps
+
+    _rebind(factory, "SubprocessExecutor", lambda _: WarmExecutor)
+
+
+@contextlib.contextmanager
+def simulation_workers(sites: int) -> Iterator[None]:
+    """Let Flower's simulation engine serve `sites` sites at once.
+
+    Flower starts one worker thread per actor but in a thread pool of default size
+    (cores + 4): on 2 cores, 6 of 10 sites train while the other 4 wait for a worker,
+    and each round takes two turns. The pool is sized for every site here.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    pool = vce_api.ThreadPoolExecutor
+    size = max(sites, min(32, (os.cpu_count() or 1) + 4))
+    _rebind(
+        vce_api,
+        "ThreadPoolExecutor",
+        lambda _: functools.partial(ThreadPoolExecutor, max_workers=size),
+    )
+    try:
+        yield
+    finally:
+        vce_api.ThreadPoolExecutor = pool  # type: ignore[misc]
+
+
+def run_supernode(argv: list[str]) -> None:
+    """Flower's `flower-supernode` with `argv`, its log lines time-stamped."""
+    from flwr.supercore.logger import update_console_handler
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    check_flower_version()
+    # The site's log says when each message came and went; colours only on a terminal.
+    update_console_handler(timestamps=True, colored=sys.stderr.isatty())
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
+def run_superexec(argv: list[str]) -> None:
+    """Flower's `flower-superexec` with `argv`."""
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+
+    check_flower_version()
+    sys.argv = ["flower-superexec", *argv]
+    flower_superexec()

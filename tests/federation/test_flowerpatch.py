@@ -1,0 +1,95 @@
+"""medfed's changes to Flower's internals: the version they were written for, and each one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import pytest
+from flwr.server.superlink.fleet.vce import vce_api
+
+from federation import flowerpatch
+from federation.flowerpatch import FlowerVersionError, ShortPollClock, check_flower_version
+
+
+def test_the_installed_flower_is_the_one_adapted_and_another_is_refused_with_what_to_do() -> None:
+    check_flower_version()
+    with pytest.raises(FlowerVersionError, match=r"flwr 1\.42\.0 is installed; install"):
+        check_flower_version("1.42.0")
+    with pytest.raises(FlowerVersionError, match=r"flowerpatch\.py"):
+        check_flower_version("1.4.1")  # not a prefix match of "1.41"
+
+
+def test_the_cli_refuses_to_start_on_another_flower() -> None:
+    # The site agent on another Flower stops at start, before any round (exit code 2).
+    code = (
+        "import importlib.metadata as m, sys; real = m.version;"
+        "m.version = lambda name: '1.42.0' if name == 'flwr' else real(name);"
+        "from medfed.cli import main; sys.exit(main(['config']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "medfed adapts Flower 1.41 internals" in done.stderr
+
+
+def test_a_missing_internal_is_named_instead_of_patched_blindly() -> None:
+    module = type(sys)("flwr.fake")
+    with pytest.raises(FlowerVersionError, match=r"flwr\.fake has no 'pull_objects'"):
+        flowerpatch._short_pulls(module, "pull_objects")
+
+
+@pytest.fixture
+def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    calls: list[float] = []
+
+    class Clock:
+        def sleep(self, seconds: float) -> None:
+            calls.append(seconds)
+
+        def __getattr__(self, name: str) -> Any:
+            raise AttributeError(name)
+
+    monkeypatch.setattr(flowerpatch, "time", Clock())
+    return calls
+
+
+def test_idle_polls_back_off_to_the_cap_and_restart_after_a_reply(slept: list[float]) -> None:
+    clock = ShortPollClock(cap=0.5)
+    for _ in range(6):
+        clock.sleep(3)  # Flower's sleep after an empty poll of the SuperLink
+    assert slept == [0.05, 0.1, 0.2, 0.4, 0.5, 0.5]
+    clock.answered()
+    clock.sleep(3)
+    assert slept[-1] == 0.05
+
+
+def test_waits_on_the_local_clientapp_stay_short_and_do_not_count_as_idle(
+    slept: list[float],
+) -> None:
+    clock = ShortPollClock(cap=2.0)
+    clock.sleep(0.5)  # Flower's wait for its ClientApp's reply
+    clock.sleep(0.5)
+    clock.sleep(3)
+    assert slept == [0.05, 0.05, 0.05]
+
+
+def test_a_poll_interval_below_the_first_step_is_kept(slept: list[float]) -> None:
+    clock = ShortPollClock(cap=0.02)
+    clock.sleep(3)
+    clock.sleep(3)
+    assert slept == [0.02, 0.02]
+
+
+def test_every_site_gets_a_simulation_worker_at_once() -> None:
+    # Flower's engine runs its per-actor workers in `vce_api.ThreadPoolExecutor()`; each
+    # loops until the run ends, so a worker that never starts leaves its site waiting.
+    sites = 12
+    barrier = threading.Barrier(sites, timeout=10)
+    default = vce_api.ThreadPoolExecutor
+    with flowerpatch.simulation_workers(sites):
+        with vce_api.ThreadPoolExecutor() as pool:
+            arrived = [pool.submit(barrier.wait) for _ in range(sites)]
+        assert sorted(f.result() for f in arrived) == list(range(sites))
+    assert vce_api.ThreadPoolExecutor is default
