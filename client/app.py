@@ -21,7 +21,7 @@ from flwr.clientapp.typing import Mod
 from client.apptrust import running_app
 from client.governance import RunRequest
 from client.mods import central_clipping_mod, packed_content_mod
-from client.prepare import quality_reply
+from client.quality import quality_reply
 from client.secagg import secure_aggregation_mod, under_secure_aggregation
 from client.site import SiteIdentity, load_site_dataset, site_from_node_config, torch_threads
 from client.state import SiteState

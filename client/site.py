@@ -14,6 +14,7 @@ from federation import keys
 from federation.config import TaskConfig
 from federation.dicom.phi import DeidentificationRequired
 from federation.dicom.prepare import PrepareReport, labelled_volumes
+from federation.dicom.volume import Volume
 from federation.errors import SiteDataError
 from federation.logs import context_logger
 from federation.tasks.base import Task
@@ -112,6 +113,37 @@ def load_site_dataset(
     key = (str(site.data_path), repr(cfg), seed)
     if key in _CACHE:
         return _CACHE[key]
+    volumes, report = _site_volumes(site, needs_mask=task.needs_mask)
+    try:
+        dataset = task.prepare(volumes, cfg, seed=seed)
+    except ValueError as err:
+        raise SiteDataError(site.name, site.data_path, str(err)) from err
+    prepared = PreparedSite(
+        dataset,
+        dataset_fingerprint([u for v in volumes for u in v.sop_uids]),
+        len(volumes),
+        report,
+    )
+    context_logger(site=site.name).info(
+        "prepared %d series (dataset %s) for %s: %d training and %d held-out examples "
+        "(%d not used)",
+        len(volumes),
+        prepared.fingerprint,
+        task.name,
+        dataset.num_train,
+        dataset.num_val,
+        len(report.problems),
+    )
+    _CACHE[key] = prepared
+    return prepared
+
+
+def _site_volumes(site: SiteIdentity, *, needs_mask: bool) -> tuple[list[Volume], PrepareReport]:
+    """The site's usable labelled volumes through its data pipeline, and the pipeline's report.
+
+    What is left out is logged with its reason in the site's own log (file names and UIDs
+    stay there); the errors carry counts only.
+    """
     log = context_logger(site=site.name)
     path = site.data_path
     if not path.exists():
@@ -123,10 +155,10 @@ def load_site_dataset(
             path,
             prepared_dir(site.state_dir),
             options=prepare_options(site.state_dir),
-            require_mask=task.needs_mask,
+            require_mask=needs_mask,
         )
     except DeidentificationRequired as err:
-        log.error("%s", err)  # names the files: stays in the site's own log
+        log.error("%s", err)
         raise SiteDataError(
             site.name,
             path,
@@ -136,36 +168,13 @@ def load_site_dataset(
     except ValueError as err:
         raise SiteDataError(site.name, path, str(err)) from err
     report.write(prepared_dir(site.state_dir))
-    problems = report.problems
-    for problem in problems:
+    for problem in report.problems:
         log.warning("not used: %s: %s", problem.path, problem.reason)
     if not volumes:
-        # The reasons name files and UIDs: they stay in the site's own log.
         raise SiteDataError(
             site.name,
             path,
-            f"no usable labelled series ({len(problems)} files or series not usable; "
+            f"no usable labelled series ({len(report.problems)} files or series not usable; "
             "the site's log lists each with its reason)",
         )
-    try:
-        dataset = task.prepare(volumes, cfg, seed=seed)
-    except ValueError as err:
-        raise SiteDataError(site.name, path, str(err)) from err
-    prepared = PreparedSite(
-        dataset,
-        dataset_fingerprint([u for v in volumes for u in v.sop_uids]),
-        len(volumes),
-        report,
-    )
-    log.info(
-        "prepared %d series (dataset %s) for %s: %d training and %d held-out examples "
-        "(%d not used)",
-        len(volumes),
-        prepared.fingerprint,
-        task.name,
-        dataset.num_train,
-        dataset.num_val,
-        len(problems),
-    )
-    _CACHE[key] = prepared
-    return prepared
+    return volumes, report

@@ -1,4 +1,8 @@
-"""Typed configuration: Hydra composition of `conf/`, validation and transport."""
+"""Typed configuration: the sections of a run, each checked on its own, and transport.
+
+`federation.compose` composes `conf/` with Hydra overrides and checks a whole run,
+against its task too.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +26,6 @@ __all__ = [
     "TaskConfig",
     "TrackingConfig",
     "anchor_paths",
-    "compose_config",
-    "config_from_json",
     "config_sha256",
     "config_to_json",
     "flatten",
@@ -285,26 +287,6 @@ class MedfedConfig:
         self._validate_secure_aggregation()
         if self.resume and not self.run_name:
             raise ValueError("resume=true needs the run_name of the run to continue.")
-        self._validate_task()
-
-    def _validate_task(self) -> None:
-        from federation.tasks import get_task
-
-        task = get_task(self.task.name)
-        task.check(self.task, self.model)
-        select = self.evaluation.select_metric
-        if select is not None and select not in task.metrics:
-            raise ValueError(
-                f"evaluation.select_metric={select!r} is not a metric of task "
-                f"{task.name!r}; use one of {list(task.metrics)} or null for "
-                f"{task.primary_metric!r}."
-            )
-
-    def select_metric(self) -> str:
-        """The metric that picks the best round: the configured one or the task's primary."""
-        from federation.tasks import get_task
-
-        return self.evaluation.select_metric or get_task(self.task.name).primary_metric
 
     def _validate_secure_aggregation(self) -> None:
         fed = self.federation
@@ -342,59 +324,9 @@ class MedfedConfig:
             )
 
 
-SCHEMA_NAME = "medfed_schema"
-
-
-def compose_config(overrides: list[str] | None = None) -> MedfedConfig:
-    """Compose `conf/config.yaml` with Hydra overrides into a validated config.
-
-    Args:
-        overrides: Hydra overrides such as `privacy.noise_multiplier=1.1` or
-            `privacy=none`.
-
-    Returns:
-        The typed configuration.
-
-    Raises:
-        ValueError: An override names an unknown key or gives a value of the wrong type.
-
-    """
-    from hydra import compose, initialize_config_module
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    GlobalHydra.instance().clear()
-    # The typed schema underlies conf/: every field can be overridden, even one a group's
-    # file leaves at its default.
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=MedfedConfig)
-    try:
-        with initialize_config_module(config_module="conf", version_base="1.3"):
-            raw = compose(config_name="config", overrides=list(overrides or []))
-        typed = OmegaConf.merge(OmegaConf.structured(MedfedConfig), raw)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ValueError(f"invalid configuration override: {err}") from err
-    finally:
-        GlobalHydra.instance().clear()
-    cfg = OmegaConf.to_object(typed)
-    assert isinstance(cfg, MedfedConfig)
-    cfg.validate()
-    return cfg
-
-
 def config_to_json(cfg: MedfedConfig) -> str:
     """Serialise a config for transport in the Flower run config."""
     return json.dumps(asdict(cfg), sort_keys=True)
-
-
-def config_from_json(text: str) -> MedfedConfig:
-    """Rebuild and validate a config serialised by `config_to_json`."""
-    typed = OmegaConf.merge(OmegaConf.structured(MedfedConfig), json.loads(text))
-    cfg = OmegaConf.to_object(typed)
-    assert isinstance(cfg, MedfedConfig)
-    cfg.validate()
-    return cfg
 
 
 def config_sha256(cfg: MedfedConfig) -> str:

@@ -280,7 +280,7 @@ def verify_ledger(
     """
     problems = signedlog.chain_problems(
         [entry.record() for entry in entries],
-        keys,
+        signedlog.site_keys(keys),
         source=source,
         describe=lambda record: f"run {record['run']!r}, round {record['round']}",
     )

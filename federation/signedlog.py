@@ -32,10 +32,12 @@ __all__ = [
     "digest",
     "read_records",
     "seal",
+    "site_keys",
 ]
 
 GENESIS = "0" * 64
 _SEAL = ("hash", "signature")
+KeyFor = Callable[[dict[str, Any]], Ed25519PublicKey | None]
 
 
 class LogFormatError(ValueError):
@@ -80,9 +82,17 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def site_keys(keys: Mapping[str, Ed25519PublicKey]) -> KeyFor:
+    """Look a record's key up by its `site`; a key the site retired, by `SITE@KEYID`."""
+    return lambda record: (
+        keys.get(f"{record.get('site')}@{record.get('key_id')}")
+        or keys.get(str(record.get("site")))
+    )
+
+
 def chain_problems(
     records: list[dict[str, Any]],
-    keys: Mapping[str, Ed25519PublicKey],
+    key_for: KeyFor,
     *,
     source: str,
     describe: Callable[[dict[str, Any]], str] | None = None,
@@ -91,8 +101,7 @@ def chain_problems(
 
     Args:
         records: A log, in file order.
-        keys: Public key of each owner (a record's `site`); keys an owner retired when it
-            re-keyed, by `OWNER@KEYID`.
+        key_for: The public key that must have signed a record (None: unknown).
         source: Name used in the messages (e.g. the file path).
         describe: What to say of a record after its position (e.g. its run and round).
     """
@@ -113,7 +122,7 @@ def chain_problems(
         if digest({k: v for k, v in record.items() if k not in _SEAL}) != prev:
             problems.append(f"{where}: content does not match its hash: the entry was edited")
         owner, claimed = record.get("site"), record.get("key_id")
-        key = keys.get(f"{owner}@{claimed}") or keys.get(str(owner))
+        key = key_for(record)
         if key is None:
             problems.append(f"{where}: no public key for site {owner!r}")
             continue

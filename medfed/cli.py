@@ -43,14 +43,14 @@ __all__ = ["main"]
 def _cmd_config(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from federation.config import compose_config
+    from federation.compose import compose_config
 
     print(OmegaConf.to_yaml(OmegaConf.structured(compose_config(args.overrides))), end="")
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from federation.config import compose_config
+    from federation.compose import compose_config
     from federation.dicom.synth import generate_consortium
 
     cfg = compose_config(args.overrides)
@@ -71,7 +71,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import dataclasses
     import datetime as dt
 
-    from federation.config import compose_config, resolve_path
+    from federation.compose import compose_config
+    from federation.config import resolve_path
     from medfed.launch import run_simulation
     from server.report import run_summary
 
@@ -430,7 +431,7 @@ def _cmd_plans_list(args: argparse.Namespace) -> int:
 
 def _cmd_plans_add(args: argparse.Namespace) -> int:
     """Register the plan a run with these overrides will send, for review ahead of it."""
-    from federation.config import compose_config
+    from federation.compose import compose_config
     from server.loop import site_config
 
     cfg = compose_config(args.overrides)

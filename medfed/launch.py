@@ -15,8 +15,9 @@ from federation import flowerpatch
 from federation.config import MedfedConfig, anchor_paths, resolve_path
 from federation.errors import FederationError
 from federation.logs import context_logger
-from server.app import RunResult, create_server_app
+from server.app import create_server_app
 from server.checkpoint import check_run_dir
+from server.report import RunResult
 
 __all__ = ["ensure_consortium", "ensure_site_policies", "run_simulation"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -14,15 +14,8 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
 from federation import flowerpatch, keys
-from federation.config import (
-    MedfedConfig,
-    compose_config,
-    config_from_json,
-    config_sha256,
-    config_to_json,
-    flatten,
-    resolve_path,
-)
+from federation.compose import compose_config, config_from_json, select_metric
+from federation.config import MedfedConfig, config_sha256, config_to_json, flatten, resolve_path
 from federation.ledger import latest_entries
 from federation.logs import context_logger, setup_logging
 from federation.provision import CoordinatorKit
@@ -31,24 +24,12 @@ from server.central import COORDINATOR
 from server.checkpoint import CONFIG_FILE, RUN_DIR_TAG, Checkpoint, check_run_dir
 from server.deploy import registered_nodes
 from server.grids import PackingGrid, PollingGrid
-from server.loop import BEST_MODEL_FILE, RunHistory, run_rounds
+from server.loop import BEST_MODEL_FILE, RoundLoop, RunHistory
 from server.members import MemberGrid
 from server.quality import collect_quality
-from server.report import plot_history
+from server.report import RunResult, plot_history
 
-__all__ = ["RunResult", "app", "config_from_run_config", "coordinate", "create_server_app"]
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """Where a finished run left its results."""
-
-    run_name: str
-    history: RunHistory
-    output_dir: Path
-    tracking_uri: str
-    mlflow_run_id: str
-    mlflow_experiment_id: str
+__all__ = ["app", "config_from_run_config", "coordinate", "create_server_app"]
 
 
 def config_from_run_config(run_config: UserConfig) -> MedfedConfig:
@@ -102,7 +83,7 @@ def _register_best(tracker: RunTracker, cfg: MedfedConfig, run_dir: Path) -> str
         "medfed.strategy": cfg.strategy.name,
         "medfed.privacy": cfg.privacy.mode,
         "medfed.best_round": str(checkpoint.best_round),
-        f"medfed.best_{cfg.select_metric()}": f"{checkpoint.best_value:.6f}",
+        f"medfed.best_{select_metric(cfg)}": f"{checkpoint.best_value:.6f}",
         **{f"medfed.site.{site}.dataset": d for site, d in datasets.items()},
         **{f"medfed.site.{site}.epsilon": f"{e.epsilon:.6f}" for site, e in spend.items()},
     }
@@ -135,7 +116,7 @@ def coordinate(grid: Grid, cfg: MedfedConfig) -> RunResult:
     try:
         if checkpoint is None:  # a resumed run showed its sites' data quality already
             collect_quality(grid, cfg, run_name=run_name, out_dir=run_dir, tracker=tracker)
-        arrays, history = run_rounds(
+        arrays, history = RoundLoop(
             grid,
             cfg,
             run_name=run_name,
@@ -143,7 +124,7 @@ def coordinate(grid: Grid, cfg: MedfedConfig) -> RunResult:
             coordinator_dir=resolve_path(cfg.output_dir) / COORDINATOR,
             tracker=tracker,
             resume_from=checkpoint,
-        )
+        ).run()
     except BaseException as err:
         tracker.set_tag("medfed.error", str(err)[:4000])
         tracker.finish(ok=False)

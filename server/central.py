@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -19,8 +20,15 @@ from flwr.serverapp.strategy import (
 
 from federation.config import MedfedConfig
 from federation.ledger import LedgerEntry, Mechanism, open_ledger
+from server.checkpoint import restore_strategy_state, strategy_state
 
-__all__ = ["COORDINATOR", "CentralPrivacy", "with_central_dp"]
+__all__ = [
+    "COORDINATOR",
+    "AdaptiveClipping",
+    "CentralPrivacy",
+    "FixedClientClipping",
+    "with_central_dp",
+]
 
 COORDINATOR = "coordinator"
 CLIENT_LEVEL_DATASET = "client-level"
@@ -32,14 +40,48 @@ def num_sampled(cfg: MedfedConfig) -> int:
     return max(int(fed.num_sites * cfg.strategy.fraction_train), fed.min_sites)
 
 
+class FixedClientClipping(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's wrapper for clipping at the sites; the wrapped strategy's state is kept."""
+
+    def __init__(self, strategy: Strategy, *args: Any, **kwargs: Any) -> None:
+        super().__init__(strategy, *args, **kwargs)
+        self.wrapped = strategy
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped strategy's state (`server.checkpoint`)."""
+        return {"strategy": strategy_state(self.wrapped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back what `state_dict` returned."""
+        restore_strategy_state(self.wrapped, state["strategy"])
+
+
+class AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's adaptive clipping at the coordinator, whose norm survives a restart."""
+
+    def __init__(self, strategy: Strategy, *args: Any, **kwargs: Any) -> None:
+        super().__init__(strategy, *args, **kwargs)
+        self.wrapped = strategy
+
+    def state_dict(self) -> dict[str, Any]:
+        """The clipping norm it has adapted to, and the wrapped strategy's state."""
+        return {
+            "clipping_norm": float(self.clipping_norm),
+            "strategy": strategy_state(self.wrapped),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back what `state_dict` returned."""
+        self.clipping_norm = float(state["clipping_norm"])
+        restore_strategy_state(self.wrapped, state["strategy"])
+
+
 def with_central_dp(strategy: Strategy, cfg: MedfedConfig) -> Strategy:
     """Wrap `strategy` in Flower's client-level DP wrapper named by `privacy.clipping`."""
     p = cfg.privacy
     if p.clipping == "fixed-client":
-        return DifferentialPrivacyClientSideFixedClipping(
-            strategy, p.noise_multiplier, p.max_grad_norm, num_sampled(cfg)
-        )
-    return DifferentialPrivacyServerSideAdaptiveClipping(
+        return FixedClientClipping(strategy, p.noise_multiplier, p.max_grad_norm, num_sampled(cfg))
+    return AdaptiveClipping(
         strategy,
         p.noise_multiplier,
         num_sampled(cfg),

@@ -12,14 +12,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
+from numpy.typing import NDArray
 
-from federation.config import MedfedConfig, compose_config, config_from_json, resolve_path
+from federation.compose import compose_config, config_from_json
+from federation.config import MedfedConfig, resolve_path
 from federation.files import write_atomically
 from federation.tracking import default_tracking_uri
 
@@ -28,21 +29,20 @@ __all__ = [
     "CONFIG_FILE",
     "RUN_DIR_TAG",
     "Checkpoint",
+    "Resumable",
     "check_run_dir",
     "find_run_dir",
     "restore_strategy_state",
     "resume_config",
-    "strategy_layers",
     "strategy_state",
+    "to_arrays",
+    "to_tensors",
 ]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"  # the run's exact configuration, read back on resume
 RUN_DIR_TAG = "medfed.run_dir"  # MLflow tag: where the run's checkpoint lives
 
-# Attributes Flower's strategies change from round to round (FedOpt family, DP wrappers).
-_MUTABLE = ("current_arrays", "m_t", "v_t", "clipping_norm")
-_ARRAY_RECORD = "__array_record__"
 # Overrides `--resume` accepts: they only say where the run is.
 _LOCATING = ("output_dir", "tracking.uri")
 
@@ -53,7 +53,7 @@ class Checkpoint:
 
     round: int
     arrays: dict[str, torch.Tensor]
-    strategy: list[dict[str, Any]]
+    strategy: dict[str, Any]
     history: dict[str, Any]
     mlflow_run_id: str
     best_round: int = -1
@@ -84,58 +84,62 @@ class Checkpoint:
         return cls(**saved)
 
 
-def strategy_layers(strategy: Strategy) -> list[Strategy]:
-    """The strategy and those it wraps (guard, DP wrapper, aggregator), outermost first."""
-    layers = [strategy]
-    while True:
-        inner = getattr(layers[-1], "inner", None) or getattr(layers[-1], "strategy", None)
-        if not isinstance(inner, Strategy):
-            return layers
-        layers.append(inner)
+@runtime_checkable
+class Resumable(Protocol):
+    """A strategy whose state changes from round to round and is kept in checkpoints.
+
+    A strategy without it (FedAvg, FedProx, Krum, ...) has none; a wrapper that has it
+    includes its inner strategy's state in its own.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state, as tensors, numbers and strings (loaded with `weights_only`)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back what `state_dict` returned on an identically built strategy."""
+        ...
 
 
-def _encode(value: Any) -> Any:
-    if isinstance(value, ArrayRecord):
-        return {_ARRAY_RECORD: value.to_torch_state_dict()}
-    if isinstance(value, dict):
-        return {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
-    return value
+_DIFFERENT = (
+    "the checkpoint was written by a differently configured strategy; resume with the "
+    "run's own configuration (medfed run --resume NAME, no overrides)."
+)
 
 
-def _decode(value: Any, like: Any) -> Any:
-    if isinstance(value, dict) and _ARRAY_RECORD in value:
-        return ArrayRecord(value[_ARRAY_RECORD])
-    if isinstance(value, dict):
-        return {k: v.numpy() for k, v in value.items()}
-    return type(like)(value) if isinstance(like, float | int) else value
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """The round-to-round state of a strategy (empty for a stateless one)."""
+    return strategy.state_dict() if isinstance(strategy, Resumable) else {}
 
 
-def strategy_state(strategy: Strategy) -> list[dict[str, Any]]:
-    """The round-to-round state of each strategy layer, outermost first."""
-    return [
-        {name: _encode(getattr(layer, name)) for name in _MUTABLE if hasattr(layer, name)}
-        for layer in strategy_layers(strategy)
-    ]
-
-
-def restore_strategy_state(strategy: Strategy, state: list[dict[str, Any]]) -> None:
+def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
     """Put back state saved by `strategy_state` into an identically built strategy.
 
     Raises:
         ValueError: The strategy is built differently from the checkpointed one.
     """
-    layers = strategy_layers(strategy)
-    if len(layers) != len(state) or any(
-        set(saved) != {n for n in _MUTABLE if hasattr(layer, n)}
-        for layer, saved in zip(layers, state, strict=True)
-    ):
+    if not isinstance(state, dict):
         raise ValueError(
-            "the checkpoint was written by a differently configured strategy; resume "
-            "with the run's own configuration (medfed run --resume NAME, no overrides)."
+            "the checkpoint keeps its strategy state in the format of an earlier medfed, "
+            "which this one cannot resume; start the run again under a new run_name"
         )
-    for layer, saved in zip(layers, state, strict=True):
-        for name, value in saved.items():
-            setattr(layer, name, _decode(value, getattr(layer, name)))
+    if not isinstance(strategy, Resumable):
+        if state:
+            raise ValueError(_DIFFERENT)
+        return
+    if set(state) != set(strategy.state_dict()):
+        raise ValueError(_DIFFERENT)
+    strategy.load_state_dict(state)
+
+
+def to_tensors(arrays: dict[str, NDArray[Any]] | None) -> dict[str, torch.Tensor] | None:
+    """NumPy arrays as tensors, for a checkpoint."""
+    return None if arrays is None else {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+
+
+def to_arrays(tensors: dict[str, torch.Tensor] | None) -> dict[str, NDArray[Any]] | None:
+    """Tensors read from a checkpoint as NumPy arrays."""
+    return None if tensors is None else {k: v.numpy() for k, v in tensors.items()}
 
 
 def check_run_dir(run_dir: Path, *, resume: bool) -> None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from federation.compose import check_config
 from federation.config import MedfedConfig, anchor_paths, config_to_json, resolve_path
 from federation.errors import FederationError
 from federation.keys import RUN_CONFIG_JSON
@@ -250,29 +251,15 @@ class SuperLink:
             FederationError: It did not start; the message holds its log's end.
         """
         kit = CoordinatorKit(kit_dir.resolve())
-        manifest = kit.manifest()
-        port = port or int(str(manifest["superlink"]).rsplit(":", 1)[1])
+        port = port or int(str(kit.manifest()["superlink"]).rsplit(":", 1)[1])
         home = kit.root / _SUPERLINK_HOME
         home.mkdir(exist_ok=True)
         database = (database or home / "state.db").resolve()
         log_file = (log_file or home / "superlink.log").resolve()
-        env = _flower_env(home)
-        env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        control_port = control_port or free_port()
-        local = f"127.0.0.1:{control_port}"
-        with log_file.open("ab") as out:
-            proc = subprocess.Popen(
-                superlink_command(kit, host="127.0.0.1", port=control_port, database=database),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        link = cls(kit, proc, local, database, log_file)
+        local = f"127.0.0.1:{control_port or free_port()}"
+        link = cls(kit, _launch(kit, local, database, log_file), local, database, log_file)
         try:
-            wait_tls(local, kit.ca, proc, timeout)
+            wait_tls(local, kit.ca, link.process, timeout)
             (home / _LINK).write_text(
                 json.dumps({"control": local, "database": str(database)}, indent=2)
             )
@@ -300,6 +287,25 @@ class SuperLink:
         if self.gate is not None:
             self.gate.stop(grace)
         _stop_group(self.process, grace)
+
+
+def _launch(
+    kit: CoordinatorKit, address: str, database: Path, log_file: Path
+) -> subprocess.Popen[bytes]:
+    """Start `flower-superlink` on the loopback `address`, its output to `log_file`."""
+    env = _flower_env(kit.root / _SUPERLINK_HOME)
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    host, port = address.rsplit(":", 1)
+    with log_file.open("ab") as out:
+        return subprocess.Popen(
+            superlink_command(kit, host=host, port=int(port), database=database),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def _stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
@@ -487,7 +493,7 @@ def deployment_config(cfg: MedfedConfig) -> tuple[MedfedConfig, CoordinatorKit]:
         fed = dataclasses.replace(fed, site_names=sites, num_sites=len(sites))
     fed = dataclasses.replace(fed, kit=str(kit.root))
     cfg = anchor_paths(dataclasses.replace(cfg, federation=fed))
-    cfg.validate()
+    check_config(cfg)
     return cfg, kit
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -18,6 +19,7 @@ from federation import keys
 from federation.compression import decode_update, payload_bytes
 from federation.errors import FederationError
 from federation.logs import context_logger
+from server.checkpoint import restore_strategy_state, strategy_state
 from server.members import reply_site
 from server.validation import check_arrays, check_metrics, conform, norm_outliers, update_norm
 
@@ -72,6 +74,14 @@ class SiteGuard(Strategy):
         self.log = context_logger(run=run_name)
         self.train_report = RoundReport()
         self.evaluate_report = RoundReport()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The aggregation strategy's round-to-round state (`server.checkpoint`)."""
+        return {"strategy": strategy_state(self.inner)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back what `state_dict` returned."""
+        restore_strategy_state(self.inner, state["strategy"])
 
     def summary(self) -> None:
         """Log the wrapped strategy's summary."""

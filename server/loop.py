@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from federation import keys
+from federation.compose import select_metric
 from federation.config import MedfedConfig, flatten, resolve_path
 from federation.logs import context_logger
 from federation.models import build_model, norm_state_keys, split_norm_state
@@ -27,14 +28,15 @@ from server.holdout import Holdout
 from server.members import site_identities
 from server.secagg import SecureAggregation
 from server.strategy import build_strategy
+from server.training import PlainTraining, TrainingStep
 
 __all__ = [
     "BEST_MODEL_FILE",
+    "RoundLoop",
     "RoundRecord",
     "RunHistory",
     "idle_share",
     "initial_arrays",
-    "run_rounds",
     "site_config",
 ]
 
@@ -225,163 +227,173 @@ def initial_arrays(cfg: MedfedConfig) -> ArrayRecord:
 def _selected(record: RoundRecord, cfg: MedfedConfig) -> float | None:
     """The round's value of the metric that picks the best model."""
     source = record.holdout if cfg.evaluation.holdout else record.evaluate
-    value = source.get(cfg.select_metric())
+    value = source.get(select_metric(cfg))
     return None if value is None or not math.isfinite(value) else value
 
 
-def run_rounds(
-    grid: Grid,
-    cfg: MedfedConfig,
-    *,
-    run_name: str,
-    run_dir: Path,
-    coordinator_dir: Path,
-    tracker: RunTracker,
-    resume_from: Checkpoint | None = None,
-) -> tuple[ArrayRecord, RunHistory]:
-    """Run the federated rounds over the sites reachable through `grid`.
+class RoundLoop:
+    """The federated rounds of one run over the sites reachable through `grid`.
 
     After each round the state is checkpointed to `run_dir` and the best model so far
     is kept as `run_dir/best_model.pt`; with `resume_from`, rounds continue after the
-    checkpoint's.
-
-    Returns:
-        The final global weights and the round history.
-
-    Raises:
-        FederationError: Fewer than `federation.min_sites` sites delivered a round.
-
+    checkpoint's. Training goes through `PlainTraining` or, with
+    `federation.secure_aggregation`, `SecureAggregation` (only the masked sum reaches
+    the coordinator); evaluation always goes through the guard.
     """
-    log = context_logger(run=run_name)
-    metric = get_task(cfg.task.name).primary_metric
-    grid = MeteredGrid(grid)
-    secure = None
-    if cfg.federation.secure_aggregation != "none":
-        secure = SecureAggregation(cfg, run_name)
-    guard = SiteGuard(
-        build_strategy(cfg),
-        min_sites=cfg.federation.min_sites,
-        run_name=run_name,
-        max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
-        update_encoding=cfg.federation.update_encoding,
-        identities=site_identities(grid),
-    )
-    guard.summary()
-    central = (
-        CentralPrivacy(guard.inner, cfg, coordinator_dir) if cfg.privacy.mode == "central" else None
-    )
-    holdout = Holdout(resolve_path(cfg.evaluation.holdout), cfg) if cfg.evaluation.holdout else None
-    arrays = initial_arrays(cfg)
-    history = RunHistory(run_name, cfg.federation.names(), metric=metric)
-    best_round, best_value = -1, float("-inf")
-    if resume_from is not None:
-        restore_strategy_state(guard, resume_from.strategy)
-        arrays = ArrayRecord(resume_from.arrays)
-        history = RunHistory.from_dict(resume_from.history)
-        best_round, best_value = resume_from.best_round, resume_from.best_value
-        log.info("resuming after round %d of %d", resume_from.round, cfg.rounds)
-    timeout = cfg.federation.round_timeout
 
-    def evaluate(server_round: int, record: RoundRecord) -> None:
-        replies = grid.send_and_receive(
-            guard.configure_evaluate(server_round, arrays, site_config(cfg, run_name), grid),
-            timeout=timeout,
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: MedfedConfig,
+        *,
+        run_name: str,
+        run_dir: Path,
+        coordinator_dir: Path,
+        tracker: RunTracker,
+        resume_from: Checkpoint | None = None,
+    ) -> None:
+        self.grid = MeteredGrid(grid)
+        self.cfg, self.run_name, self.run_dir, self.tracker = cfg, run_name, run_dir, tracker
+        self.log = context_logger(run=run_name)
+        self.metric = get_task(cfg.task.name).primary_metric
+        self.config = site_config(cfg, run_name)
+        self.guard = SiteGuard(
+            build_strategy(cfg),
+            min_sites=cfg.federation.min_sites,
+            run_name=run_name,
+            max_update_norm_ratio=cfg.strategy.max_update_norm_ratio,
+            update_encoding=cfg.federation.update_encoding,
+            identities=site_identities(self.grid),
         )
-        record.evaluate = _as_dict(guard.aggregate_evaluate(server_round, replies))
-        record.site_evaluate = guard.evaluate_report.metrics
-        record.failures.update(guard.evaluate_report.failures)
-        if holdout is not None:
-            record.holdout = holdout.evaluate(arrays)
-
-    def finish(record: RoundRecord, started: float) -> None:
-        nonlocal best_round, best_value
-        record.seconds = time.perf_counter() - started
-        history.rounds.append(record)
-        tracker.log_metrics(_tracked(record), step=record.round)
-        value = _selected(record, cfg)
-        if value is not None and value > best_value:
-            best_round, best_value = record.round, value
-            torch.save(arrays.to_torch_state_dict(), run_dir / BEST_MODEL_FILE)
-        Checkpoint(
-            round=record.round,
-            arrays=arrays.to_torch_state_dict(),
-            strategy=strategy_state(guard),
-            history=asdict(history),
-            mlflow_run_id=tracker.run_id,
-            best_round=best_round,
-            best_value=best_value,
-        ).save(run_dir)
-
-    if resume_from is None:
-        started = time.perf_counter()
-        initial = RoundRecord(0, 0.0)
-        evaluate(0, initial)
-        finish(initial, started)
-        log.info(
-            "[round 0] initial model: %s %.4f",
-            metric,
-            initial.evaluate.get(metric, float("nan")),
+        self.guard.summary()
+        self.training: TrainingStep = (
+            SecureAggregation(cfg, run_name, names=self.guard.names)
+            if cfg.federation.secure_aggregation != "none"
+            else PlainTraining(self.guard, cfg.federation.round_timeout)
         )
+        self.central = (
+            CentralPrivacy(self.guard.inner, cfg, coordinator_dir)
+            if cfg.privacy.mode == "central"
+            else None
+        )
+        self.holdout = (
+            Holdout(resolve_path(cfg.evaluation.holdout), cfg) if cfg.evaluation.holdout else None
+        )
+        self.arrays = initial_arrays(cfg)
+        self.history = RunHistory(run_name, cfg.federation.names(), metric=self.metric)
+        self.best_round, self.best_value = -1, float("-inf")
+        self.first_round = 1
+        if resume_from is not None:
+            restore_strategy_state(self.guard, resume_from.strategy)
+            self.arrays = ArrayRecord(resume_from.arrays)
+            self.history = RunHistory.from_dict(resume_from.history)
+            self.best_round, self.best_value = resume_from.best_round, resume_from.best_value
+            self.first_round = resume_from.round + 1
+            self.log.info("resuming after round %d of %d", resume_from.round, cfg.rounds)
 
-    first = 1 if resume_from is None else resume_from.round + 1
-    for server_round in range(first, cfg.rounds + 1):
-        started = time.perf_counter()
-        record = RoundRecord(server_round, 0.0)
-        if central is not None:
-            central.before_round()
-        grid.reset()
+    def run(self) -> tuple[ArrayRecord, RunHistory]:
+        """Evaluate the initial model (unless resuming), then run every round.
+
+        Returns:
+            The final global weights and the round history.
+
+        Raises:
+            FederationError: Fewer than `federation.min_sites` sites delivered a round.
+        """
+        if self.first_round == 1:
+            started = time.perf_counter()
+            initial = RoundRecord(0, 0.0)
+            self._evaluate(initial)
+            self._finish(initial, started)
+            self.log.info(
+                "[round 0] initial model: %s %.4f",
+                self.metric,
+                initial.evaluate.get(self.metric, float("nan")),
+            )
+        for server_round in range(self.first_round, self.cfg.rounds + 1):
+            started = time.perf_counter()
+            record = RoundRecord(server_round, 0.0)
+            delivered = self._train(record, started)
+            self._evaluate(record)
+            self._finish(record, started)
+            self._log_round(record, delivered)
+        self.log.info(
+            "best round %d: %s %.4f", self.best_round, select_metric(self.cfg), self.best_value
+        )
+        return self.arrays, self.history
+
+    def _train(self, record: RoundRecord, started: float) -> int:
+        """The round's training step, its privacy record and ledger; returns sites trained."""
+        if self.central is not None:
+            self.central.before_round()
+        self.grid.reset()
         train_started = time.perf_counter()
-        report: RoundReport
-        new_arrays: ArrayRecord | None
-        train_metrics: MetricRecord | None
-        if secure is not None:  # only the masked sum of the updates reaches the coordinator
-            secure.names.update(guard.names)
-            new_arrays, train_metrics = secure.train_round(
-                server_round, arrays, site_config(cfg, run_name), grid
-            )
-            report = secure.report
-        else:
-            replies = grid.send_and_receive(
-                guard.configure_train(server_round, arrays, site_config(cfg, run_name), grid),
-                timeout=timeout,
-            )
-            new_arrays, train_metrics = guard.aggregate_train(server_round, replies)
-            report = guard.train_report
+        result = self.training.train(record.round, self.arrays, self.config, self.grid)
         record.train_phase_seconds = time.perf_counter() - started
         record.traffic = {
             "train-seconds": time.perf_counter() - train_started,
-            "train-bytes-sent": float(grid.sent),
-            "train-bytes-received": float(grid.received),
+            "train-bytes-sent": float(self.grid.sent),
+            "train-bytes-received": float(self.grid.received),
         }
-        if new_arrays is not None:
-            arrays = new_arrays
-        record.train = _as_dict(train_metrics)
+        report = result.report
+        if result.arrays is not None:
+            self.arrays = result.arrays
+        record.train = _as_dict(result.metrics)
         record.site_train = report.metrics
         record.failures.update(report.failures)
-        history.datasets.update(report.datasets)
         record.update_bytes = report.update_bytes
-        if central is not None and new_arrays is not None:
-            entry = central.record(
-                run=run_name, server_round=server_round, delivered=len(report.metrics)
+        self.history.datasets.update(report.datasets)
+        if self.central is not None and result.arrays is not None:
+            entry = self.central.record(
+                run=self.run_name, server_round=record.round, delivered=len(report.metrics)
             )
             report.ledger[COORDINATOR] = entry.to_json()
             record.train[keys.CENTRAL_EPSILON] = entry.epsilon
-        _record_ledger(report, run_dir / "ledger", tracker)
-        evaluate(server_round, record)
-        finish(record, started)
-        log.info(
+        _record_ledger(report, self.run_dir / "ledger", self.tracker)
+        return len(report.metrics)
+
+    def _evaluate(self, record: RoundRecord) -> None:
+        replies = self.grid.send_and_receive(
+            self.guard.configure_evaluate(record.round, self.arrays, self.config, self.grid),
+            timeout=self.cfg.federation.round_timeout,
+        )
+        record.evaluate = _as_dict(self.guard.aggregate_evaluate(record.round, replies))
+        record.site_evaluate = self.guard.evaluate_report.metrics
+        record.failures.update(self.guard.evaluate_report.failures)
+        if self.holdout is not None:
+            record.holdout = self.holdout.evaluate(self.arrays)
+
+    def _finish(self, record: RoundRecord, started: float) -> None:
+        """Record the round, keep the best model, checkpoint."""
+        record.seconds = time.perf_counter() - started
+        self.history.rounds.append(record)
+        self.tracker.log_metrics(_tracked(record), step=record.round)
+        value = _selected(record, self.cfg)
+        if value is not None and value > self.best_value:
+            self.best_round, self.best_value = record.round, value
+            torch.save(self.arrays.to_torch_state_dict(), self.run_dir / BEST_MODEL_FILE)
+        Checkpoint(
+            round=record.round,
+            arrays=self.arrays.to_torch_state_dict(),
+            strategy=strategy_state(self.guard),
+            history=asdict(self.history),
+            mlflow_run_id=self.tracker.run_id,
+            best_round=self.best_round,
+            best_value=self.best_value,
+        ).save(self.run_dir)
+
+    def _log_round(self, record: RoundRecord, delivered: int) -> None:
+        metric = self.metric
+        holdout = record.holdout.get(metric, float("nan"))
+        self.log.info(
             "[round %d/%d] %d sites trained, loss %.4f, %s %.4f%s, max epsilon %s (%.1f s)",
-            server_round,
-            cfg.rounds,
-            len(report.metrics),
+            record.round,
+            self.cfg.rounds,
+            delivered,
             record.train.get(keys.TRAIN_LOSS, float("nan")),
             metric,
             record.evaluate.get(metric, float("nan")),
-            f", hold-out {metric} {record.holdout.get(metric, float('nan')):.4f}"
-            if record.holdout
-            else "",
+            f", hold-out {metric} {holdout:.4f}" if record.holdout else "",
             _epsilon_text(record),
             record.seconds,
         )
-    log.info("best round %d: %s %.4f", best_round, cfg.select_metric(), best_value)
-    return arrays, history

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from federation import keys
 from federation.config import MedfedConfig, resolve_path
 from server.central import COORDINATOR
 from server.loop import RunHistory
 
-if TYPE_CHECKING:
-    from server.app import RunResult
+__all__ = ["RunResult", "format_table", "plot_history", "run_summary"]
 
-__all__ = ["format_table", "plot_history", "run_summary"]
+
+@dataclass(frozen=True)
+class RunResult:
+    """Where a finished run left its results."""
+
+    run_name: str
+    history: RunHistory
+    output_dir: Path
+    tracking_uri: str
+    mlflow_run_id: str
+    mlflow_experiment_id: str
 
 
 def _num(value: float | None, digits: int = 3) -> str:

@@ -1,6 +1,6 @@
 """The coordinator's side of secure aggregation: one training round with Flower's SecAgg+.
 
-In flwr 1.41 SecAgg+ exists only on the legacy API. `SecureAggregation.train_round`
+In flwr 1.41 SecAgg+ exists only on the legacy API. `SecureAggregation.train`
 drives Flower's `SecAggPlusWorkflow` for one round over the same grid the rest of the run
 uses, with a legacy strategy that only collects what the workflow hands it: the unmasked
 *sum* of the sites' quantised, example-weighted weights (FedAvg) and each site's metrics
@@ -45,6 +45,7 @@ from server.grids import MeteredGrid
 from server.guard import RoundReport
 from server.members import site_identities
 from server.strategy import aggregate_metrics
+from server.training import TrainResult
 
 __all__ = ["SecureAggregation"]
 
@@ -114,18 +115,18 @@ class _Collect(Strategy):
 
 @dataclass
 class SecureAggregation:
-    """Training rounds under Flower's SecAgg+ protocol.
+    """Training rounds under Flower's SecAgg+ protocol (a `server.training.TrainingStep`).
 
     Args:
         cfg: The run's configuration (`federation.secagg_*` set the protocol;
             `federation.min_sites` the fewest sites whose update must be in the sum).
         run_name: Shown in log lines.
+        names: Node id -> site name, as learned from replies (shared with the guard).
     """
 
     cfg: MedfedConfig
     run_name: str
-    names: dict[int, str] = field(default_factory=dict)  # node id -> site, from replies
-    report: RoundReport = field(default_factory=RoundReport)
+    names: dict[int, str] = field(default_factory=dict)
 
     def _workflow(self) -> SecAggPlusWorkflow:
         fed = self.cfg.federation
@@ -138,66 +139,28 @@ class SecureAggregation:
             timeout=fed.round_timeout,
         )
 
-    def train_round(
+    def train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: MeteredGrid
-    ) -> tuple[ArrayRecord, MetricRecord]:
+    ) -> TrainResult:
         """Run one SecAgg+ training round; returns the FedAvg aggregate and metrics.
 
         Raises:
             FederationError: Fewer than `federation.min_sites` sites are in the sum, or
                 too many dropped out for the protocol to unmask it.
         """
-        log = context_logger(run=self.run_name, round=server_round)
-        names = list(arrays.keys())
-        dtypes = {k: arrays[k].numpy().dtype for k in names}
+        started = time.perf_counter()
         flat: dict[str, Any] = {**config, keys.SERVER_ROUND: server_round}
         # Legacy FitIns configs hold scalars only: the site config travels as JSON.
         strategy = _Collect({keys.SITE_CONFIG_JSON: json.dumps(flat)})
-        clients = SimpleClientManager()
-        for node in sorted(grid.get_node_ids()):
-            clients.register(GridClientProxy(node_id=node, grid=grid, run_id=grid.run.run_id))
-        context = LegacyContext(
-            Context(
-                run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
-            ),
-            config=ServerConfig(num_rounds=1),
-            strategy=strategy,
-            client_manager=clients,
-        )
-        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
-            {WorkflowKey.CURRENT_ROUND: server_round}
-        )
-        context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
-            {k: Array(arrays[k].numpy()) for k in names}
-        )
-        asked = {p.node_id for p in clients.all().values()}
-        grid.errors = {}
-        started = time.perf_counter()
+        context = _legacy_context(server_round, arrays, strategy, grid)
+        asked = {p.node_id for p in context.client_manager.all().values()}
         self._workflow()(grid, context)
-        report = RoundReport()
-        records = []
-        identities = site_identities(grid)  # deployment: each node's site from its key
-        for proxy, fitres in strategy.results:
-            metrics: dict[str, Any] = dict(fitres.metrics)
-            declared = str(metrics.pop(f"{_P}{keys.SITE}", f"node-{proxy.node_id}"))
-            site = identities.get(proxy.node_id, declared)
-            self.names[proxy.node_id] = site
-            if site != declared:  # its masked update is in the sum; its claims are not kept
-                report.failures[site] = (
-                    f"node {proxy.node_id} authenticated with site {site}'s key but declared "
-                    f"itself {declared!r}: its metrics and ledger entry are refused"
-                )
-                continue
-            report.datasets[site] = str(metrics.pop(f"{_P}{keys.DATASET}", ""))
-            if entry := str(metrics.pop(f"{_P}{keys.LEDGER}", "")):
-                report.ledger[site] = entry
-            report.metrics[site] = {k: float(v) for k, v in metrics.items()}
-            records.append(RecordDict({keys.METRICS: MetricRecord(metrics)}))
+        report, records = self._read_results(strategy, site_identities(grid))
         delivered = {p.node_id for p, _ in strategy.results} if strategy.aggregate else set()
         for node in sorted(asked - delivered):
             reason = grid.errors.get(node, "dropped out of the SecAgg+ protocol")
             report.failures[self.names.get(node, f"node-{node}")] = _last_message(reason)
-        self.report = report
+        log = context_logger(run=self.run_name, round=server_round)
         for site, reason in sorted(report.failures.items()):
             log.warning("site %s left out of the secure sum: %s", site, reason)
         if strategy.aggregate is None or len(delivered) < self.cfg.federation.min_sites:
@@ -209,11 +172,66 @@ class SecureAggregation:
             )
         summed = parameters_to_ndarrays(strategy.aggregate)
         new = ArrayRecord(
-            {k: Array(np.asarray(v, dtype=dtypes[k])) for k, v in zip(names, summed, strict=True)}
+            {
+                k: Array(np.asarray(v, dtype=arrays[k].numpy().dtype))
+                for k, v in zip(arrays.keys(), summed, strict=True)
+            }
         )
         log.info(
             "SecAgg+: aggregate of %d site(s) unmasked in %.1f s",
             len(delivered),
             time.perf_counter() - started,
         )
-        return new, aggregate_metrics(records, keys.NUM_EXAMPLES)
+        return TrainResult(new, aggregate_metrics(records, keys.NUM_EXAMPLES), report)
+
+    def _read_results(
+        self, strategy: _Collect, identities: dict[int, str]
+    ) -> tuple[RoundReport, list[RecordDict]]:
+        """Each delivering site's metrics, dataset and ledger entry, named by its key.
+
+        A node whose key names another site than it declares has its masked update in
+        the sum, but its claims are refused.
+        """
+        report = RoundReport()
+        records = []
+        for proxy, fitres in strategy.results:
+            metrics: dict[str, Any] = dict(fitres.metrics)
+            declared = str(metrics.pop(f"{_P}{keys.SITE}", f"node-{proxy.node_id}"))
+            site = identities.get(proxy.node_id, declared)
+            self.names[proxy.node_id] = site
+            if site != declared:
+                report.failures[site] = (
+                    f"node {proxy.node_id} authenticated with site {site}'s key but declared "
+                    f"itself {declared!r}: its metrics and ledger entry are refused"
+                )
+                continue
+            report.datasets[site] = str(metrics.pop(f"{_P}{keys.DATASET}", ""))
+            if entry := str(metrics.pop(f"{_P}{keys.LEDGER}", "")):
+                report.ledger[site] = entry
+            report.metrics[site] = {k: float(v) for k, v in metrics.items()}
+            records.append(RecordDict({keys.METRICS: MetricRecord(metrics)}))
+        return report, records
+
+
+def _legacy_context(
+    server_round: int, arrays: ArrayRecord, strategy: _Collect, grid: MeteredGrid
+) -> LegacyContext:
+    """The legacy context Flower's workflow runs in: every node a client, the model."""
+    clients = SimpleClientManager()
+    for node in sorted(grid.get_node_ids()):
+        clients.register(GridClientProxy(node_id=node, grid=grid, run_id=grid.run.run_id))
+    context = LegacyContext(
+        Context(
+            run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
+        ),
+        config=ServerConfig(num_rounds=1),
+        strategy=strategy,
+        client_manager=clients,
+    )
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {WorkflowKey.CURRENT_ROUND: server_round}
+    )
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(
+        {k: Array(arrays[k].numpy()) for k in arrays.keys()}
+    )
+    return context

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -16,15 +18,47 @@ from flwr.serverapp.strategy import (
 from federation import keys
 from federation.config import MedfedConfig
 from server.central import with_central_dp
+from server.checkpoint import to_arrays, to_tensors
 
-__all__ = ["aggregate_metrics", "build_strategy"]
+__all__ = ["ResumableFedAdam", "ResumableFedYogi", "aggregate_metrics", "build_strategy"]
+
+
+class _ServerOptimiser:
+    """The state of Flower's server optimisers (FedOpt family): the model and moments."""
+
+    current_arrays: Any
+    m_t: Any
+    v_t: Any
+
+    def state_dict(self) -> dict[str, Any]:
+        """The model the optimiser steps from and its first and second moments."""
+        return {
+            "current_arrays": to_tensors(self.current_arrays),
+            "m_t": to_tensors(self.m_t),
+            "v_t": to_tensors(self.v_t),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back what `state_dict` returned."""
+        self.current_arrays = to_arrays(state["current_arrays"])
+        self.m_t = to_arrays(state["m_t"])
+        self.v_t = to_arrays(state["v_t"])
+
+
+class ResumableFedAdam(_ServerOptimiser, FedAdam):
+    """Flower's FedAdam whose moments survive a coordinator restart."""
+
+
+class ResumableFedYogi(_ServerOptimiser, FedYogi):
+    """Flower's FedYogi whose moments survive a coordinator restart."""
+
 
 _STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
     "fedbn": FedAvg,  # over the shared layers; sites keep their norm layers
     "fedprox": FedProx,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
+    "fedadam": ResumableFedAdam,
+    "fedyogi": ResumableFedYogi,
     "fedmedian": FedMedian,
     "krum": Krum,
 }

@@ -27,7 +27,7 @@ QUICK = ["task.image_size=32", "task.local_epochs=1", "task.batch_size=8"]
 
 def model_float32_bytes() -> int:
     """Size of the shared model's parameters and buffers as float32."""
-    from federation.config import compose_config
+    from federation.compose import compose_config
     from federation.models import build_model
 
     model = build_model(compose_config([]).model, seed=0)

@@ -89,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     import torch
 
     from client.site import SiteIdentity, load_site_dataset, torch_threads
-    from federation.config import compose_config
+    from federation.compose import compose_config
     from federation.models import build_model
     from federation.tasks import get_task
 
@@ -126,7 +126,7 @@ def main(grid: Grid, context: Context) -> None:
     """FedAvg over every site; each round's training phase and sites' timing to `out`."""
     from flwr.serverapp.strategy import FedAvg
 
-    from federation.config import compose_config
+    from federation.compose import compose_config
     from federation.models import build_model
 
     settings = PlainSettings.from_env()

@@ -39,7 +39,7 @@ QUICK = {
 
 
 def _config(overrides: list[str]) -> Any:
-    from federation.config import compose_config
+    from federation.compose import compose_config
 
     return compose_config([*overrides, "privacy=none", f"federation.num_sites={len(SITES)}"])
 

@@ -13,7 +13,8 @@ import yaml
 from client.governance import GovernancePolicy, RunRequest
 from client.state import SitePolicy, SiteState
 from federation.appdigest import release_digest
-from federation.config import compose_config, plan_hash
+from federation.compose import compose_config
+from federation.config import plan_hash
 from federation.security import load_public_key
 from medfed.cli import main as medfed
 from server.loop import RunHistory, site_config

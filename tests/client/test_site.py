@@ -61,7 +61,7 @@ def test_classification_needs_class_labels_not_masks(labelled_consortium, tmp_pa
     import shutil
 
     from client.site import SiteIdentity, load_site_dataset
-    from federation.config import compose_config
+    from federation.compose import compose_config
     from federation.tasks import get_task
 
     root, _ = labelled_consortium

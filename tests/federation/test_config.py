@@ -2,11 +2,10 @@ import json
 
 import pytest
 
+from federation.compose import compose_config, config_from_json
 from federation.config import (
     MedfedConfig,
     PrivacyConfig,
-    compose_config,
-    config_from_json,
     config_to_json,
     flatten,
     section_from_flat,

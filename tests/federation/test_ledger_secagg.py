@@ -8,7 +8,7 @@ import re
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from federation.config import compose_config
+from federation.compose import compose_config
 from federation.ledger import Ledger, Mechanism, read_ledger, verify_ledger
 
 MECH = Mechanism(sample_rate=0.1, noise_multiplier=1.2, max_grad_norm=1.0, steps=5, delta=1e-5)

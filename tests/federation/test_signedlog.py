@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.governance import AuditLog
 from federation.ledger import Ledger, Mechanism, read_ledger, verify_ledger
-from federation.signedlog import SignedLog, chain_problems, read_records
+from federation.signedlog import SignedLog, chain_problems, read_records, site_keys
 
 # Written by the two separate implementations at b038b82, before they became one module,
 # with the key below: sites' existing files must keep verifying.
@@ -51,12 +51,12 @@ def test_one_check_finds_edits_and_reordering_in_either_log(old_logs: Path) -> N
         first, second = path.read_text().splitlines()
         edited = json.loads(second) | {"time": "2020-01-01T00:00:00+00:00"}
         path.write_text(first + "\n" + json.dumps(edited) + "\n")
-        problems = chain_problems(read_records(path), keys, source=name)
+        problems = chain_problems(read_records(path), site_keys(keys), source=name)
         assert problems == [
             f"{name}: entry 1: content does not match its hash: the entry was edited"
         ]
         path.write_text(second + "\n" + first + "\n")
-        problems = chain_problems(read_records(path), keys, source=name)
+        problems = chain_problems(read_records(path), site_keys(keys), source=name)
         assert sum("removed, inserted or reordered" in p for p in problems) == 4
 
 
@@ -78,4 +78,4 @@ def test_a_failing_builder_appends_nothing(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="over budget"):
         log.append(refuse)
     assert [r["n"] for r in log.records()] == [0]
-    assert chain_problems(log.records(), {"site-1": KEY.public_key()}, source="log") == []
+    assert chain_problems(log.records(), lambda _: KEY.public_key(), source="log") == []

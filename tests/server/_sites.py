@@ -9,7 +9,8 @@ from flwr.clientapp.typing import Mod
 from flwr.serverapp import Grid
 
 from client.app import create_client_app
-from federation.config import MedfedConfig, compose_config
+from federation.compose import compose_config
+from federation.config import MedfedConfig
 from federation.logs import setup_logging
 from medfed.launch import run_simulation
 

@@ -1,5 +1,6 @@
 from federation import keys
-from federation.config import compose_config, config_to_json
+from federation.compose import compose_config
+from federation.config import config_to_json
 from server.app import config_from_run_config
 
 

@@ -151,11 +151,11 @@ def test_killed_coordinator_resumes_without_double_charging(tmp_path, consortium
 
 
 def test_strategy_state_survives_a_checkpoint(tmp_path):
-    from federation.config import compose_config
+    from federation.compose import compose_config
 
     cfg = compose_config(["strategy=fedadam", "privacy=central"])
     guard = SiteGuard(build_strategy(cfg), min_sites=2, run_name="t")
-    optimiser = guard.inner.strategy  # SiteGuard -> DP wrapper -> FedAdam
+    optimiser = guard.inner.wrapped  # SiteGuard -> DP wrapper -> FedAdam
     rng = torch.Generator().manual_seed(0)
     moments = {"w": torch.randn(3, 4, generator=rng).double().numpy()}
     optimiser.m_t, optimiser.v_t = moments, {"w": moments["w"] ** 2}
@@ -166,7 +166,7 @@ def test_strategy_state_survives_a_checkpoint(tmp_path):
     fresh = SiteGuard(build_strategy(cfg), min_sites=2, run_name="t")
     restore_strategy_state(fresh, Checkpoint.load(tmp_path).strategy)
     assert fresh.inner.clipping_norm == pytest.approx(0.37)
-    restored = fresh.inner.strategy
+    restored = fresh.inner.wrapped
     assert (restored.m_t["w"] == moments["w"]).all()
     assert (restored.v_t["w"] == moments["w"] ** 2).all()
     assert (restored.current_arrays["w"] == moments["w"] * 3).all()

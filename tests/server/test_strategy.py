@@ -1,7 +1,7 @@
 import pytest
 from flwr.app import MetricRecord, RecordDict
 
-from federation.config import compose_config
+from federation.compose import compose_config
 from server.loop import RoundRecord
 from server.strategy import aggregate_metrics, build_strategy
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import federation.tasks
-from federation.config import PrivacyConfig, compose_config, section_from_flat
+from federation.compose import compose_config, select_metric
+from federation.config import PrivacyConfig, section_from_flat
 from federation.config import TaskConfig as TaskSection
 from federation.dicom.classlabels import read_class_labels
 from federation.dicom.prepare import labelled_volumes
@@ -38,7 +39,7 @@ def test_shipped_tasks_are_found_by_name_and_implement_the_interface():
         primary[name] = task.primary_metric
         cfg = compose_config([f"task={name}"])  # the task's yaml picks its model
         task.check(cfg.task, cfg.model)
-        assert cfg.select_metric() == task.primary_metric
+        assert select_metric(cfg) == task.primary_metric
     assert primary == {"seg2d": "dice", "seg3d": "dice", "classify": "auroc"}
     with pytest.raises(ValueError, match=r"task\.name='nope' is unknown; available tasks"):
         get_task("nope")
@@ -61,7 +62,7 @@ def test_a_new_task_module_is_discovered_without_touching_client_or_server(tmp_p
     monkeypatch.setattr(federation.tasks, "__path__", [*federation.tasks.__path__, str(tmp_path)])
     assert get_task("seg2d_copy").name == "seg2d_copy"
     cfg = compose_config(["task.name=seg2d_copy"])
-    assert cfg.select_metric() == "dice"
+    assert select_metric(cfg) == "dice"
     with pytest.raises(ValueError, match="must define TASK"):
         get_task("broken")
 
