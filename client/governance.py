@@ -24,6 +24,8 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from federation import __version__, keys
+from federation.appdigest import release_digest
+from federation.config import plan_hash
 from federation.files import write_atomically
 from federation.signedlog import SignedLog, chain_problems
 
@@ -259,9 +261,6 @@ def plan_document(flat: dict[str, Any], *, app: str | None = None) -> dict[str, 
         flat: The site config the coordinator sends.
         app: Digest of the run's code; the site's own release by default.
     """
-    from federation.appdigest import release_digest
-    from federation.config import plan_hash
-
     app = app or release_digest() or "unpackaged"
     config = {k: flat[k] for k in sorted(flat) if k not in _VOLATILE}
     return {

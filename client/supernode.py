@@ -6,7 +6,8 @@ ClientApp for each message, with a node config that names the site, its DICOM fo
 and its state folder (policy, ledger signing key, ledger).
 
 Run as `python -m client.supernode FLOWER-SUPERNODE-ARGS` it is `flower-supernode` with
-three timings of the installed Flower (1.41) changed: its fixed 3 s sleep between empty
+three timings of Flower 1.41 changed (by `federation.flowerpatch`, as every change medfed
+makes to Flower's internals): its fixed 3 s sleep between empty
 polls of the SuperLink (up to 3 s added to every message a site receives) is capped at
 `MEDFED_SUPERNODE_POLL_INTERVAL`, starting at 0.05 s after each reply (the next
 message of a run is due soon); its 0.5 s sleeps while it waits on its own ClientApp

@@ -19,6 +19,7 @@ from federation.ledger import (
     read_ledger,
     verify_ledger,
 )
+from federation.provision import LEDGER_KEYS_DIR, CoordinatorKit
 from federation.security import load_public_key
 
 __all__ = ["LedgerAudit", "audit_ledgers", "key_bindings", "load_keys", "write_report"]
@@ -32,8 +33,6 @@ def key_bindings(coordinator: Path) -> tuple[list[dict[str, Any]], list[str]]:
     fingerprint the site confirmed out of band. Every key file the kit registers or
     audits with is checked against it.
     """
-    from federation.provision import LEDGER_KEYS_DIR, CoordinatorKit
-
     kit = CoordinatorKit(coordinator)
     rows, problems = [], []
     for site, entry in kit.manifest()["sites"].items():

@@ -15,6 +15,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from federation import __version__, keys
+from federation.tracking import default_tracking_uri
+
 __all__ = [
     "DataConfig",
     "EvaluationConfig",
@@ -371,8 +374,6 @@ def plan_hash(site_config: dict[str, Any], *, app: str) -> str:
 
     Round number and run name are left out, so every round of a run has the same plan.
     """
-    from federation import __version__, keys
-
     volatile = {keys.SERVER_ROUND, keys.RUN_NAME}
     plan = {k: v for k, v in site_config.items() if k not in volatile}
     body = {"medfed": __version__, "app": app, "config": plan}
@@ -382,8 +383,6 @@ def plan_hash(site_config: dict[str, Any], *, app: str) -> str:
 
 def anchor_paths(cfg: MedfedConfig) -> MedfedConfig:
     """Make the config's paths absolute, so every process reads the same files."""
-    from federation.tracking import default_tracking_uri
-
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, root=str(resolve_path(cfg.data.root))),

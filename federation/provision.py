@@ -51,6 +51,7 @@ from federation.enrolment import (
     NODE_PUB,
     Enrolment,
     check_name,
+    init_site_keys,
     read_enrolment,
 )
 from federation.files import write_atomically
@@ -541,8 +542,6 @@ def provision_local(description: Path, output: Path, site_kits: Path) -> Coordin
     Returns:
         The coordinator kit.
     """
-    from federation.enrolment import init_site_keys
-
     sites = load_consortium(description).sites
     enrol = []
     for site in sites:

@@ -7,6 +7,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from federation import __version__
+
 __all__ = ["RunTracker", "code_version", "default_tracking_uri"]
 
 _MAX_PARAMS_PER_BATCH = 100
@@ -20,8 +22,6 @@ def default_tracking_uri(base: Path | None = None) -> str:
 def code_version() -> str:
     """Medfed's version, with the git commit when running from a checkout."""
     import subprocess
-
-    from federation import __version__
 
     source = Path(__file__).resolve().parent.parent
     try:
