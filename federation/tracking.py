@@ -9,7 +9,16 @@ from typing import Any
 
 from federation import __version__
 
-__all__ = ["RunTracker", "code_version", "default_tracking_uri"]
+__all__ = [
+    "MODEL_ARTIFACT",
+    "RunTracker",
+    "code_version",
+    "default_tracking_uri",
+    "download_registered",
+]
+
+# The run artifact holding the registered MLflow model (with the medfed package inside).
+MODEL_ARTIFACT = "model"
 
 _MAX_PARAMS_PER_BATCH = 100
 
@@ -146,24 +155,23 @@ class RunTracker:
         self.client.set_tag(self.run_id, key, value)
 
     def register_model(
-        self, name: str, path: Path, *, tags: dict[str, str], description: str
+        self, name: str, model_dir: Path, *, tags: dict[str, str], description: str
     ) -> str:
-        """Attach a model file to the run and register it as a new version of `name`.
+        """Attach an MLflow model folder to the run (as `model/`); register a new version.
 
         Returns:
             The new model version.
         """
         from mlflow.exceptions import MlflowException
 
-        artifact_dir = "registered_model"
-        self.log_artifact(path, artifact_dir)
+        self.client.log_artifacts(self.run_id, str(model_dir), MODEL_ARTIFACT)
         try:
             self.client.get_registered_model(name)
         except MlflowException:
             self.client.create_registered_model(
                 name, description="Global models of medfed federated runs."
             )
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_dir}"
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
         version = self.client.create_model_version(
             name, source, run_id=self.run_id, tags=tags, description=description
         )
@@ -178,3 +186,35 @@ def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
+
+
+def download_registered(reference: str, uri: str, destination: Path) -> tuple[str, str, Path]:
+    """Download a registered model version (`models:/NAME/VERSION` or `models:/NAME@ALIAS`).
+
+    Returns:
+        The model's name, its version, and the folder it was downloaded into.
+
+    Raises:
+        ValueError: The reference is malformed or the registry has no such version.
+    """
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    body = reference.removeprefix("models:/")
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            found = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = body.rpartition("/")
+            if not name or not number.isdigit():
+                raise ValueError(f"{reference!r} is not models:/NAME/VERSION or models:/NAME@ALIAS")
+            found = client.get_model_version(name, number)
+        folder = download_artifacts(
+            artifact_uri=str(found.source), dst_path=str(destination), tracking_uri=uri
+        )
+    except MlflowException as err:
+        raise ValueError(f"no model {reference} in the registry at {uri}: {err.message}") from err
+    return name, str(found.version), Path(folder)

@@ -359,6 +359,56 @@ def _cmd_site_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_site_predict(args: argparse.Namespace) -> int:
+    import getpass
+
+    from client.predict import STAGES, predict, record_use
+    from client.state import SiteState
+    from federation.dicom.sources import SourceQuery
+    from federation.modelpack import load_model
+    from federation.tracking import default_tracking_uri
+
+    package = load_model(
+        args.model,
+        tracking_uri=args.tracking_uri or default_tracking_uri(),
+        output_dir=Path(args.runs),
+    )
+    query = SourceQuery(
+        modality=args.modality,
+        study_date=args.study_date,
+        series_description=args.series_description,
+    )
+    state = Path(args.state) if args.state else None
+    output = Path(args.output)
+    report = predict(
+        package,
+        args.source,
+        output,
+        store_to=args.store_to,
+        state_dir=state,
+        query=query,
+        nifti=args.nifti,
+    )
+    if state is not None:
+        record_use(
+            SiteState(*_site_state(args)).plans.audit,
+            package.card,
+            report,
+            by=args.by or getpass.getuser(),
+            stored_to=args.store_to,
+        )
+    total = sum(report.seconds.values()) or 1.0
+    shares = ", ".join(f"{s} {report.seconds[s] / total:.0%}" for s in STAGES)
+    print(
+        f"{package.card.title}: {len(report.results)} series -> "
+        f"{', '.join(sorted({r.kind for r in report.results})) or 'no results'}"
+        f"{' (stored to ' + args.store_to + ')' if args.store_to else ''}; "
+        f"{len(report.problems)} files quarantined (see {output / 'quarantine.json'})"
+    )
+    print(f"time {total:.1f} s: {shares}; results in {output / 'predictions.json'}")
+    return 0
+
+
 def _cmd_site_data_policy(args: argparse.Namespace) -> int:
     from client.prepare import DataPolicy
 
@@ -647,7 +697,7 @@ def _site_agent_parsers(site: Any) -> None:
 
 
 def _site_data_parsers(site: Any) -> None:
-    """The site's data commands: check, prepare."""
+    """The site's data commands: check, prepare, predict."""
     check = site.add_parser("check", help="check that a site folder holds usable labelled DICOM")
     check.add_argument("--data", required=True, help="the site's DICOM folder")
     check.set_defaults(func=_cmd_site_check)
@@ -678,6 +728,26 @@ def _site_data_parsers(site: Any) -> None:
     prep.add_argument("--series-description", help="PACS query: series description (wildcards)")
     prep.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=_cmd_site_prepare)
+    pred = site.add_parser(
+        "predict", help="apply a trained model to new series: DICOM SEG or SR, to the PACS"
+    )
+    pred.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME/VERSION, models:/NAME@ALIAS, a run name or a model package file",
+    )
+    pred.add_argument("--source", required=True, help="a folder, dicomweb://... or dimse://...")
+    pred.add_argument("--output", required=True, help="folder for results and their tables")
+    pred.add_argument("--store-to", help="PACS for the results: dicomweb://... or dimse://...")
+    pred.add_argument("--state", help="the site's state folder (data policy, audit log)")
+    pred.add_argument("--by", help="who runs it, for the audit log (default: the login name)")
+    pred.add_argument("--nifti", action="store_true", help="also write masks as NIfTI")
+    pred.add_argument("--tracking-uri", help="MLflow store of the registry (default: local)")
+    pred.add_argument("--runs", default="outputs", help="where run folders are (a run name)")
+    pred.add_argument("--modality", help="PACS query: modality, e.g. CT")
+    pred.add_argument("--study-date", help="PACS query: YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
+    pred.add_argument("--series-description", help="PACS query: series description (wildcards)")
+    pred.set_defaults(func=_cmd_site_predict)
 
 
 def _site_governance_parsers(site: Any) -> None:
@@ -808,6 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         FileExistsError,
         FlowerVersionError,
+        ConnectionError,
     ) as err:
         print(f"medfed: error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +19,8 @@ from federation.compose import compose_config, config_from_json, select_metric
 from federation.config import MedfedConfig, config_sha256, config_to_json, flatten, resolve_path
 from federation.ledger import latest_entries
 from federation.logs import context_logger, setup_logging
+from federation.modelpack import PACKAGE_FILE, ModelCard, ModelPackage
+from federation.modelserve import save_mlflow_model
 from federation.provision import CoordinatorKit
 from federation.tracking import RunTracker, code_version, default_tracking_uri
 from server.central import COORDINATOR
@@ -68,11 +71,31 @@ def _start_tracking(
     return tracker, None
 
 
+def _package_best(cfg: MedfedConfig, run_dir: Path, checkpoint: Checkpoint) -> Path:
+    """The best round's model as a self-contained package (`federation.modelpack`)."""
+    package = ModelPackage(
+        task=cfg.task,
+        model=cfg.model,
+        state=torch.load(run_dir / BEST_MODEL_FILE, weights_only=True),
+        card=ModelCard(
+            name=cfg.tracking.registered_model or f"medfed-{cfg.task.name}",
+            version="",
+            run=str(cfg.run_name),
+            round=checkpoint.best_round,
+            config_sha256=config_sha256(cfg),
+        ),
+    )
+    return package.save(run_dir / PACKAGE_FILE)
+
+
 def _register_best(tracker: RunTracker, cfg: MedfedConfig, run_dir: Path) -> str | None:
-    """Register the best round's model with tags that trace it to its run and data."""
+    """Package the best round's model; register it with tags tracing it to run and data."""
     checkpoint = Checkpoint.load(run_dir)
+    if checkpoint.best_round < 0:
+        return None
+    package = _package_best(cfg, run_dir, checkpoint)
     name = cfg.tracking.registered_model
-    if name == "" or checkpoint.best_round < 0:
+    if name == "":
         return None
     spend = latest_entries(run_dir / "ledger")
     datasets = RunHistory.from_dict(checkpoint.history).datasets
@@ -87,12 +110,16 @@ def _register_best(tracker: RunTracker, cfg: MedfedConfig, run_dir: Path) -> str
         **{f"medfed.site.{site}.dataset": d for site, d in datasets.items()},
         **{f"medfed.site.{site}.epsilon": f"{e.epsilon:.6f}" for site, e in spend.items()},
     }
+    model_dir = run_dir / "mlflow-model"
+    shutil.rmtree(model_dir, ignore_errors=True)  # a resumed run registers anew
+    save_mlflow_model(package, model_dir)
     version = tracker.register_model(
         name or f"medfed-{cfg.task.name}",
-        run_dir / BEST_MODEL_FILE,
+        model_dir,
         tags=tags,
         description=(
-            f"Best global model of run {cfg.run_name} (round {checkpoint.best_round}); "
+            f"Best global model of run {cfg.run_name} (round {checkpoint.best_round}), with "
+            "its task and preprocessing (medfed site predict --model models:/NAME/VERSION); "
             "the run's config.json and the sites' signed ledgers are the run's artifacts."
         ),
     )

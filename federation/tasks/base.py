@@ -20,10 +20,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from federation.config import ModelConfig, PrivacyConfig, TaskConfig
+from federation.dicom.results import Segment
 from federation.privacy import MechanismStep, make_private
 
 __all__ = [
     "EvalOutcome",
+    "Prediction",
     "Task",
     "TaskDataset",
     "TaskVolume",
@@ -90,6 +92,19 @@ class EvalOutcome:
     num_examples: int
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """A model's output for one series, on the series' own grid.
+
+    Attributes:
+        mask: Segmentation tasks: binary mask (slices, rows, cols) like the series' `hu`.
+        probabilities: Classification tasks: probability of each class, by class name.
+    """
+
+    mask: np.ndarray | None = None
+    probabilities: dict[str, float] | None = None
+
+
 @runtime_checkable
 class Task(Protocol):
     """What a learning task defines.
@@ -99,12 +114,16 @@ class Task(Protocol):
         primary_metric: Metric key that picks the best model (larger is better).
         metrics: Metric keys `evaluate` reports, the primary one first.
         needs_mask: Whether series need a mask label (segmentation) to be used.
+        modality: The modality of the series the task takes (e.g. CT).
+        segment: What the masks show (segmentation tasks); None for classification.
     """
 
     name: str
     primary_metric: str
     metrics: tuple[str, ...]
     needs_mask: bool
+    modality: str
+    segment: Segment | None
 
     def check(self, task: TaskConfig, model: ModelConfig) -> None:
         """Reject settings this task cannot run with, saying which value and why."""
@@ -137,6 +156,14 @@ class Task(Protocol):
 
     def evaluate(self, model: nn.Module, data: Any) -> EvalOutcome:
         """Held-out loss and metrics of `model`."""
+        ...
+
+    def infer(self, model: nn.Module, volume: TaskVolume, cfg: TaskConfig) -> Prediction:
+        """The model's output for one new series, preprocessed as in training.
+
+        Raises:
+            ValueError: The series cannot be taken by this task (the reason is specific).
+        """
         ...
 
 

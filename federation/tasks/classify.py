@@ -23,6 +23,7 @@ from federation import keys
 from federation.config import ModelConfig, PrivacyConfig, TaskConfig
 from federation.tasks.base import (
     EvalOutcome,
+    Prediction,
     TaskVolume,
     TrainOutcome,
     device,
@@ -128,6 +129,8 @@ class Classify:
     primary_metric = keys.AUROC
     metrics = (keys.AUROC, keys.BALANCED_ACCURACY)
     needs_mask = False
+    modality = "CT"
+    segment = None
 
     def check(self, task: TaskConfig, model: ModelConfig) -> None:
         """The model must be a 2D classifier over the slice stack, one output per class."""
@@ -250,6 +253,16 @@ class Classify:
             },
             num_examples=data.num_val,
         )
+
+    @torch.no_grad()
+    def infer(self, model: nn.Module, volume: TaskVolume, cfg: TaskConfig) -> Prediction:
+        """Each class's probability for a new series (its slice stack as in training)."""
+        p = task_params(cfg, ClassifyParams)
+        dev = device()
+        model.to(dev).eval()
+        logits = model(_stack(volume, cfg, p.slices)[None].to(dev)).cpu()
+        probs = torch.softmax(logits.double(), dim=1)[0].tolist()
+        return Prediction(probabilities=dict(zip(p.classes, probs, strict=True)))
 
 
 TASK = Classify()

@@ -13,8 +13,10 @@ from torch.utils.data import TensorDataset
 
 from federation import keys
 from federation.config import ModelConfig, PrivacyConfig, TaskConfig
+from federation.dicom.results import LESION
 from federation.tasks.base import (
     EvalOutcome,
+    Prediction,
     TaskVolume,
     TrainOutcome,
     device,
@@ -34,6 +36,7 @@ __all__ = [
     "check_segmentation_model",
     "device",
     "evaluate",
+    "infer",
     "prepare",
     "prepare_holdout",
     "train",
@@ -166,6 +169,25 @@ def evaluate(model: nn.Module, data: SiteDataset, *, batch_size: int = 32) -> Ev
     )
 
 
+@torch.no_grad()
+def infer(
+    model: nn.Module, volume: TaskVolume, cfg: TaskConfig, *, batch_size: int = 32
+) -> Prediction:
+    """The lesion mask of a new series: slices resized as in training, back to its grid."""
+    rows, cols = volume.hu.shape[1:]
+    image = windowed(volume, cfg).unsqueeze(1)
+    size = (cfg.image_size, cfg.image_size)
+    image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+    dev = device()
+    model.to(dev).eval()
+    logits = torch.cat(
+        [model(image[i : i + batch_size].to(dev)).cpu() for i in range(0, len(image), batch_size)]
+    )
+    # Back on the series' grid before thresholding: smoother than resizing the mask.
+    logits = F.interpolate(logits, size=(rows, cols), mode="bilinear", align_corners=False)
+    return Prediction(mask=(logits[:, 0] > 0).numpy().astype(np.uint8))
+
+
 class Seg2D:
     """2D slice segmentation on the task interface (`federation.tasks.base.Task`)."""
 
@@ -173,6 +195,8 @@ class Seg2D:
     primary_metric = keys.DICE
     metrics = (keys.DICE,)
     needs_mask = True
+    modality = "CT"
+    segment = LESION
 
     def check(self, task: TaskConfig, model: ModelConfig) -> None:
         """Slices need a 2D segmentation network with one input and one output channel."""
@@ -184,6 +208,7 @@ class Seg2D:
     prepare_holdout = staticmethod(prepare_holdout)
     train = staticmethod(train)
     evaluate = staticmethod(evaluate)
+    infer = staticmethod(infer)
 
 
 def check_segmentation_model(model: ModelConfig, *, spatial_dims: int, task: str) -> None:

@@ -14,8 +14,10 @@ from torch.utils.data import Dataset
 
 from federation import keys
 from federation.config import ModelConfig, PrivacyConfig, TaskConfig
+from federation.dicom.results import LESION
 from federation.tasks.base import (
     EvalOutcome,
+    Prediction,
     TaskVolume,
     TrainOutcome,
     device,
@@ -118,6 +120,8 @@ class Seg3D:
     primary_metric = keys.DICE
     metrics = (keys.DICE,)
     needs_mask = True
+    modality = "CT"
+    segment = LESION
 
     def check(self, task: TaskConfig, model: ModelConfig) -> None:
         """Patches must fit the resampled grid and be divisible by the U-Net's strides."""
@@ -217,6 +221,35 @@ class Seg3D:
             metrics={keys.DICE: float(np.mean(dices)) if dices else float("nan")},
             num_examples=data.num_val,
         )
+
+    @torch.no_grad()
+    def infer(self, model: nn.Module, volume: TaskVolume, cfg: TaskConfig) -> Prediction:
+        """The lesion mask of a new series: on the training grid by sliding window, back."""
+        from monai.inferers import sliding_window_inference
+
+        p = task_params(cfg, Seg3DParams)
+        image = windowed(volume, cfg)[None, None]
+        image = F.interpolate(
+            image,
+            size=(p.depth, cfg.image_size, cfg.image_size),
+            mode="trilinear",
+            align_corners=False,
+        )
+        dev = device()
+        model.to(dev).eval()
+        logits = sliding_window_inference(
+            image.to(dev),
+            roi_size=tuple(p.patch_size),
+            sw_batch_size=4,
+            predictor=model,
+            overlap=p.overlap,
+        )
+        assert isinstance(logits, torch.Tensor)
+        # Back on the series' grid before thresholding: smoother than resizing the mask.
+        logits = F.interpolate(
+            logits.cpu(), size=volume.hu.shape, mode="trilinear", align_corners=False
+        )
+        return Prediction(mask=(logits[0, 0] > 0).numpy().astype(np.uint8))
 
 
 TASK = Seg3D()

@@ -5,12 +5,19 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from federation.dicom.sources import SourceQuery, store_instance
 
-__all__ = ["fetch_dicomweb"]
+__all__ = ["DicomwebDestination", "fetch_dicomweb"]
 
 _SERIES_UID = "0020000E"
 _STUDY_UID = "0020000D"
+
+
+def _base(url: str) -> str:
+    base = "http://" + url.removeprefix("dicomweb://") if url.startswith("dicomweb://") else url
+    return base.rstrip("/")
 
 
 def fetch_dicomweb(url: str, incoming: Path, *, query: SourceQuery) -> int:
@@ -23,8 +30,8 @@ def fetch_dicomweb(url: str, incoming: Path, *, query: SourceQuery) -> int:
     import requests
     from dicomweb_client.api import DICOMwebClient
 
-    base = "http://" + url.removeprefix("dicomweb://") if url.startswith("dicomweb://") else url
-    client = DICOMwebClient(url=base.rstrip("/"))
+    base = _base(url)
+    client = DICOMwebClient(url=base)
     log = logging.getLogger("medfed.prepare")
     try:
         found = client.search_for_series(search_filters=query.filters(), get_remaining=True)
@@ -49,3 +56,36 @@ def fetch_dicomweb(url: str, incoming: Path, *, query: SourceQuery) -> int:
             stored += 1
         log.info("retrieved series %d of %d over DICOMweb", k + 1, len(selected))
     return stored
+
+
+class DicomwebDestination:
+    """Store results over STOW-RS (`federation.dicom.sources.Destination`)."""
+
+    def __init__(self, url: str) -> None:
+        from dicomweb_client.api import DICOMwebClient
+
+        self.base = _base(url)
+        self.client = DICOMwebClient(url=self.base)
+
+    def __enter__(self) -> DicomwebDestination:
+        import requests
+
+        try:
+            self.client.search_for_studies(limit=1)
+        except requests.RequestException as err:
+            raise ConnectionError(
+                f"DICOMweb service at {self.base} does not answer: {err}"
+            ) from err
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def store(self, ds: Dataset) -> None:
+        """STOW-RS one object."""
+        import requests
+
+        try:
+            self.client.store_instances([ds])
+        except requests.RequestException as err:
+            raise ConnectionError(f"DICOMweb store at {self.base} failed: {err}") from err

@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 
 from federation.dicom.sources import SourceQuery, store_instance
 
-__all__ = ["fetch_dimse", "parse_dimse_url"]
+__all__ = ["DimseDestination", "fetch_dimse", "parse_dimse_url"]
 
 _FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
 _GET = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Query/Retrieve Information Model - GET
@@ -120,3 +120,49 @@ def _find(assoc: Any, ident: Dataset) -> list[tuple[str, str, str]]:
                 )
             )
     return found_series
+
+
+_VERIFICATION = "1.2.840.10008.1.1"
+_RESULT_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+)
+
+
+class DimseDestination:
+    """Store results by C-STORE over one association (`sources.Destination`)."""
+
+    def __init__(self, url: str, *, calling_aet: str = "MEDFED") -> None:
+        self.aet, self.host, self.port = parse_dimse_url(url)
+        self.calling_aet = calling_aet
+        self.assoc: Any = None
+
+    def __enter__(self) -> DimseDestination:
+        from pynetdicom import AE
+
+        ae = AE(ae_title=self.calling_aet)
+        for uid in (_VERIFICATION, *_RESULT_CLASSES):
+            ae.add_requested_context(uid)
+        self.assoc = ae.associate(self.host, self.port, ae_title=self.aet)
+        where = f"{self.aet}@{self.host}:{self.port}"
+        if not self.assoc.is_established:
+            raise ConnectionError(f"no DICOM association with {where} (is the PACS up?)")
+        status = self.assoc.send_c_echo()
+        if not status or status.Status != 0x0000:
+            self.assoc.release()
+            raise ConnectionError(f"{where} does not answer C-ECHO")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
+
+    def store(self, ds: Dataset) -> None:
+        """C-STORE one object."""
+        status = self.assoc.send_c_store(ds)
+        if not status or status.Status != 0x0000:
+            code = f"0x{status.Status:04x}" if status else "no answer"
+            raise ConnectionError(
+                f"C-STORE of {ds.SOPClassUID.name} to {self.aet}@{self.host}:{self.port} "
+                f"failed ({code})"
+            )

@@ -1,0 +1,51 @@
+"""A medfed model package as an MLflow model, for `mlflow models predict` and `serve`.
+
+The MLflow model wraps the package (`federation.modelpack`) and runs the network on
+arrays already preprocessed as the task does (e.g. seg2d: slices windowed to [0, 1] and
+resized, shape (N, 1, S, S)). It returns probabilities: per pixel for segmentation
+(sigmoid), per class for classification (softmax). Whole DICOM series go through
+`medfed site predict`, which also writes DICOM results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import torch
+
+from federation import __version__
+from federation.modelpack import PACKAGE_FILE, ModelPackage
+
+__all__ = ["MedfedModel", "save_mlflow_model"]
+
+
+class MedfedModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
+    """The package's network behind MLflow's pyfunc interface."""
+
+    def load_context(self, context: Any) -> None:
+        """Build the network from the package among the model's artifacts."""
+        self.package = ModelPackage.load(Path(context.artifacts["package"]))
+        self.network = self.package.build()
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        """Probabilities for a batch of preprocessed arrays."""
+        batch = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        with torch.no_grad():
+            logits = self.network(batch)
+        if self.package.model.out_channels == 1:
+            return torch.sigmoid(logits).numpy()
+        return torch.softmax(logits, dim=1).numpy()
+
+
+def save_mlflow_model(package: Path, folder: Path) -> Path:
+    """Write the MLflow model of `package` into `folder` (which must not exist)."""
+    mlflow.pyfunc.save_model(
+        path=str(folder),
+        python_model=MedfedModel(),
+        artifacts={"package": str(package)},
+        pip_requirements=[f"medfed=={__version__}"],
+    )
+    return folder / "artifacts" / PACKAGE_FILE
