@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,12 +11,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import highdicom as hd
+import numpy as np
 import psutil
 import pytest
 import torch
 
+from federation.dicom.prepare import labelled_volumes
 from federation.dicom.synth import generate_consortium
 from federation.ledger import read_ledger
+from federation.modelpack import load_model
+from federation.tasks.metrics import dice
+from medfed.cli import main
 from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
 from server.guard import SiteGuard
 from server.loop import RunHistory
@@ -144,10 +151,55 @@ def test_killed_coordinator_resumes_without_double_charging(tmp_path, consortium
         assert float(tags[f"medfed.site.{site}.epsilon"]) == pytest.approx(last.epsilon)
     best = torch.load(run_dir / "best_model.pt")
     assert best.keys() == torch.load(run_dir / "global_model.pt").keys()
+    _check_registered_model(client, tmp_path, str(version.version), checkpoint, holdout / "h")
 
     # A new run cannot take over the name of an existing one.
     again = medfed_run(tmp_path, root, *overrides)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def _check_registered_model(client, tmp_path, version, checkpoint, holdout):
+    """The registered model is self-contained: found by version or alias, it segments new
+    series at a site as well as the run measured, and MLflow can serve it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    package = load_model(f"models:/medfed-seg2d/{version}", tracking_uri=uri, output_dir=tmp_path)
+    assert (package.card.name, package.card.version) == ("medfed-seg2d", version)
+    assert (package.card.run, package.card.round) == ("phoenix", checkpoint.best_round)
+    best = torch.load(tmp_path / "outputs" / "phoenix" / "best_model.pt")
+    assert all(torch.equal(best[k], package.state[k]) for k in best)
+    client.set_registered_model_alias("medfed-seg2d", "champion", version)
+    by_alias = load_model("models:/medfed-seg2d@champion", tracking_uri=uri, output_dir=tmp_path)
+    assert by_alias.card == package.card
+
+    # The run's hold-out, predicted at a "site": the SEGs' Dice against the ground-truth
+    # SEGs is the hold-out Dice the run reported for its best round.
+    out = tmp_path / "predicted"
+    args = ["site", "predict", "--model", "models:/medfed-seg2d@champion", "--tracking-uri", uri]
+    assert main([*args, "--source", str(holdout), "--output", str(out)]) == 0
+    results = {
+        r["series_uid"]: r for r in json.loads((out / "predictions.json").read_text())["results"]
+    }
+    volumes, _ = labelled_volumes(holdout, tmp_path / "holdout-cache")
+    dices = []
+    for volume in volumes:
+        seg = hd.seg.segread(results[volume.series_uid]["path"])
+        mask = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=volume.sop_uids,
+            combine_segments=True,
+            assert_missing_frames_are_empty=True,
+        )
+        dices.append(dice(np.asarray(mask) > 0, volume.label))
+    print("DICE", dices, float(np.mean(dices)), checkpoint.best_value)
+    assert float(np.mean(dices)) == pytest.approx(checkpoint.best_value, abs=0.01)
+
+    # An MLflow model too: probabilities for slices preprocessed as the task does.
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model(f"models:/medfed-seg2d/{version}")
+    probabilities = served.predict(np.zeros((2, 1, 32, 32), dtype=np.float32))
+    assert probabilities.shape == (2, 1, 32, 32)
+    assert ((0 <= probabilities) & (probabilities <= 1)).all()
 
 
 def test_strategy_state_survives_a_checkpoint(tmp_path):
