@@ -359,20 +359,34 @@ def _cmd_site_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace) -> Any:
+    from federation.modelpack import load_model
+    from federation.tracking import default_tracking_uri
+
+    return load_model(
+        args.model,
+        tracking_uri=args.tracking_uri or default_tracking_uri(),
+        output_dir=Path(args.runs),
+    )
+
+
+def _cmd_model_export(args: argparse.Namespace) -> int:
+    package = _load_model(args)
+    path = package.save(Path(args.output))
+    print(
+        f"wrote {package.card.title} (run {package.card.run}, task {package.task.name}) to {path}"
+    )
+    return 0
+
+
 def _cmd_site_predict(args: argparse.Namespace) -> int:
     import getpass
 
     from client.predict import STAGES, predict, record_use
     from client.state import SiteState
     from federation.dicom.sources import SourceQuery
-    from federation.modelpack import load_model
-    from federation.tracking import default_tracking_uri
 
-    package = load_model(
-        args.model,
-        tracking_uri=args.tracking_uri or default_tracking_uri(),
-        output_dir=Path(args.runs),
-    )
+    package = _load_model(args)
     query = SourceQuery(
         modality=args.modality,
         study_date=args.study_date,
@@ -624,7 +638,7 @@ def _run_parsers(sub: Any) -> None:
 
 
 def _coordinator_parsers(sub: Any) -> None:
-    """provision, server: the coordinator's commands."""
+    """provision, server, model: the coordinator's commands."""
     prov = sub.add_parser(
         "provision", help="consortium CA, SuperLink certificate and startup kits (idempotent)"
     )
@@ -661,6 +675,26 @@ def _coordinator_parsers(sub: Any) -> None:
     )
     start.add_argument("--database", help="SuperLink state file (default: in the kit)")
     start.set_defaults(func=_cmd_server_start)
+    model = sub.add_parser("model", help="the consortium's trained models").add_subparsers(
+        dest="model_command", required=True
+    )
+    export = model.add_parser(
+        "export", help="write a model (registry version, alias or run) as one file for a site"
+    )
+    _model_arguments(export)
+    export.add_argument("--output", required=True, help="the package file to write")
+    export.set_defaults(func=_cmd_model_export)
+
+
+def _model_arguments(parser: Any) -> None:
+    """--model and where to find it: the registry's store, the runs' folder."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME/VERSION, models:/NAME@ALIAS, a run name or a model package file",
+    )
+    parser.add_argument("--tracking-uri", help="MLflow store of the registry (default: local)")
+    parser.add_argument("--runs", default="outputs", help="where run folders are (a run name)")
 
 
 def _site_parsers(sub: Any) -> None:
@@ -731,19 +765,13 @@ def _site_data_parsers(site: Any) -> None:
     pred = site.add_parser(
         "predict", help="apply a trained model to new series: DICOM SEG or SR, to the PACS"
     )
-    pred.add_argument(
-        "--model",
-        required=True,
-        help="models:/NAME/VERSION, models:/NAME@ALIAS, a run name or a model package file",
-    )
+    _model_arguments(pred)
     pred.add_argument("--source", required=True, help="a folder, dicomweb://... or dimse://...")
     pred.add_argument("--output", required=True, help="folder for results and their tables")
     pred.add_argument("--store-to", help="PACS for the results: dicomweb://... or dimse://...")
     pred.add_argument("--state", help="the site's state folder (data policy, audit log)")
     pred.add_argument("--by", help="who runs it, for the audit log (default: the login name)")
     pred.add_argument("--nifti", action="store_true", help="also write masks as NIfTI")
-    pred.add_argument("--tracking-uri", help="MLflow store of the registry (default: local)")
-    pred.add_argument("--runs", default="outputs", help="where run folders are (a run name)")
     pred.add_argument("--modality", help="PACS query: modality, e.g. CT")
     pred.add_argument("--study-date", help="PACS query: YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
     pred.add_argument("--series-description", help="PACS query: series description (wildcards)")

@@ -20,7 +20,7 @@ import torch
 from federation.dicom.prepare import labelled_volumes
 from federation.dicom.synth import generate_consortium
 from federation.ledger import read_ledger
-from federation.modelpack import load_model
+from federation.modelpack import ModelPackage, load_model
 from federation.tasks.metrics import dice
 from medfed.cli import main
 from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
@@ -170,6 +170,10 @@ def _check_registered_model(client, tmp_path, version, checkpoint, holdout):
     client.set_registered_model_alias("medfed-seg2d", "champion", version)
     by_alias = load_model("models:/medfed-seg2d@champion", tracking_uri=uri, output_dir=tmp_path)
     assert by_alias.card == package.card
+    handed_over = tmp_path / "handed-over.medfed.pt"  # the file a coordinator gives a site
+    args = ["model", "export", "--model", "models:/medfed-seg2d@champion", "--tracking-uri", uri]
+    assert main([*args, "--output", str(handed_over)]) == 0
+    assert ModelPackage.load(handed_over).card == package.card
 
     # The run's hold-out, predicted at a "site": the SEGs' Dice against the ground-truth
     # SEGs is the hold-out Dice the run reported for its best round.
@@ -189,7 +193,6 @@ def _check_registered_model(client, tmp_path, version, checkpoint, holdout):
             assert_missing_frames_are_empty=True,
         )
         dices.append(dice(np.asarray(mask) > 0, volume.label))
-    print("DICE", dices, float(np.mean(dices)), checkpoint.best_value)
     assert float(np.mean(dices)) == pytest.approx(checkpoint.best_value, abs=0.01)
 
     # An MLflow model too: probabilities for slices preprocessed as the task does.

@@ -64,6 +64,7 @@ def test_unknown_strategy_is_rejected():
 )
 def test_strategy_groups_build_flowers_strategies(name, cls):
     strategy = build_strategy(compose_config([f"strategy={name}"]))
-    assert type(strategy).__name__ == cls
+    # Flower's own class (FedAdam/FedYogi: its resumable subclass, whose moments checkpoint).
+    assert cls in {type(strategy).__name__, type(strategy).__mro__[2].__name__}
     if name == "fedprox":
         assert strategy.proximal_mu == pytest.approx(0.01)
