@@ -18,7 +18,7 @@ import csv
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,9 @@ from client.prepare import DataPolicy
 from federation.dicom.classlabels import LABELS_CSV
 from federation.dicom.labels import is_nifti
 from federation.dicom.phi import require_deidentified
+from federation.dicom.results import classification_report, segmentation
 from federation.dicom.scan import Instance, Problem, iter_files, scan_paths
-from federation.dicom.sources import INCOMING_DIR, Destination, SourceQuery, fetch_source
-from federation.dicom.sources import open_destination as open_pacs
+from federation.dicom.sources import INCOMING_DIR, SourceQuery, fetch_source, open_destination
 from federation.dicom.volume import GeometryError, SeriesPlan, Volume, group_series, plan_series
 from federation.dicom.volume import read_volume as read_series
 from federation.logs import context_logger
@@ -162,7 +162,6 @@ def predict(
     state_dir: Path | None = None,
     query: SourceQuery | None = None,
     nifti: bool = False,
-    open_destination: Callable[[str], Destination] = open_pacs,
 ) -> PredictReport:
     """Apply a model to every series of `source`; write (and store) one result per series.
 
@@ -174,7 +173,6 @@ def predict(
         state_dir: The site's state folder: its data policy (PHI) applies.
         query: Which series to take from a PACS.
         nifti: Also write each mask as NIfTI.
-        open_destination: Opens `store_to` (the PACS by default).
 
     Raises:
         ConnectionError: The source or the destination PACS cannot be reached; nothing
@@ -209,7 +207,7 @@ def predict(
                 report.problems.extend(Problem(i.path, str(err)) for i in plan.instances)
                 continue
             with _timed(report.seconds, "encode"):
-                result, ds = _encode(prediction, plan, volume, package, output, nifti=nifti)
+                result, ds = _encode(prediction, plan, volume, package, task, output, nifti=nifti)
             if pacs is not None:
                 with _timed(report.seconds, "store"):
                     pacs.store(ds)
@@ -228,20 +226,18 @@ def _encode(
     plan: SeriesPlan,
     volume: Volume,
     package: ModelPackage,
+    task: Task,
     output: Path,
     *,
     nifti: bool,
 ) -> tuple[SeriesResult, Dataset]:
     """The series' DICOM result, written under `output/<series UID>/`."""
-    from federation.dicom.results import classification_report, segmentation
-
     sources = _sources(plan)
     folder = output / volume.series_uid
     folder.mkdir(parents=True, exist_ok=True)
     if prediction.mask is not None:
-        segment = get_task(package.task.name).segment
-        assert segment is not None
-        ds = segmentation(_mask_frames(prediction.mask, plan), sources, package.card, segment)
+        assert task.segment is not None
+        ds = segmentation(_mask_frames(prediction.mask, plan), sources, package.card, task.segment)
         kind = "SEG"
         if nifti:
             _write_nifti(prediction.mask, volume, folder / "mask.nii.gz")
