@@ -160,8 +160,7 @@ def coordinate(grid: Grid, cfg: MedfedConfig) -> RunResult:
     torch.save(arrays.to_torch_state_dict(), model_path)
     history.save(run_dir / "history.json")
     plot_history(history, run_dir / "rounds.png")
-    tracker.log_artifact(model_path, "model")
-    for name in ("history.json", "rounds.png"):
+    for name in ("global_model.pt", "history.json", "rounds.png"):
         tracker.log_artifact(run_dir / name)
     version = _register_best(tracker, cfg, run_dir)
     tracker.finish(ok=True)
