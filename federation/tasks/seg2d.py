@@ -24,16 +24,20 @@ from federation.tasks.base import (
     split_patients,
     windowed,
 )
-from federation.tasks.metrics import dice
+from federation.tasks.segmentation import (
+    HeldOutVolume,
+    SegmentationLoss,
+    check_segmentation_model,
+    dice_on_grid,
+    mask_on_grid,
+)
 
 __all__ = [
     "TASK",
     "EvalOutcome",
     "Seg2D",
-    "SegmentationLoss",
     "SiteDataset",
     "TrainOutcome",
-    "check_segmentation_model",
     "device",
     "evaluate",
     "infer",
@@ -49,7 +53,7 @@ class SiteDataset:
 
     train_images: torch.Tensor  # (N, 1, S, S) in [0, 1]
     train_masks: torch.Tensor  # (N, 1, S, S) in {0, 1}
-    val_volumes: list[tuple[torch.Tensor, torch.Tensor]]  # per held-out series
+    val_volumes: list[HeldOutVolume]  # per held-out series
 
     @property
     def num_train(self) -> int:
@@ -59,17 +63,22 @@ class SiteDataset:
     @property
     def num_val(self) -> int:
         """Held-out slices."""
-        return sum(int(x.shape[0]) for x, _ in self.val_volumes)
+        return sum(int(v.image.shape[0]) for v in self.val_volumes)
 
 
-def _to_slices(volume: TaskVolume, cfg: TaskConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _slices(volume: TaskVolume, cfg: TaskConfig) -> torch.Tensor:
+    """The series' windowed slices (N, 1, S, S), resized to the training grid."""
     image = windowed(volume, cfg).unsqueeze(1)
-    assert volume.label is not None
-    mask = torch.from_numpy(volume.label).float().unsqueeze(1)
     size = (cfg.image_size, cfg.image_size)
-    image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
-    mask = F.interpolate(mask, size=size, mode="nearest")
-    return image, mask
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _labelled(volume: TaskVolume, cfg: TaskConfig) -> HeldOutVolume:
+    if volume.label is None:
+        raise ValueError(f"series {volume.series_uid} has no mask label; seg2d needs one")
+    mask = torch.from_numpy(np.asarray(volume.label, dtype=np.float32)).unsqueeze(1)
+    mask = F.interpolate(mask, size=(cfg.image_size, cfg.image_size), mode="nearest")
+    return HeldOutVolume(_slices(volume, cfg), mask, np.asarray(volume.label, dtype=np.uint8))
 
 
 def prepare(volumes: Sequence[TaskVolume], cfg: TaskConfig, *, seed: int) -> SiteDataset:
@@ -87,41 +96,19 @@ def prepare(volumes: Sequence[TaskVolume], cfg: TaskConfig, *, seed: int) -> Sit
     held_out = split_patients(patients, cfg.val_fraction, seed=seed)
     train_x, train_y, val = [], [], []
     for volume in volumes:
-        image, mask = _to_slices(volume, cfg)
+        labelled = _labelled(volume, cfg)
         if volume.patient_key in held_out:
-            val.append((image, mask))
+            val.append(labelled)
         else:
-            train_x.append(image)
-            train_y.append(mask)
+            train_x.append(labelled.image)
+            train_y.append(labelled.mask)
     return SiteDataset(torch.cat(train_x), torch.cat(train_y), val)
 
 
 def prepare_holdout(volumes: Sequence[TaskVolume], cfg: TaskConfig) -> SiteDataset:
     """All labelled volumes as held-out data: the coordinator's own evaluation set."""
     empty = torch.zeros(0, 1, cfg.image_size, cfg.image_size)
-    return SiteDataset(empty, empty.clone(), [_to_slices(v, cfg) for v in volumes])
-
-
-class SegmentationLoss(nn.Module):
-    """Soft Dice + binary cross-entropy, per sample.
-
-    `reduction` is "mean" (a scalar) or "none" (one loss per sample), as Opacus's
-    ghost clipping switches it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        from monai.losses import DiceLoss
-
-        self.reduction = "mean"
-        self.dice = DiceLoss(sigmoid=True, reduction="none")
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Loss of a batch of logits against binary masks."""
-        dice = self.dice(logits, target).flatten(1).mean(1)
-        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        per_sample = dice + bce.flatten(1).mean(1)
-        return per_sample if self.reduction == "none" else per_sample.mean()
+    return SiteDataset(empty, empty.clone(), [_labelled(v, cfg) for v in volumes])
 
 
 def train(
@@ -146,21 +133,23 @@ def train(
     )
 
 
+def _logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    dev = device()
+    return torch.cat(
+        [model(images[i : i + batch_size].to(dev)).cpu() for i in range(0, len(images), batch_size)]
+    )
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: SiteDataset, *, batch_size: int = 32) -> EvalOutcome:
-    """Loss per slice and Dice per held-out volume (slice predictions stacked)."""
+    """Loss per slice on the training grid; Dice per held-out volume on the series' grid."""
     loss_fn = SegmentationLoss()
-    dev = device()
-    model.to(dev).eval()
+    model.to(device()).eval()
     losses, dices = [], []
-    for images, masks in data.val_volumes:
-        images, masks = images.to(dev), masks.to(dev)
-        preds = []
-        for start in range(0, len(images), batch_size):
-            logits = model(images[start : start + batch_size])
-            losses.append(float(loss_fn(logits, masks[start : start + batch_size])) * len(logits))
-            preds.append(logits > 0)
-        dices.append(dice(torch.cat(preds).cpu().numpy(), masks.cpu().numpy()))
+    for held in data.val_volumes:
+        logits = _logits(model, held.image, batch_size)
+        losses.append(float(loss_fn(logits, held.mask)) * len(logits))
+        dices.append(dice_on_grid(logits, held.label))
     model.to("cpu").train()
     return EvalOutcome(
         loss=sum(losses) / max(data.num_val, 1),
@@ -174,18 +163,9 @@ def infer(
     model: nn.Module, volume: TaskVolume, cfg: TaskConfig, *, batch_size: int = 32
 ) -> Prediction:
     """The lesion mask of a new series: slices resized as in training, back to its grid."""
-    rows, cols = volume.hu.shape[1:]
-    image = windowed(volume, cfg).unsqueeze(1)
-    size = (cfg.image_size, cfg.image_size)
-    image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
-    dev = device()
-    model.to(dev).eval()
-    logits = torch.cat(
-        [model(image[i : i + batch_size].to(dev)).cpu() for i in range(0, len(image), batch_size)]
-    )
-    # Back on the series' grid before thresholding: smoother than resizing the mask.
-    logits = F.interpolate(logits, size=(rows, cols), mode="bilinear", align_corners=False)
-    return Prediction(mask=(logits[:, 0] > 0).numpy().astype(np.uint8))
+    model.to(device()).eval()
+    logits = _logits(model, _slices(volume, cfg), batch_size)
+    return Prediction(mask=mask_on_grid(logits, tuple(volume.hu.shape)))
 
 
 class Seg2D:
@@ -209,26 +189,6 @@ class Seg2D:
     train = staticmethod(train)
     evaluate = staticmethod(evaluate)
     infer = staticmethod(infer)
-
-
-def check_segmentation_model(model: ModelConfig, *, spatial_dims: int, task: str) -> None:
-    """Reject a model that cannot segment this task's binary masks.
-
-    Raises:
-        ValueError: Not a U-Net of `spatial_dims` with one input and one output channel.
-    """
-    if model.name != "unet" or model.spatial_dims != spatial_dims:
-        raise ValueError(
-            f"task {task!r} needs a {spatial_dims}D U-Net, but model.name={model.name!r} with "
-            f"model.spatial_dims={model.spatial_dims}; drop the model override or choose "
-            f"model=unet{spatial_dims}d."
-        )
-    if model.in_channels != 1 or model.out_channels != 1:
-        raise ValueError(
-            f"task {task!r} segments one CT channel into one binary mask: set "
-            f"model.in_channels=1 and model.out_channels=1 (got {model.in_channels} and "
-            f"{model.out_channels})."
-        )
 
 
 TASK = Seg2D()

@@ -26,8 +26,13 @@ from federation.tasks.base import (
     task_params,
     windowed,
 )
-from federation.tasks.metrics import dice
-from federation.tasks.seg2d import SegmentationLoss, check_segmentation_model
+from federation.tasks.segmentation import (
+    HeldOutVolume,
+    SegmentationLoss,
+    check_segmentation_model,
+    dice_on_grid,
+    mask_on_grid,
+)
 
 __all__ = ["TASK", "PatchDataset", "Seg3D", "Seg3DParams", "Seg3DSite"]
 
@@ -56,7 +61,7 @@ class Seg3DSite:
     """A site's volumes, resampled to one grid and split by patient."""
 
     train: list[tuple[torch.Tensor, torch.Tensor]]  # (1, D, S, S) image and mask
-    val: list[tuple[torch.Tensor, torch.Tensor]]
+    val: list[HeldOutVolume]
     params: Seg3DParams
 
     @property
@@ -102,15 +107,36 @@ class PatchDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return torch.as_tensor(image_patch), torch.as_tensor(mask_patch)
 
 
-def _grid(volume: TaskVolume, cfg: TaskConfig, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if volume.label is None:
-        raise ValueError(f"series {volume.series_uid} has no mask label; seg3d needs one")
+def _resampled(volume: TaskVolume, cfg: TaskConfig, depth: int) -> torch.Tensor:
+    """The windowed volume (1, 1, D, S, S) on the training grid."""
     image = windowed(volume, cfg)[None, None]
     size = (depth, cfg.image_size, cfg.image_size)
-    image = F.interpolate(image, size=size, mode="trilinear", align_corners=False)
-    mask = torch.from_numpy(np.asarray(volume.label, dtype=np.float32))[None, None]
-    mask = F.interpolate(mask, size=size, mode="nearest")
-    return image[0], mask[0]
+    return F.interpolate(image, size=size, mode="trilinear", align_corners=False)
+
+
+def _labelled(volume: TaskVolume, cfg: TaskConfig, depth: int) -> HeldOutVolume:
+    """Image and mask (1, D, S, S) on the training grid, and the label on the series' grid."""
+    if volume.label is None:
+        raise ValueError(f"series {volume.series_uid} has no mask label; seg3d needs one")
+    label = np.asarray(volume.label, dtype=np.uint8)
+    mask = torch.from_numpy(label.astype(np.float32))[None, None]
+    mask = F.interpolate(mask, size=(depth, cfg.image_size, cfg.image_size), mode="nearest")
+    return HeldOutVolume(_resampled(volume, cfg, depth)[0], mask[0], label)
+
+
+def _window_logits(model: nn.Module, image: torch.Tensor, p: Seg3DParams) -> torch.Tensor:
+    """Sliding-window logits (1, 1, D, S, S) of one resampled volume."""
+    from monai.inferers import sliding_window_inference
+
+    logits = sliding_window_inference(
+        image.to(device()),
+        roi_size=tuple(p.patch_size),
+        sw_batch_size=4,
+        predictor=model,
+        overlap=p.overlap,
+    )
+    assert isinstance(logits, torch.Tensor)
+    return logits.cpu()
 
 
 class Seg3D:
@@ -160,15 +186,19 @@ class Seg3D:
             )
         held_out = split_patients(patients, cfg.val_fraction, seed=seed)
         train: list[tuple[torch.Tensor, torch.Tensor]] = []
-        val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        val: list[HeldOutVolume] = []
         for volume in volumes:
-            (val if volume.patient_key in held_out else train).append(_grid(volume, cfg, p.depth))
+            labelled = _labelled(volume, cfg, p.depth)
+            if volume.patient_key in held_out:
+                val.append(labelled)
+            else:
+                train.append((labelled.image, labelled.mask))
         return Seg3DSite(train, val, p)
 
     def prepare_holdout(self, volumes: Sequence[TaskVolume], cfg: TaskConfig) -> Seg3DSite:
         """All labelled volumes as held-out data."""
         p = task_params(cfg, Seg3DParams)
-        return Seg3DSite([], [_grid(v, cfg, p.depth) for v in volumes], p)
+        return Seg3DSite([], [_labelled(v, cfg, p.depth) for v in volumes], p)
 
     def train(
         self,
@@ -196,25 +226,14 @@ class Seg3D:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: Any) -> EvalOutcome:
-        """Loss and Dice per held-out volume, predicted by sliding-window inference."""
-        from monai.inferers import sliding_window_inference
-
+        """Loss on the training grid and Dice on the series' grid, per held-out volume."""
         loss_fn = SegmentationLoss()
-        dev = device()
-        model.to(dev).eval()
+        model.to(device()).eval()
         losses, dices = [], []
-        for image, mask in data.val:
-            logits = sliding_window_inference(
-                image[None].to(dev),
-                roi_size=tuple(data.params.patch_size),
-                sw_batch_size=4,
-                predictor=model,
-                overlap=data.params.overlap,
-            )
-            assert isinstance(logits, torch.Tensor)
-            target = mask[None].to(dev)
-            losses.append(float(loss_fn(logits, target)))
-            dices.append(dice((logits > 0).cpu().numpy(), target.cpu().numpy()))
+        for held in data.val:
+            logits = _window_logits(model, held.image[None], data.params)
+            losses.append(float(loss_fn(logits, held.mask[None])))
+            dices.append(dice_on_grid(logits, held.label))
         model.to("cpu").train()
         return EvalOutcome(
             loss=float(np.mean(losses)) if losses else float("nan"),
@@ -225,31 +244,10 @@ class Seg3D:
     @torch.no_grad()
     def infer(self, model: nn.Module, volume: TaskVolume, cfg: TaskConfig) -> Prediction:
         """The lesion mask of a new series: on the training grid by sliding window, back."""
-        from monai.inferers import sliding_window_inference
-
         p = task_params(cfg, Seg3DParams)
-        image = windowed(volume, cfg)[None, None]
-        image = F.interpolate(
-            image,
-            size=(p.depth, cfg.image_size, cfg.image_size),
-            mode="trilinear",
-            align_corners=False,
-        )
-        dev = device()
-        model.to(dev).eval()
-        logits = sliding_window_inference(
-            image.to(dev),
-            roi_size=tuple(p.patch_size),
-            sw_batch_size=4,
-            predictor=model,
-            overlap=p.overlap,
-        )
-        assert isinstance(logits, torch.Tensor)
-        # Back on the series' grid before thresholding: smoother than resizing the mask.
-        logits = F.interpolate(
-            logits.cpu(), size=volume.hu.shape, mode="trilinear", align_corners=False
-        )
-        return Prediction(mask=(logits[0, 0] > 0).numpy().astype(np.uint8))
+        model.to(device()).eval()
+        logits = _window_logits(model, _resampled(volume, cfg, p.depth), p)
+        return Prediction(mask=mask_on_grid(logits, tuple(volume.hu.shape)))
 
 
 TASK = Seg3D()

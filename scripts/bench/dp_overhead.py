@@ -39,7 +39,7 @@ def worker(mode: str, *, batch: int, size: int, steps: int, warmup: int) -> dict
     from federation.config import ModelConfig, PrivacyConfig
     from federation.models import build_model
     from federation.privacy import make_private
-    from federation.tasks.seg2d import SegmentationLoss
+    from federation.tasks.segmentation import SegmentationLoss
 
     warnings.simplefilter("ignore")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

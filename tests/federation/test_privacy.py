@@ -78,7 +78,7 @@ def test_empty_poisson_batches_still_take_a_noisy_counted_step(mode):
     from federation.config import ModelConfig, PrivacyConfig
     from federation.models import build_model
     from federation.privacy import make_private
-    from federation.tasks.seg2d import SegmentationLoss
+    from federation.tasks.segmentation import SegmentationLoss
 
     model = build_model(ModelConfig(), seed=0)
     x = torch.rand(4, 1, 32, 32)

@@ -20,6 +20,7 @@ from federation.models import build_model
 from federation.tasks import available_tasks, get_task
 from federation.tasks.base import Task
 from federation.tasks.classify import WeightedCrossEntropy
+from federation.tasks.metrics import dice
 from server.loop import site_config
 from tests.conftest import SEED
 
@@ -180,3 +181,29 @@ def test_each_task_trains_under_dp_and_evaluates_its_metrics(labelled_consortium
     assert set(result.metrics) == set(task.metrics)
     assert all(np.isfinite(v) and 0 <= v <= 1 for v in result.metrics.values())
     assert result.num_examples == data.num_val > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "small"),
+    [
+        ("seg2d", []),
+        ("seg3d", ["task.params.depth=8", "task.params.patch_size=[8,16,16]"]),
+    ],
+)
+def test_the_dice_a_run_reports_is_the_dice_of_the_masks_a_site_writes(consortium, name, small):
+    """Evaluation scores on each series' own grid, as its SEG is judged in the clinic."""
+    root, _ = consortium
+    cfg = compose_config([f"task={name}", "task.image_size=16", "task.local_epochs=1", *small])
+    task = get_task(name)
+    volumes, _ = load_labelled_volumes(root / "site-1")
+    assert volumes[0].hu.shape[1] > 16  # the training grid is coarser than the series
+    model = build_model(cfg.model, seed=0)
+    task.train(model, task.prepare(volumes, cfg.task, seed=0), cfg.task, PrivacyConfig(), seed=0)
+    reported = task.evaluate(model, task.prepare_holdout(volumes, cfg.task)).metrics["dice"]
+    written = []
+    for volume in volumes:
+        mask = task.infer(model, volume, cfg.task).mask
+        assert mask is not None and mask.shape == volume.hu.shape
+        written.append(dice(mask, volume.label))
+    assert 0 < reported < 1
+    assert reported == pytest.approx(float(np.mean(written)), abs=1e-12)
