@@ -199,6 +199,18 @@ def render_secagg(r: dict[str, Any]) -> str:
     )
 
 
+def render_predict(r: dict[str, Any]) -> str:
+    rows = [[stage, share] for stage, share in r["shares"].items()]
+    memory = ", ".join(f"{n} series {mb:.0f} MB" for n, mb in r["peak_rss_mb"].items())
+    return (
+        f"`medfed site predict` on {r['series']} series x {r['slices_per_series']} slices "
+        f"(seg2d U-Net), stored to {r['stored_to']}: {_fmt(r['series_per_second'])} series/s, "
+        f"{_fmt(r['ms_per_slice'])} ms/slice.\n\n"
+        + _table(["stage", "share of the total"], rows)
+        + f"\n\nPeak RSS: {memory} (x{_fmt(r['memory_ratio_4x_series'])} for 4x the series)."
+    )
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """A script of this folder, its arguments per mode and how its result reads."""
@@ -230,6 +242,7 @@ BENCHMARKS = {
     "prepare_speed": Benchmark("prepare_speed.py", ["--quick"], render_prepare_speed),
     "secagg": Benchmark("secagg.py", ["--quick"], render_secagg),
     "deploy_rounds": Benchmark("deploy_rounds.py", ["--quick"], render_deploy_rounds),
+    "predict": Benchmark("predict.py", ["--quick"], render_predict),
 }
 
 
@@ -290,8 +303,9 @@ def render(results: dict[str, Any], info: dict[str, Any], quick: bool) -> str:
             "Quick (smoke) mode: small data, few rounds; not the figures to quote." if quick else ""
         ),
         "",
-        f"Measured {info['date']} on {info['cpu']}, {info['cores']} cores, "
-        f"{info['memory_gib']} GiB, GPU: {gpu}; Python {info['python']}, torch {info['torch']}.",
+        f"Last run {info['date']} on {info['cpu']}, {info['cores']} cores, "
+        f"{info['memory_gib']} GiB, GPU: {gpu}; Python {info['python']}, torch {info['torch']}. "
+        "Each section names the day and CPU it was measured on.",
     ]
     for name, entry in results.items():
         parts += ["", f"## {name}", ""]
@@ -301,17 +315,27 @@ def render(results: dict[str, Any], info: dict[str, Any], quick: bool) -> str:
         parts.append(BENCHMARKS[name].render(entry["result"]))
         if entry["plot"]:
             parts += ["", f"![{name}]({name}.png)"]
-        parts += ["", f"({entry['seconds']:.0f} s)"]
+        where = entry.get("machine") or info
+        parts += ["", f"({entry['seconds']:.0f} s; {where['date']} on {where['cpu']})"]
     return "\n".join(parts) + "\n"
 
 
 def _earlier_results(path: Path, *, quick: bool) -> dict[str, Any]:
-    """Results of an earlier run in the same mode (kept when `--only` reruns a few)."""
+    """Results of an earlier run in the same mode (kept when `--only` reruns a few).
+
+    Each keeps the machine it was measured on.
+    """
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return dict(earlier["results"]) if earlier.get("quick") == quick else {}
+    if earlier.get("quick") != quick:
+        return {}
+    results = dict(earlier["results"])
+    if "machine" in earlier:
+        for entry in results.values():
+            entry.setdefault("machine", earlier["machine"])
+    return results
 
 
 def main() -> int:
@@ -325,7 +349,7 @@ def main() -> int:
     info = machine()
     results = _earlier_results(docs / "benchmarks.json", quick=args.quick) if args.only else {}
     for name in args.only or BENCHMARKS:
-        results[name] = run_one(name, quick=args.quick, docs=docs)
+        results[name] = {**run_one(name, quick=args.quick, docs=docs), "machine": info}
     results = {name: results[name] for name in BENCHMARKS if name in results}
     (docs / "benchmarks.json").write_text(
         json.dumps({"machine": info, "quick": args.quick, "results": results}, indent=2)

@@ -43,7 +43,8 @@ def test_site_dataset_is_split_by_patient(consortium, tmp_path):
     assert set(data.train_masks.unique().tolist()) <= {0.0, 1.0}
     held_out = len(data.val_volumes)
     assert held_out == round(0.34 * profiles[2].patients)
-    assert data.num_train + data.num_val == profiles[2].patients * data.val_volumes[0].image.shape[0]
+    slices = data.val_volumes[0].image.shape[0]
+    assert data.num_train + data.num_val == profiles[2].patients * slices
 
 
 def test_site_identity_from_node_config_and_simulation(tmp_path):

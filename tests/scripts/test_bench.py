@@ -56,6 +56,7 @@ def test_suite_quick_runs_a_benchmark_keeps_earlier_results_and_writes_the_docs(
     assert result["ok"] == ["prepare_speed"]
     saved = json.loads((tmp_path / "benchmarks.json").read_text())
     assert saved["results"]["communication"] == earlier["communication"]
+    assert saved["results"]["prepare_speed"]["machine"] == saved["machine"]  # where it ran
     result = saved["results"]["prepare_speed"]["result"]
     measured = {"bytes", "naive", "monai", "cold", "warm"}
     if result["cold_over_bytes_disk"] is not None:  # where the page cache could be dropped
@@ -103,3 +104,16 @@ def test_overhead_quick_measures_medfed_and_plain_flower_in_both_engines(tmp_pat
     assert result["medfed_at_most_plain"] == all(
         r["medfed"]["overhead_share"] <= r["plain_flower"]["overhead_share"] for r in result["rows"]
     )
+
+
+def test_predict_quick_gives_speed_stage_shares_and_flat_memory():
+    result = bench("predict.py", "--quick")
+    assert result["benchmark"] == "predict" and result["series"] == 8
+    assert result["series_per_second"] > 0 and result["ms_per_slice"] > 0
+    assert set(result["shares"]) == {"decode", "model", "encode", "store"}
+    assert sum(result["shares"].values()) == pytest.approx(1.0)
+    assert result["model_share"] == result["shares"]["model"]
+    assert result["stored_to"] == "orthanc-dicomweb"  # CI installs Orthanc
+    assert result["shares"]["store"] > 0
+    # streaming: 4x the series costs far less than 4x the memory
+    assert result["memory_ratio_4x_series"] < 1.5
