@@ -19,7 +19,7 @@ import torch
 from federation import __version__
 from federation.modelpack import PACKAGE_FILE, ModelPackage
 
-__all__ = ["MedfedModel", "save_mlflow_model"]
+__all__ = ["MedfedModel", "save_mlflow_model", "signature"]
 
 
 class MedfedModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
@@ -31,7 +31,7 @@ class MedfedModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
         self.network = self.package.build()
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
-        """Probabilities for a batch of preprocessed arrays."""
+        """Probabilities for a batch of preprocessed arrays (N, channels, ...)."""
         batch = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.no_grad():
             logits = self.network(batch)
@@ -40,12 +40,36 @@ class MedfedModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
         return torch.softmax(logits, dim=1).numpy()
 
 
+def signature(package: ModelPackage) -> Any:
+    """The model's input and output tensors: float32, any batch and spatial size.
+
+    Segmentation returns a map per pixel (N, out_channels, ...), classification one
+    probability per class (N, classes).
+    """
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from federation.tasks import get_task
+
+    model = package.model
+    spatial = (-1,) * model.spatial_dims
+    out: tuple[int, ...] = (-1, model.out_channels)
+    if get_task(package.task.name).segment is not None:
+        out += spatial
+    f32 = np.dtype(np.float32)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(f32, (-1, model.in_channels, *spatial))]),
+        outputs=Schema([TensorSpec(f32, out)]),
+    )
+
+
 def save_mlflow_model(package: Path, folder: Path) -> Path:
     """Write the MLflow model of `package` into `folder` (which must not exist)."""
     mlflow.pyfunc.save_model(
         path=str(folder),
         python_model=MedfedModel(),
         artifacts={"package": str(package)},
+        signature=signature(ModelPackage.load(package)),
         pip_requirements=[f"medfed=={__version__}"],
     )
     return folder / "artifacts" / PACKAGE_FILE

@@ -200,6 +200,7 @@ def _check_registered_model(client, tmp_path, version, checkpoint, holdout):
 
     mlflow.set_tracking_uri(uri)
     served = mlflow.pyfunc.load_model(f"models:/medfed-seg2d/{version}")
+    assert served.metadata.get_input_schema().inputs[0].shape == (-1, 1, -1, -1)
     probabilities = served.predict(np.zeros((2, 1, 32, 32), dtype=np.float32))
     assert probabilities.shape == (2, 1, 32, 32)
     assert ((0 <= probabilities) & (probabilities <= 1)).all()
