@@ -37,7 +37,7 @@ from federation.config import (
 from federation.errors import SiteRefusal
 from federation.ledger import BudgetExceeded, LedgerEntry, Mechanism
 from federation.logs import context_logger, setup_logging
-from federation.models import build_model, norm_state_keys, split_norm_state
+from federation.models import build_model, norm_state_keys, split_norm_state, weights_sha256
 from federation.privacy import MechanismStep, PrivacyHistory, calibrate_noise, plan_round
 from federation.tasks import get_task
 
@@ -90,7 +90,15 @@ class SiteRound:
         self.site_seed = self.seed + 1009 * self.round + zlib.crc32(self.site.name.encode())
         self.task = get_task(self.task_cfg.name)
         torch.set_num_threads(torch_threads(float(self.flat.get(keys.CPUS_PER_SITE, 1))))
-        self.prepared = load_site_dataset(self.site, self.task, self.task_cfg, seed=self.seed)
+        # rounds=0: an evaluation-only run (`medfed evaluate`); nothing trains.
+        self.evaluation_only = int(self.flat.get(keys.ROUNDS, 1)) == 0
+        self.prepared = load_site_dataset(
+            self.site,
+            self.task,
+            self.task_cfg,
+            seed=self.seed,
+            all_data=bool(self.flat.get(keys.ALL_DATA, False)),
+        )
         self.state = SiteState(self.site.state_dir, self.site.name)
         # The code this run executes here, as the SuperNode admitted it (client.apptrust).
         self.app = running_app(self.site.state_dir, msg.metadata.run_id)
@@ -203,17 +211,49 @@ def _govern(job: SiteRound) -> None:
     if problems := policy.violations(request):
         raise SiteRefusal(job.site.name, f"site policy: {'; '.join(problems)}")
     if policy.require_plan_approval:
-        plans = job.state.plans
-        plan = job.plan
-        status = plans.status(plan)
-        if status != "approved":
-            plans.request(job.flat, run=job.run, app=job.app)
-            raise SiteRefusal(
-                job.site.name,
-                f"training plan {plan} is not approved at this site ({status}); the site "
-                f"reviews it with `medfed site plans show {plan} --state DIR` and approves "
-                f"it with `medfed site plans approve {plan} --by NAME`",
-            )
+        _require_approved(job, job.flat, "training plan")
+
+
+def _require_approved(job: SiteRound, flat: dict[str, Any], what: str) -> None:
+    """Go on only if the plan of `flat` is approved; else keep it pending for review.
+
+    Raises:
+        SiteRefusal: The plan is not approved (its hash named).
+    """
+    plans = job.state.plans
+    plan = plan_hash(flat, app=job.app)
+    status = plans.status(plan)
+    if status != "approved":
+        plans.request(flat, run=job.run, app=job.app)
+        raise SiteRefusal(
+            job.site.name,
+            f"{what} {plan} is not approved at this site ({status}); the site "
+            f"reviews it with `medfed site plans show {plan} --state DIR` and approves "
+            f"it with `medfed site plans approve {plan} --by NAME`",
+        )
+
+
+def _govern_evaluation(job: SiteRound) -> None:
+    """Release metrics only on enough examples, and of an approved model if required.
+
+    In an evaluation-only run the plan names the model and the digest of the weights
+    received, so approving it approves those weights and no others.
+
+    Raises:
+        SiteRefusal: Too few examples, or the evaluation plan is not approved.
+    """
+    policy = job.state.governance()
+    available = int(job.prepared.data.num_val)
+    if policy.min_eval_examples is not None and available < policy.min_eval_examples:
+        raise SiteRefusal(
+            job.site.name,
+            f"site policy: {available} evaluation examples, under the site's "
+            f"min_eval_examples={policy.min_eval_examples}; no metrics are released",
+        )
+    if job.evaluation_only and policy.require_evaluation_approval:
+        digest = weights_sha256(job.received.to_torch_state_dict())
+        flat = {**job.flat, keys.WEIGHTS_SHA256: digest}
+        _require_approved(job, flat, f"evaluation of model {job.model_cfg.init} ({digest[:12]})")
 
 
 def _refuse(msg: Message, err: SiteRefusal, action: str) -> Message:
@@ -342,6 +382,7 @@ def create_client_app(
     def evaluate(msg: Message, context: Context) -> Message:
         try:
             job = SiteRound(msg, context, resolve)
+            _govern_evaluation(job)
         except SiteRefusal as err:
             return _refuse(msg, err, "evaluate")
         outcome = job.task.evaluate(job.model, job.prepared.data)

@@ -84,6 +84,12 @@ class GovernancePolicy:
         min_noise_multiplier: Lowest DP-SGD noise multiplier; requires DP-SGD.
         max_epsilon_per_run: Most epsilon one run may spend; requires DP-SGD.
         allowed_accountants: Privacy accountants the site accepts.
+        require_evaluation_approval: Evaluate a model in an evaluation-only run
+            (`medfed evaluate`) only on an approved plan, which names the model and the
+            digest of its weights.
+        min_eval_examples: Fewest held-out examples the site releases metrics on.
+        allow_model_sharing: The site's own model (FedBN layers, personalised) may be
+            sent to the other sites for cross-site validation.
     """
 
     require_plan_approval: bool = False
@@ -93,6 +99,9 @@ class GovernancePolicy:
     min_noise_multiplier: float | None = None
     max_epsilon_per_run: float | None = None
     allowed_accountants: tuple[str, ...] | None = None
+    require_evaluation_approval: bool = False
+    min_eval_examples: int | None = None
+    allow_model_sharing: bool = False
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "policy") -> GovernancePolicy:
@@ -115,6 +124,9 @@ class GovernancePolicy:
                 min_noise_multiplier=_opt(float, raw.get("min_noise_multiplier")),
                 max_epsilon_per_run=_opt(float, raw.get("max_epsilon_per_run")),
                 allowed_accountants=_names(raw.get("allowed_accountants")),
+                require_evaluation_approval=bool(raw.get("require_evaluation_approval", False)),
+                min_eval_examples=_opt(int, raw.get("min_eval_examples")),
+                allow_model_sharing=bool(raw.get("allow_model_sharing", False)),
             )
         except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: invalid governance policy: {err}") from err
@@ -122,8 +134,10 @@ class GovernancePolicy:
             value = getattr(policy, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{source}: governance.{name}={value} must be > 0")
-        if policy.min_dataset_size is not None and policy.min_dataset_size < 0:
-            raise ValueError(f"{source}: governance.min_dataset_size must be >= 0")
+        for name in ("min_dataset_size", "min_eval_examples"):
+            value = getattr(policy, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{source}: governance.{name} must be >= 0")
         return policy
 
     def to_dict(self) -> dict[str, Any]:

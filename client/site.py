@@ -98,9 +98,11 @@ def dataset_fingerprint(sop_uids: list[str]) -> str:
 
 
 def load_site_dataset(
-    site: SiteIdentity, task: Task, cfg: TaskConfig, *, seed: int
+    site: SiteIdentity, task: Task, cfg: TaskConfig, *, seed: int, all_data: bool = False
 ) -> PreparedSite:
     """Read, check and prepare the site's DICOM for the task (cached per process).
+
+    With `all_data`, every labelled series is held out (evaluation only, nothing trains).
 
     Volumes come from the data pipeline, whose content-hash cache lives in the site's
     state folder: a second run (or process) only reads what changed.
@@ -110,12 +112,15 @@ def load_site_dataset(
             is not de-identified while the site's data policy requires it.
 
     """
-    key = (str(site.data_path), repr(cfg), seed)
+    key = (str(site.data_path), repr(cfg), seed, all_data)
     if key in _CACHE:
         return _CACHE[key]
     volumes, report = _site_volumes(site, needs_mask=task.needs_mask)
     try:
-        dataset = task.prepare(volumes, cfg, seed=seed)
+        if all_data:
+            dataset = task.prepare_holdout(volumes, cfg)
+        else:
+            dataset = task.prepare(volumes, cfg, seed=seed)
     except ValueError as err:
         raise SiteDataError(site.name, site.data_path, str(err)) from err
     prepared = PreparedSite(

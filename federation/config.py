@@ -78,6 +78,11 @@ class ModelConfig:
     init_features: int = 16
     growth_rate: int = 8
     block_config: list[int] = field(default_factory=lambda: [2, 2, 2])
+    # Weights of the first global model (`federation.initweights`): models:/NAME/VERSION,
+    # models:/NAME@ALIAS, a run name, a file, or a MONAI bundle folder; null: random.
+    init: str | None = None
+    # Parts trained by no one: parameter-name prefixes or globs, or `encoder`.
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -246,6 +251,9 @@ class EvaluationConfig:
     # Metric that picks the best round (server hold-out when set, else federated);
     # null: the task's primary metric (dice for segmentation, auroc for classification).
     select_metric: str | None = None
+    # Sites evaluate on all their labelled data, not only their held-out patients (for
+    # evaluation-only runs of a model none of them trained: `medfed evaluate --all-data`).
+    all_data: bool = False
 
 
 @dataclass
@@ -272,8 +280,16 @@ class MedfedConfig:
 
         Each section checks itself; what spans sections is checked here.
         """
-        if self.rounds < 1:
-            raise ValueError(f"rounds={self.rounds}: a run needs at least one round.")
+        if self.rounds < 0 or (self.rounds == 0 and not self.model.init):
+            raise ValueError(
+                f"rounds={self.rounds}: a run needs at least one round; rounds=0 only "
+                "evaluates the model that model.init names (medfed evaluate --model ...)."
+            )
+        if self.evaluation.all_data and self.rounds > 0:
+            raise ValueError(
+                "evaluation.all_data=true evaluates on the data the sites train on; it is "
+                "for evaluation-only runs (rounds=0, medfed evaluate --all-data)."
+            )
         for section in (self.federation, self.privacy, self.strategy, self.task):
             section.validate()
         fed = self.federation

@@ -18,6 +18,10 @@ UPDATE_ENCODING = "update-encoding"  # how the site encodes its update
 LOCAL_NORM = "local-norm"  # FedBN: the site keeps its normalisation layers
 # Secure aggregation protocol of the run ("secaggplus"), absent without one.
 SECURE_AGGREGATION = "secure-aggregation"
+# Evaluation-only runs: sites evaluate on all their labelled data (absent: held-out only).
+ALL_DATA = "evaluation.all_data"
+# Evaluation-only runs: digest of the weights to evaluate, part of the plan a site approves.
+WEIGHTS_SHA256 = "weights-sha256"
 # Under SecAgg+ (legacy FitIns, scalar values only) the site config travels as JSON here.
 SITE_CONFIG_JSON = "medfed-site-config"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 from collections.abc import Callable
 
 import torch
@@ -9,7 +11,13 @@ from torch import nn
 
 from federation.config import ModelConfig
 
-__all__ = ["build_model", "norm_state_keys", "split_norm_state"]
+__all__ = [
+    "build_model",
+    "frozen_names",
+    "norm_state_keys",
+    "split_norm_state",
+    "weights_sha256",
+]
 
 _NORMS = {"instance": "instance", "group": "group", "batch": "batch"}
 _NORM_TYPES = (
@@ -68,7 +76,52 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None) -> nn.Module:
     errors = ModuleValidator.validate(net, strict=False)
     if errors:
         raise ValueError(f"model is not DP-compatible after fix-ups: {errors}")
+    frozen = frozen_names(net, cfg)
+    for name, param in net.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
     return net
+
+
+def frozen_names(net: nn.Module, cfg: ModelConfig) -> frozenset[str]:
+    """Parameters `model.freeze` names: prefixes (`model.0`), globs (`*.adn.*`), `encoder`.
+
+    Frozen parameters get no gradient, so DP-SGD computes no per-sample gradients for them.
+
+    Raises:
+        ValueError: A pattern matches no parameter (the network's top-level parts named).
+    """
+    names = [n for n, _ in net.named_parameters()]
+    found: set[str] = set()
+    for pattern in cfg.freeze:
+        prefixes = _encoder(net, cfg) if pattern == "encoder" else [pattern]
+        matched = {
+            n
+            for n in names
+            for p in prefixes
+            if n == p or n.startswith(p + ".") or fnmatch.fnmatchcase(n, p)
+        }
+        if not matched:
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ValueError(
+                f"model.freeze entry {pattern!r} matches no parameter of model.name="
+                f"{cfg.name!r}; use `encoder`, a parameter-name prefix such as "
+                f"{names[0].rsplit('.', 1)[0]!r}, or a glob (top-level parts: {tops})."
+            )
+        found |= matched
+    return frozenset(found)
+
+
+def _encoder(net: nn.Module, cfg: ModelConfig) -> list[str]:
+    """Module prefixes of the encoder: U-Net down path and bottom, DenseNet features."""
+    if cfg.name == "densenet":
+        return ["features"]
+    prefix, block = "model", net.model
+    parts = []
+    while isinstance(block, nn.Sequential):  # MONAI U-Net: (down, skip(inner), up)
+        parts.append(f"{prefix}.0")
+        prefix, block = f"{prefix}.1.submodule", block[1].submodule
+    return [*parts, prefix]
 
 
 def _unet(cfg: ModelConfig) -> nn.Module:
@@ -127,3 +180,13 @@ def split_norm_state(
     shared = {k: v for k, v in state.items() if k not in norm_keys}
     local = {k: v for k, v in state.items() if k in norm_keys}
     return shared, local
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Digest of a state dict: names, dtypes, shapes and values, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -311,6 +311,9 @@ _GOVERNANCE_FLAGS = (
     "min_noise_multiplier",
     "max_epsilon_per_run",
     "allowed_accountants",
+    "require_evaluation_approval",
+    "min_eval_examples",
+    "allow_model_sharing",
 )
 
 
@@ -325,7 +328,7 @@ def _update_governance(args: argparse.Namespace, path: Path) -> bool:
     current = GovernancePolicy.load(path).to_dict()
     for name, value in given.items():
         # 0 or an empty list removes a limit.
-        if value in (0, []) and name != "require_plan_approval":
+        if value in (0, []) and not isinstance(value, bool):
             current.pop(name, None)
         else:
             current[name] = value
@@ -807,6 +810,21 @@ def _site_governance_parsers(site: Any) -> None:
     )
     policy.add_argument(
         "--allowed-accountants", nargs="*", choices=("rdp", "prv"), help="accepted accountants"
+    )
+    policy.add_argument(
+        "--require-evaluation-approval",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="evaluate a model in an evaluation-only run only on an approved plan",
+    )
+    policy.add_argument(
+        "--min-eval-examples", type=int, help="fewest held-out examples to release metrics on"
+    )
+    policy.add_argument(
+        "--allow-model-sharing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let the site's own model go to the other sites for cross-site validation",
     )
     policy.set_defaults(func=_cmd_site_policy)
     apps = site.add_parser(

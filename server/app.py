@@ -27,7 +27,7 @@ from server.central import COORDINATOR
 from server.checkpoint import CONFIG_FILE, RUN_DIR_TAG, Checkpoint, check_run_dir
 from server.deploy import registered_nodes
 from server.grids import PackingGrid, PollingGrid
-from server.loop import BEST_MODEL_FILE, RoundLoop, RunHistory
+from server.loop import BEST_MODEL_FILE, INIT_TAG, RoundLoop, RunHistory
 from server.members import MemberGrid
 from server.quality import collect_quality
 from server.report import RunResult, plot_history
@@ -98,7 +98,7 @@ def _register_best(tracker: RunTracker, cfg: MedfedConfig, run_dir: Path) -> str
     if name == "":
         return None
     spend = latest_entries(run_dir / "ledger")
-    datasets = RunHistory.from_dict(checkpoint.history).datasets
+    history = RunHistory.from_dict(checkpoint.history)
     tags = {
         "medfed.run_name": str(cfg.run_name),
         "medfed.config_sha256": config_sha256(cfg),
@@ -107,7 +107,8 @@ def _register_best(tracker: RunTracker, cfg: MedfedConfig, run_dir: Path) -> str
         "medfed.privacy": cfg.privacy.mode,
         "medfed.best_round": str(checkpoint.best_round),
         f"medfed.best_{select_metric(cfg)}": f"{checkpoint.best_value:.6f}",
-        **{f"medfed.site.{site}.dataset": d for site, d in datasets.items()},
+        **({INIT_TAG: history.started_from} if history.started_from else {}),
+        **{f"medfed.site.{site}.dataset": d for site, d in history.datasets.items()},
         **{f"medfed.site.{site}.epsilon": f"{e.epsilon:.6f}" for site, e in spend.items()},
     }
     model_dir = run_dir / "mlflow-model"

@@ -16,10 +16,11 @@ from flwr.serverapp import Grid
 from federation import keys
 from federation.compose import select_metric
 from federation.config import MedfedConfig, flatten, resolve_path
+from federation.initweights import check_fits, load_initial_weights
 from federation.logs import context_logger
 from federation.models import build_model, norm_state_keys, split_norm_state
 from federation.tasks import get_task
-from federation.tracking import RunTracker
+from federation.tracking import RunTracker, default_tracking_uri
 from server.central import COORDINATOR, CentralPrivacy
 from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
 from server.grids import MeteredGrid
@@ -32,6 +33,7 @@ from server.training import PlainTraining, TrainingStep
 
 __all__ = [
     "BEST_MODEL_FILE",
+    "INIT_TAG",
     "RoundLoop",
     "RoundRecord",
     "RunHistory",
@@ -41,6 +43,7 @@ __all__ = [
 ]
 
 BEST_MODEL_FILE = "best_model.pt"
+INIT_TAG = "medfed.init"  # MLflow run and model-version tag: the model a run started from
 
 # Clock readings: they make the round's idle share, not metrics of their own.
 _CLOCK_READINGS = frozenset({keys.TRAIN_STARTED, keys.TRAIN_FINISHED})
@@ -111,6 +114,8 @@ class RunHistory:
     datasets: dict[str, str] = field(default_factory=dict)  # site -> dataset fingerprint
     # The task's primary metric, shown in the round table and plot.
     metric: str = keys.DICE
+    # What the first global model was (`model.init`, resolved); None: random weights.
+    started_from: str | None = None
 
     def save(self, path: Path) -> None:
         """Write the history as JSON."""
@@ -126,6 +131,7 @@ class RunHistory:
             rounds,
             raw.get("datasets", {}),
             raw.get("metric", keys.DICE),
+            raw.get("started_from"),
         )
 
     @classmethod
@@ -205,23 +211,38 @@ def _record_ledger(report: RoundReport, ledger_dir: Path, tracker: RunTracker | 
             tracker.log_artifact(path, "ledger")
 
 
-def initial_arrays(cfg: MedfedConfig) -> ArrayRecord:
-    """The round-1 global model: every layer, or all but the norm layers under FedBN.
+def initial_arrays(cfg: MedfedConfig) -> tuple[ArrayRecord, str | None]:
+    """The round-1 global model, and what it started from (`model.init`; None: random).
+
+    Every layer is sent, or all but the norm layers under FedBN; under FedBN the norm
+    layers of `model.init` are left out like the rest's.
 
     Raises:
-        ValueError: FedBN was asked for a model without learnable norm layers.
+        ValueError: FedBN was asked for a model without learnable norm layers, or the
+            `model.init` weights do not fit the model (the layers named).
     """
     model = build_model(cfg.model, seed=cfg.seed)
     state = model.state_dict()
-    if not cfg.strategy.local_norm:
-        return ArrayRecord(state)
-    norm_keys = norm_state_keys(model)
-    if not norm_keys:
+    norm_keys = norm_state_keys(model) if cfg.strategy.local_norm else frozenset()
+    if cfg.strategy.local_norm and not norm_keys:
         raise ValueError(
             "strategy.local_norm keeps normalisation layers at the sites, but the model "
             "has none with parameters; set model.norm_affine=true."
         )
-    return ArrayRecord(split_norm_state(state, norm_keys)[0])
+    source = None
+    if cfg.model.init:
+        init = load_initial_weights(
+            cfg.model.init,
+            tracking_uri=cfg.tracking.uri or default_tracking_uri(),
+            output_dir=resolve_path(cfg.output_dir),
+        )
+        # A FedBN run's package holds no norm layers: those start fresh at each site.
+        given = {k: v for k, v in init.state.items() if k not in norm_keys}
+        expected = split_norm_state(state, norm_keys)[0]
+        check_fits(given, expected, source=f"{cfg.model.init!r} ({init.source})")
+        state = {**state, **given}
+        source = init.source
+    return ArrayRecord(split_norm_state(state, norm_keys)[0]), source
 
 
 def _selected(record: RoundRecord, cfg: MedfedConfig) -> float | None:
@@ -279,8 +300,13 @@ class RoundLoop:
         self.holdout = (
             Holdout(resolve_path(cfg.evaluation.holdout), cfg) if cfg.evaluation.holdout else None
         )
-        self.arrays = initial_arrays(cfg)
-        self.history = RunHistory(run_name, cfg.federation.names(), metric=self.metric)
+        self.arrays, started_from = initial_arrays(cfg)
+        self.history = RunHistory(
+            run_name, cfg.federation.names(), metric=self.metric, started_from=started_from
+        )
+        if started_from is not None:
+            tracker.set_tag(INIT_TAG, started_from)
+            self.log.info("the first global model is %s", started_from)
         self.best_round, self.best_value = -1, float("-inf")
         self.first_round = 1
         if resume_from is not None:
