@@ -150,6 +150,11 @@ class RunTracker:
         """Attach a file to the run."""
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
+        """Attach a table (one dict per row) that the MLflow UI shows as one."""
+        columns = list(rows[0]) if rows else []
+        self.client.log_table(self.run_id, {c: [r.get(c) for r in rows] for c in columns}, name)
+
     def set_tag(self, key: str, value: str) -> None:
         """Set a run tag."""
         self.client.set_tag(self.run_id, key, value)

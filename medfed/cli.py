@@ -102,6 +102,46 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import dataclasses
+    import datetime as dt
+
+    from federation.compose import check_config, compose_config
+    from federation.config import resolve_path
+    from federation.initweights import load_initial_weights
+    from federation.tracking import default_tracking_uri
+    from medfed.launch import run_simulation
+    from server.loop import RunHistory
+    from server.report import format_evaluation
+
+    cfg = compose_config(args.overrides)
+    init = load_initial_weights(
+        args.model,
+        tracking_uri=cfg.tracking.uri or default_tracking_uri(),
+        output_dir=resolve_path(cfg.output_dir),
+    )
+    # A medfed package brings its task and model; other weights use the configured ones.
+    task, model = (init.package.task, init.package.model) if init.package else (cfg.task, cfg.model)
+    cfg = check_config(
+        dataclasses.replace(
+            cfg,
+            task=task,
+            model=dataclasses.replace(model, init=args.model, freeze=[]),
+            rounds=0,
+            evaluation=dataclasses.replace(cfg.evaluation, all_data=args.all_data),
+            run_name=cfg.run_name or dt.datetime.now().strftime("evaluate-%Y%m%d-%H%M%S"),
+        )
+    )
+    if cfg.federation.engine == "deployment":
+        _run_deployment(cfg)
+        history = RunHistory.load(resolve_path(cfg.output_dir) / str(cfg.run_name) / "history.json")
+    else:
+        history = run_simulation(cfg).history
+    print()
+    print(format_evaluation(history, init.source))
+    return 0
+
+
 def _run_deployment(cfg: Any) -> int:
     import dataclasses
     import datetime as dt
@@ -631,6 +671,23 @@ def _run_parsers(sub: Any) -> None:
         "its last completed round; only output_dir= and tracking.uri= may be given",
     )
     run.set_defaults(func=_cmd_run)
+    evaluate = _with_overrides(
+        sub.add_parser(
+            "evaluate",
+            help="evaluate a model at every site: metrics per site, no training, no budget",
+        )
+    )
+    evaluate.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME/VERSION, models:/NAME@ALIAS, a run name, a file or a MONAI bundle",
+    )
+    evaluate.add_argument(
+        "--all-data",
+        action="store_true",
+        help="evaluate on all of each site's labelled data, not only its held-out patients",
+    )
+    evaluate.set_defaults(func=_cmd_evaluate)
     _with_overrides(sub.add_parser("config", help="print the resolved configuration")).set_defaults(
         func=_cmd_config
     )

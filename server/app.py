@@ -30,7 +30,7 @@ from server.grids import PackingGrid, PollingGrid
 from server.loop import BEST_MODEL_FILE, INIT_TAG, RoundLoop, RunHistory
 from server.members import MemberGrid
 from server.quality import collect_quality
-from server.report import RunResult, plot_history
+from server.report import EVALUATION_TABLE, RunResult, evaluation_rows, plot_history
 
 __all__ = ["app", "config_from_run_config", "coordinate", "create_server_app"]
 
@@ -163,7 +163,11 @@ def coordinate(grid: Grid, cfg: MedfedConfig) -> RunResult:
     plot_history(history, run_dir / "rounds.png")
     for name in ("global_model.pt", "history.json", "rounds.png"):
         tracker.log_artifact(run_dir / name)
-    version = _register_best(tracker, cfg, run_dir)
+    if cfg.rounds == 0:  # evaluation only: the model is not new, nothing is registered
+        tracker.log_table(evaluation_rows(history), EVALUATION_TABLE)
+        version = None
+    else:
+        version = _register_best(tracker, cfg, run_dir)
     tracker.finish(ok=True)
     log.info(
         "final model saved to %s%s",

@@ -156,6 +156,8 @@ def site_config(cfg: MedfedConfig, run_name: str) -> ConfigRecord:
         flat[keys.PROXIMAL_MU] = cfg.strategy.proximal_mu
     if cfg.federation.secure_aggregation != "none":
         flat[keys.SECURE_AGGREGATION] = cfg.federation.secure_aggregation
+    if cfg.evaluation.all_data:
+        flat[keys.ALL_DATA] = True
     return ConfigRecord(flat)
 
 

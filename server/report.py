@@ -4,13 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from federation import keys
 from federation.config import MedfedConfig, resolve_path
 from server.central import COORDINATOR
 from server.loop import RunHistory
 
-__all__ = ["RunResult", "format_table", "plot_history", "run_summary"]
+__all__ = [
+    "EVALUATION_TABLE",
+    "RunResult",
+    "evaluation_rows",
+    "format_evaluation",
+    "format_table",
+    "plot_history",
+    "run_summary",
+]
+
+EVALUATION_TABLE = "evaluation.json"  # MLflow table of an evaluation-only run
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,53 @@ def format_table(history: RunHistory) -> str:
     out = [line, "-" * len(line)]
     out += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(out)
+
+
+def evaluation_rows(history: RunHistory) -> list[dict[str, Any]]:
+    """One row per site of an evaluation-only run, then the aggregate: examples, metrics.
+
+    A site that released no metrics has its reason in `refused`.
+    """
+    record = history.rounds[0]
+    names = sorted({k for m in record.site_evaluate.values() for k in m} - {keys.NUM_EXAMPLES})
+    rows: list[dict[str, Any]] = []
+    for site in history.sites:
+        metrics = record.site_evaluate.get(site, {})
+        rows.append(
+            {
+                "site": site,
+                "examples": int(metrics.get(keys.NUM_EXAMPLES, 0)),
+                **{n: metrics.get(n) for n in names},
+                "refused": record.failures.get(site, "" if metrics else "no reply"),
+            }
+        )
+    rows.append(
+        {
+            "site": "all",
+            "examples": sum(int(r["examples"]) for r in rows),
+            **{n: record.evaluate.get(n) for n in names},
+            "refused": "",
+        }
+    )
+    return rows
+
+
+def format_evaluation(history: RunHistory, model: str) -> str:
+    """The table a coordinator reads after `medfed evaluate`."""
+    rows = evaluation_rows(history)
+    header = list(rows[0])
+    cells = [
+        [
+            f"{v:.4f}" if isinstance(v, float) else str(v) if v not in (None, "") else "-"
+            for v in r.values()
+        ]
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    lines = [f"Evaluation of {model} (no training, no privacy budget spent):"]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
 
 
 def run_summary(result: RunResult, cfg: MedfedConfig) -> str:

@@ -19,15 +19,30 @@ def medfed_run(
     tmp_path: Path, data_root: Path, *overrides: str
 ) -> subprocess.CompletedProcess[str]:
     """`medfed run` (simulation) of SMALL on `data_root`, with its outputs under `tmp_path`."""
-    args = [
-        *SMALL,
+    return medfed_cli(tmp_path, "run", *SMALL, *_places(tmp_path, data_root), *overrides)
+
+
+def medfed_evaluate(
+    tmp_path: Path, data_root: Path, model: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`medfed evaluate --model MODEL` (simulation) on `data_root`, placed as `medfed_run`."""
+    return medfed_cli(
+        tmp_path, "evaluate", "--model", model, *TINY_RUN, *_places(tmp_path, data_root), *args
+    )
+
+
+def _places(tmp_path: Path, data_root: Path) -> list[str]:
+    return [
         f"data.root={data_root}",
         f"output_dir={tmp_path / 'outputs'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        *overrides,
     ]
+
+
+def medfed_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `medfed` CLI run in `tmp_path`."""
     return subprocess.run(
-        [sys.executable, "-m", "medfed.cli", "run", *args],
+        [sys.executable, "-m", "medfed.cli", *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,
