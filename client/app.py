@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from torch import nn
 
 from client.apptrust import running_app
 from client.governance import RunRequest
@@ -82,6 +83,11 @@ class SiteRound:
         self.site = resolve(context)
         self.log = context_logger(run=self.run, site=self.site.name, round=self.round)
         self.task_cfg: TaskConfig = section_from_flat(self.flat, "task", TaskConfig)
+        if keys.PERSONALISE_EPOCHS in self.flat:  # the personalisation step after the run
+            epochs = int(self.flat[keys.PERSONALISE_EPOCHS])
+            self.task_cfg = dataclasses.replace(self.task_cfg, local_epochs=epochs)
+        # Ditto: the site's personal model trains beside the global one, pulled towards it.
+        self.ditto = float(self.flat.get(keys.DITTO_LAMBDA, 0.0))
         self.model_cfg: ModelConfig = section_from_flat(self.flat, "model", ModelConfig)
         self.privacy: PrivacyConfig = section_from_flat(self.flat, "privacy", PrivacyConfig)
         self.seed = int(self.flat.get(keys.SEED, 0))
@@ -110,10 +116,13 @@ class SiteRound:
         )
         self.received = msg.content.array_records[keys.ARRAYS]
         weights = self.received.to_torch_state_dict()
-        if self.local_keys:
+        # Cross-site validation sends another site's whole model: evaluated as it came.
+        if self.local_keys and keys.CROSS_SITE_OWNER not in self.flat:
             own = self.state.local_layers(self.run)
             weights.update(own or split_norm_state(self.model.state_dict(), self.local_keys)[1])
         self.model.load_state_dict(weights)
+        # The model as it starts this round at the site (received weights, own layers).
+        self.start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         # Secure aggregation the coordinator asked for; honoured only inside the protocol.
         self.secure_aggregation = str(self.flat.get(keys.SECURE_AGGREGATION, "") or "")
         # When the local training started (this clock) and how long it took; set by train.
@@ -134,6 +143,34 @@ class SiteRound:
         )
         self.train_seconds = time.perf_counter() - started
         return outcome
+
+    def train_personal(self, privacy: PrivacyConfig) -> Any:
+        """Ditto: train the site's personal model, pulled towards this round's global one.
+
+        It starts from the global model in the run's first round and is kept at the site.
+        """
+        personal = build_model(self.model_cfg, seed=self.seed)
+        personal.load_state_dict(self.state.personal_model(self.run) or self.start)
+        outcome = self.task.train(
+            personal,
+            self.prepared.data,
+            self.task_cfg,
+            privacy,
+            seed=self.site_seed + 1,
+            proximal_mu=self.ditto,
+            proximal_to=self.start,
+        )
+        self.state.save_personal_model(self.run, personal.state_dict())
+        return outcome
+
+    def personal(self) -> nn.Module | None:
+        """The site's personal model of this run, or None before it has one."""
+        state = self.state.personal_model(self.run)
+        if state is None:
+            return None
+        model = build_model(self.model_cfg, seed=self.seed)
+        model.load_state_dict(state)
+        return model
 
     def timing(self) -> dict[str, float]:
         """The local training's wall time, and when it started and finished (this clock).
@@ -165,6 +202,8 @@ class SiteRound:
         """The DP mechanism this round will run: noise given, or calibrated to a target."""
         data, cfg, privacy = self.prepared.data, self.task_cfg, self.privacy
         sample_rate, steps = plan_round(data.num_train, cfg.batch_size, cfg.local_epochs)
+        if self.ditto > 0:  # the personal model takes as many steps again on the same data
+            steps *= 2
         noise = privacy.noise_multiplier
         if privacy.target_epsilon is not None:
             noise = calibrate_noise(
@@ -266,16 +305,20 @@ def _refuse(msg: Message, err: SiteRefusal, action: str) -> Message:
     return _reply(msg, err.site, refused=str(err))
 
 
-def _train_private(job: SiteRound, msg: Message) -> Message:
-    """Train under DP-SGD within the site's own budget, and sign the spend."""
+def _train_private(job: SiteRound, msg: Message, *, personalise: bool = False) -> Message:
+    """Train under DP-SGD within the site's own budget, and sign the spend.
+
+    With `personalise`, the trained model is the site's own: kept, compared with the
+    global model on the held-out data, never sent.
+    """
     state = job.state
     stored = state.stored_reply(job.run, job.round)
     if stored is not None:
         entry, payload = stored
-        job.log.warning("round already trained: answering with the stored update, no new spend")
+        job.log.warning("round already trained: answering with the stored reply, no new spend")
         return job.reply(
             msg,
-            arrays=ArrayRecord(payload["state_dict"]),
+            arrays=ArrayRecord(payload["state_dict"]) if payload["state_dict"] else None,
             metrics=MetricRecord(payload["metrics"]),
             entry=entry,
         )
@@ -294,12 +337,16 @@ def _train_private(job: SiteRound, msg: Message) -> Message:
         budget,
     )
     privacy = dataclasses.replace(job.privacy, noise_multiplier=planned.noise_multiplier)
-    outcome = job.train(privacy)
-    if {(s.noise_multiplier, s.sample_rate) for s in outcome.spent} != {
+    before = job.task.evaluate(job.model, job.prepared.data) if personalise else None
+    outcomes = [job.train(privacy)]
+    if job.ditto > 0 and not personalise:
+        outcomes.append(job.train_personal(privacy))
+    steps = [s for o in outcomes for s in o.spent]
+    if {(s.noise_multiplier, s.sample_rate) for s in steps} != {
         (planned.noise_multiplier, planned.sample_rate)
     }:
-        raise RuntimeError(f"training spent {outcome.spent}, not the planned {planned}")
-    spent = dataclasses.replace(planned, steps=sum(s.steps for s in outcome.spent))
+        raise RuntimeError(f"training spent {steps}, not the planned {planned}")
+    spent = dataclasses.replace(planned, steps=sum(s.steps for s in steps))
     try:
         entry = state.ledger.append(
             run=job.run,
@@ -316,8 +363,8 @@ def _train_private(job: SiteRound, msg: Message) -> Message:
         raise SiteRefusal(job.site.name, f"privacy budget: {err}") from err
     metrics = MetricRecord(
         {
-            keys.NUM_EXAMPLES: outcome.num_examples,
-            keys.TRAIN_LOSS: outcome.loss,
+            keys.NUM_EXAMPLES: outcomes[0].num_examples,
+            keys.TRAIN_LOSS: outcomes[0].loss,
             **job.timing(),
             keys.EPSILON: entry.epsilon,
             keys.DP_STEPS: spent.steps,
@@ -325,17 +372,63 @@ def _train_private(job: SiteRound, msg: Message) -> Message:
             keys.NOISE_MULTIPLIER: spent.noise_multiplier,
         }
     )
-    arrays = job.release()
+    arrays = None
+    if before is not None:
+        metrics.update(_keep_personal(job, before))
+    else:
+        arrays = job.release()
     state.store_reply(
-        job.run, entry, {"state_dict": arrays.to_torch_state_dict(), "metrics": dict(metrics)}
+        job.run,
+        entry,
+        {
+            "state_dict": {} if arrays is None else arrays.to_torch_state_dict(),
+            "metrics": dict(metrics),
+        },
     )
     job.log.info(
-        "trained: loss %.4f, epsilon %.3f (ledger entry %d)",
-        outcome.loss,
+        "%s: loss %.4f, epsilon %.3f (ledger entry %d)",
+        "personalised" if personalise else "trained",
+        outcomes[0].loss,
         entry.epsilon,
         entry.index,
     )
     return job.reply(msg, arrays=arrays, metrics=metrics, entry=entry)
+
+
+def _keep_personal(job: SiteRound, before: Any) -> dict[str, float]:
+    """Keep the fine-tuned model at the site; its metrics beside the global model's."""
+    job.state.save_personal_model(job.run, job.model.state_dict())
+    after = job.task.evaluate(job.model, job.prepared.data)
+    shown = ", ".join(f"{k} {before.metrics[k]:.4f} -> {v:.4f}" for k, v in after.metrics.items())
+    job.log.info("personal model kept at the site: %s (global -> personal)", shown)
+    return {
+        **{keys.GLOBAL_PREFIX + k: v for k, v in before.metrics.items()},
+        **{keys.PERSONAL_PREFIX + k: v for k, v in after.metrics.items()},
+    }
+
+
+def _share_model(job: SiteRound, msg: Message) -> Message:
+    """Reply with the site's own model (personal, else global with its own layers).
+
+    Raises:
+        SiteRefusal: The site's policy keeps its model at the site.
+    """
+    if not job.state.governance().allow_model_sharing:
+        raise SiteRefusal(
+            job.site.name,
+            "site policy: allow_model_sharing is off, so the site's model stays at the site "
+            "(`medfed site policy --allow-model-sharing` shares it)",
+        )
+    personal = job.personal()
+    model = personal if personal is not None else job.model
+    spent = [e for e in job.state.ledger.entries() if e.run == job.run]
+    metrics = MetricRecord({keys.PERSONAL_PREFIX + "model": int(personal is not None)})
+    if spent:  # the DP guarantee the model carries: this site's spend in the run
+        metrics[keys.EPSILON] = spent[-1].epsilon
+        metrics[keys.DELTA] = spent[-1].mechanism.delta
+    job.state.plans.audit.append("model-shared", plan=job.plan, by="site policy", run=job.run)
+    job.log.info("shared its %s model for cross-site validation", "personal" if personal else "own")
+    return job.reply(msg, arrays=ArrayRecord(model.state_dict()), metrics=metrics)
 
 
 def create_client_app(
@@ -364,6 +457,8 @@ def create_client_app(
         except SiteRefusal as err:
             return _refuse(msg, err, "train")
         outcome = job.train(job.privacy)
+        if job.ditto > 0:
+            job.train_personal(job.privacy)
         metrics = MetricRecord(
             {
                 keys.NUM_EXAMPLES: outcome.num_examples,
@@ -377,6 +472,27 @@ def create_client_app(
         else:
             job.log.info("trained without DP: loss %.4f", outcome.loss)
         return job.reply(msg, arrays=job.release(), metrics=metrics)
+
+    @app.train(keys.PERSONALISE, mods=list(train_mods))
+    def personalise(msg: Message, context: Context) -> Message:
+        """Fine-tune the final global model into the site's own (DP within its budget)."""
+        try:
+            job = SiteRound(msg, context, resolve)
+            _govern(job)
+            if job.privacy.mode == "dp-sgd":
+                return _train_private(job, msg, personalise=True)
+        except SiteRefusal as err:
+            return _refuse(msg, err, "personalise")
+        before = job.task.evaluate(job.model, job.prepared.data)
+        outcome = job.train(job.privacy)
+        metrics = MetricRecord(
+            {
+                keys.NUM_EXAMPLES: outcome.num_examples,
+                keys.TRAIN_LOSS: outcome.loss,
+                **_keep_personal(job, before),
+            }
+        )
+        return job.reply(msg, metrics=metrics)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -395,9 +511,27 @@ def create_client_app(
                 **outcome.metrics,
             }
         )
+        personal = job.personal() if job.ditto > 0 else None
+        if personal is not None:  # Ditto: the site's own model beside the global one
+            own = job.task.evaluate(personal, job.prepared.data)
+            metrics.update({keys.PERSONAL_PREFIX + k: v for k, v in own.metrics.items()})
         if job.privacy.mode == "central":
             metrics[keys.UNIT_WEIGHT] = 1  # the coordinator averages sites uniformly
         return job.reply(msg, metrics=metrics)
+
+    @app.query(keys.SITE_MODEL)
+    def site_model(msg: Message, context: Context) -> Message:
+        """The site's own model of the run, for cross-site validation, if its policy allows."""
+        try:
+            job = SiteRound(msg, context, resolve)
+            return _share_model(job, msg)
+        except SiteRefusal as err:
+            return _refuse(msg, err, "share its model")
+
+    @app.evaluate(keys.CROSS_SITE)
+    def cross_site(msg: Message, context: Context) -> Message:
+        """Evaluate a model of the consortium (another site's, or the global one)."""
+        return evaluate(msg, context)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

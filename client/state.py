@@ -25,6 +25,7 @@ __all__ = ["POLICY_FILE", "SitePolicy", "SiteState", "write_policy_section"]
 
 POLICY_FILE = "policy.yaml"
 LOCAL_LAYERS_DIR = "local-layers"
+PERSONAL_DIR = "personal-models"
 REPLIES_DIR = "replies"
 
 
@@ -177,6 +178,19 @@ class SiteState:
         import torch
 
         path = self._run_file(LOCAL_LAYERS_DIR, run)
+        return torch.load(path, weights_only=True) if path.exists() else None
+
+    def save_personal_model(self, run: str, state: dict[str, Any]) -> None:
+        """Keep the site's personalised model of a run (it never leaves unless shared)."""
+        import torch
+
+        write_atomically(self._run_file(PERSONAL_DIR, run), lambda tmp: torch.save(state, tmp))
+
+    def personal_model(self, run: str) -> dict[str, Any] | None:
+        """The model kept by `save_personal_model`, or None."""
+        import torch
+
+        path = self._run_file(PERSONAL_DIR, run)
         return torch.load(path, weights_only=True) if path.exists() else None
 
     def store_reply(self, run: str, entry: LedgerEntry, payload: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "FederationConfig",
     "MedfedConfig",
     "ModelConfig",
+    "PersonaliseConfig",
     "PrivacyConfig",
     "StrategyConfig",
     "TaskConfig",
@@ -86,6 +87,26 @@ class ModelConfig:
 
 
 @dataclass
+class PersonaliseConfig:
+    """Models of each site's own, kept at the site (`strategy.personalise.*`)."""
+
+    # After the last round each site fine-tunes the final global model for this many
+    # local epochs (DP-SGD within its budget) and reports global vs personalised metrics.
+    local_epochs: int = 0
+    # Ditto: every round each site also trains its personal model, pulled towards the
+    # global one with this weight (0: off); it costs a second DP-SGD pass per round.
+    ditto_lambda: float = 0.0
+
+    def validate(self) -> None:
+        """Reject a section that cannot run, naming the value."""
+        if self.local_epochs < 0 or self.ditto_lambda < 0:
+            raise ValueError(
+                "strategy.personalise.local_epochs and strategy.personalise.ditto_lambda must "
+                f"be >= 0 (got {self.local_epochs} and {self.ditto_lambda})."
+            )
+
+
+@dataclass
 class StrategyConfig:
     """How the coordinator samples sites and aggregates their updates."""
 
@@ -104,9 +125,11 @@ class StrategyConfig:
     num_malicious: int = 0
     # FedBN: normalisation layers stay at each site, never sent nor averaged.
     local_norm: bool = False
+    personalise: PersonaliseConfig = field(default_factory=PersonaliseConfig)
 
     def validate(self) -> None:
         """Reject a section that cannot run, naming the value."""
+        self.personalise.validate()
         if self.name == "fedbn" and not self.local_norm:
             raise ValueError(
                 "strategy.name=fedbn keeps normalisation layers local at each site; "
@@ -254,6 +277,9 @@ class EvaluationConfig:
     # Sites evaluate on all their labelled data, not only their held-out patients (for
     # evaluation-only runs of a model none of them trained: `medfed evaluate --all-data`).
     all_data: bool = False
+    # After a run that leaves models of the sites' own (FedBN, personalised, Ditto):
+    # evaluate every site's model, and the global one, at every site.
+    cross_site: bool = True
 
 
 @dataclass

@@ -18,6 +18,19 @@ UPDATE_ENCODING = "update-encoding"  # how the site encodes its update
 LOCAL_NORM = "local-norm"  # FedBN: the site keeps its normalisation layers
 # Secure aggregation protocol of the run ("secaggplus"), absent without one.
 SECURE_AGGREGATION = "secure-aggregation"
+# Ditto: weight of the pull of each site's personal model towards the global one.
+DITTO_LAMBDA = "ditto-lambda"
+# The personalisation step after the last round: its message action and local epochs.
+PERSONALISE = "personalise"
+PERSONALISE_EPOCHS = "personalise-epochs"
+# Metric prefixes of a site's personal model vs the global one, on its held-out data.
+PERSONAL_PREFIX = "personal-"
+GLOBAL_PREFIX = "global-"
+# Cross-site validation: the query for a site's own model, the evaluation of another's,
+# and the site whose model is evaluated (absent: the global model, with local layers).
+SITE_MODEL = "site-model"
+CROSS_SITE = "cross-site"
+CROSS_SITE_OWNER = "cross-site-owner"
 # Evaluation-only runs: sites evaluate on all their labelled data (absent: held-out only).
 ALL_DATA = "evaluation.all_data"
 # Evaluation-only runs: digest of the weights to evaluate, part of the plan a site approves.
@@ -49,6 +62,7 @@ DICE = "dice"  # segmentation tasks
 AUROC = "auroc"  # classification
 BALANCED_ACCURACY = "balanced-accuracy"  # classification
 EPSILON = "epsilon"
+DELTA = "delta"
 DP_STEPS = "dp-steps"
 SAMPLE_RATE = "sample-rate"
 NOISE_MULTIPLIER = "noise-multiplier"

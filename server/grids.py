@@ -134,6 +134,7 @@ class MeteredGrid(DelegatingGrid):
         super().__init__(inner)
         self.sent = 0
         self.received = 0
+        self.received_from: dict[int, int] = {}  # node id -> bytes
         self.errors: dict[int, str] = {}
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -160,11 +161,15 @@ class MeteredGrid(DelegatingGrid):
 
     def _count(self, replies: list[Message]) -> None:
         for reply in replies:
-            self.received += _size(reply)
+            size = _size(reply)
+            self.received += size
+            node = reply.metadata.src_node_id
+            self.received_from[node] = self.received_from.get(node, 0) + size
             if reply.has_error():
                 self.errors[reply.metadata.src_node_id] = reply.error.reason or "unknown error"
 
     def reset(self) -> None:
         """Start counting afresh."""
         self.sent = self.received = 0
+        self.received_from = {}
         self.errors = {}

@@ -107,8 +107,20 @@ class SiteGuard(Strategy):
         self._asked["evaluate"] = {m.metadata.dst_node_id for m in messages}
         return messages
 
+    def collect(
+        self, server_round: int, messages: Iterable[Message], replies: Iterable[Message]
+    ) -> RoundReport:
+        """The report on replies (metrics, no update) to messages sent outside the strategy."""
+        asked = {m.metadata.dst_node_id for m in messages}
+        return self._triage(server_round, replies, train=False, asked=asked)[1]
+
     def _triage(
-        self, server_round: int, replies: Iterable[Message], *, train: bool
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        *,
+        train: bool,
+        asked: set[int] | None = None,
     ) -> tuple[list[Message], RoundReport]:
         """The replies to aggregate (train: with full weights), and the round's report."""
         usable: dict[str, Message] = {}
@@ -116,7 +128,9 @@ class SiteGuard(Strategy):
         norms: dict[str, float] = {}
         replies = list(replies)
         answered = {m.metadata.src_node_id for m in replies}
-        for node in sorted(self._asked["train" if train else "evaluate"] - answered):
+        if asked is None:
+            asked = self._asked["train" if train else "evaluate"]
+        for node in sorted(asked - answered):
             name = self.names.get(node) or self.identities.get(node, f"node-{node}")
             report.failures[name] = "no reply within federation.round_timeout"
         for msg in replies:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from federation import keys
@@ -23,6 +23,7 @@ from federation.tasks import get_task
 from federation.tracking import RunTracker, default_tracking_uri
 from server.central import COORDINATOR, CentralPrivacy
 from server.checkpoint import Checkpoint, restore_strategy_state, strategy_state
+from server.crosssite import cross_validate
 from server.grids import MeteredGrid
 from server.guard import RoundReport, SiteGuard
 from server.holdout import Holdout
@@ -116,6 +117,10 @@ class RunHistory:
     metric: str = keys.DICE
     # What the first global model was (`model.init`, resolved); None: random weights.
     started_from: str | None = None
+    # After the last round (`strategy.personalise.local_epochs`): each site's global vs
+    # personalised metrics on its held-out data, and the sites that did not personalise.
+    personalised: dict[str, dict[str, float]] = field(default_factory=dict)
+    personalise_failures: dict[str, str] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         """Write the history as JSON."""
@@ -132,6 +137,8 @@ class RunHistory:
             raw.get("datasets", {}),
             raw.get("metric", keys.DICE),
             raw.get("started_from"),
+            raw.get("personalised", {}),
+            raw.get("personalise_failures", {}),
         )
 
     @classmethod
@@ -158,6 +165,8 @@ def site_config(cfg: MedfedConfig, run_name: str) -> ConfigRecord:
         flat[keys.SECURE_AGGREGATION] = cfg.federation.secure_aggregation
     if cfg.evaluation.all_data:
         flat[keys.ALL_DATA] = True
+    if cfg.strategy.personalise.ditto_lambda > 0:
+        flat[keys.DITTO_LAMBDA] = cfg.strategy.personalise.ditto_lambda
     return ConfigRecord(flat)
 
 
@@ -348,7 +357,82 @@ class RoundLoop:
         self.log.info(
             "best round %d: %s %.4f", self.best_round, select_metric(self.cfg), self.best_value
         )
+        personalise = self.cfg.strategy.personalise
+        if personalise.local_epochs > 0 and not self.history.personalised:
+            self._personalise()
+        own_models = (
+            self.cfg.strategy.local_norm or personalise.local_epochs or personalise.ditto_lambda
+        )
+        if self.cfg.evaluation.cross_site and self.cfg.rounds > 0 and own_models:
+            cross_validate(
+                self.grid,
+                self.guard,
+                self.cfg,
+                arrays=self.arrays,
+                config=self.config,
+                metric=self.metric,
+                run_dir=self.run_dir,
+                tracker=self.tracker,
+                global_privacy=self._global_privacy(),
+            )
         return self.arrays, self.history
+
+    def _global_privacy(self) -> str:
+        """The DP guarantee of the global model, in words."""
+        last = self.history.rounds[-1]
+        if self.cfg.privacy.mode == "dp-sgd":
+            spent = [m[keys.EPSILON] for m in last.site_train.values() if keys.EPSILON in m]
+            top = f"{max(spent):.2f}" if spent else "?"
+            return f"DP-SGD at each site, epsilon up to {top} at delta {self.cfg.privacy.delta:g}"
+        if self.cfg.privacy.mode == "central":
+            return (
+                f"client-level DP, epsilon {last.train.get(keys.CENTRAL_EPSILON, float('nan')):.2f}"
+            )
+        return "no DP"
+
+    def _personalise(self) -> None:
+        """Each site fine-tunes the final global model into its own, which stays there.
+
+        The step spends privacy like a round (signed into the site's ledger as round
+        `rounds + 1`); the sites send back metrics only.
+        """
+        server_round = self.cfg.rounds + 1
+        config = ConfigRecord(
+            {
+                **dict(self.config),
+                keys.SERVER_ROUND: server_round,
+                keys.PERSONALISE_EPOCHS: self.cfg.strategy.personalise.local_epochs,
+            }
+        )
+        messages = [
+            Message(
+                RecordDict({keys.ARRAYS: self.arrays, keys.CONFIG: config}),
+                dst_node_id=node,
+                message_type=f"{MessageType.TRAIN}.{keys.PERSONALISE}",
+            )
+            for node in sorted(self.grid.get_node_ids())
+        ]
+        replies = self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
+        report = self.guard.collect(server_round, messages, replies)
+        self.history.personalised = report.metrics
+        self.history.personalise_failures = report.failures
+        _record_ledger(report, self.run_dir / "ledger", self.tracker)
+        tracked = {
+            f"personal/{site}/{k}": v
+            for site, metrics in report.metrics.items()
+            for k, v in metrics.items()
+            if k.startswith((keys.PERSONAL_PREFIX, keys.GLOBAL_PREFIX)) or k == keys.EPSILON
+        }
+        self.tracker.log_metrics(tracked, step=server_round)
+        metric = self.metric
+        for site, metrics in sorted(report.metrics.items()):
+            self.log.info(
+                "[personalised] %s: %s %.4f (global) -> %.4f (own model, kept at the site)",
+                site,
+                metric,
+                metrics.get(keys.GLOBAL_PREFIX + metric, float("nan")),
+                metrics.get(keys.PERSONAL_PREFIX + metric, float("nan")),
+            )
 
     def _train(self, record: RoundRecord, started: float) -> int:
         """The round's training step, its privacy record and ledger; returns sites trained."""

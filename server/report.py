@@ -9,6 +9,7 @@ from typing import Any
 from federation import keys
 from federation.config import MedfedConfig, resolve_path
 from server.central import COORDINATOR
+from server.crosssite import CROSS_SITE_JSON, CrossSiteMatrix
 from server.loop import RunHistory
 
 __all__ = [
@@ -120,6 +121,25 @@ def format_evaluation(history: RunHistory, model: str) -> str:
     return "\n".join(lines)
 
 
+def _personalised_lines(history: RunHistory) -> list[str]:
+    """Each site's global vs personalised metric, when the run personalised."""
+    if not history.personalised and not history.personalise_failures:
+        return []
+    metric = history.metric
+    lines = [f"Personalised models (kept at each site), held-out {metric}: global -> own"]
+    for site in history.sites:
+        m = history.personalised.get(site)
+        if m is None:
+            reason = history.personalise_failures.get(site, "no reply")
+            lines.append(f"  {site}: not personalised ({reason})")
+            continue
+        lines.append(
+            f"  {site}: {_num(m.get(keys.GLOBAL_PREFIX + metric))} -> "
+            f"{_num(m.get(keys.PERSONAL_PREFIX + metric))} (epsilon {_num(m.get(keys.EPSILON), 2)})"
+        )
+    return lines
+
+
 def run_summary(result: RunResult, cfg: MedfedConfig) -> str:
     """What a coordinator reads at the end of a run: table, Dice, where things are."""
     rounds = result.history.rounds
@@ -132,6 +152,9 @@ def run_summary(result: RunResult, cfg: MedfedConfig) -> str:
             f"Held-out {name}: {first:.3f} (initial model) -> {last:.3f} "
             f"(after round {rounds[-1].round})"
         )
+    lines += _personalised_lines(result.history)
+    if (result.output_dir / CROSS_SITE_JSON).exists():
+        lines += [CrossSiteMatrix.load(result.output_dir / CROSS_SITE_JSON).format(), ""]
     lines.append(f"Model, history, plot and ledger copies: {result.output_dir}")
     state = resolve_path(cfg.federation.site_state_root)
     if cfg.privacy.mode == "central":

@@ -150,6 +150,7 @@ class Task(Protocol):
         *,
         seed: int,
         proximal_mu: float = 0.0,
+        proximal_to: dict[str, torch.Tensor] | None = None,
     ) -> TrainOutcome:
         """Train `model` in place for one round (DP-SGD when `privacy.mode` says so)."""
         ...
@@ -219,6 +220,7 @@ def private_train(
     *,
     seed: int,
     proximal_mu: float = 0.0,
+    proximal_to: dict[str, torch.Tensor] | None = None,
     num_examples: int,
     reseed: Callable[[int], None] | None = None,
 ) -> TrainOutcome:
@@ -228,6 +230,8 @@ def private_train(
     and honours `reduction` ("mean" or "none", which Opacus's ghost clipping sets).
     `proximal_mu` > 0 adds FedProx's pull towards the received weights as a proximal
     step after each optimiser step: data-independent, so it stays valid under DP-SGD.
+    The pull is towards `proximal_to` (parameters by name) when given, as Ditto pulls a
+    site's personal model towards the global one, else towards the starting weights.
     `seed` makes non-private training reproducible. Under DP the batch sampling, any
     random augmentation (`reseed` is called with the seed used) and the noise draw
     from a fresh secret seed instead: noise the coordinator could predict protects nothing.
@@ -245,8 +249,12 @@ def private_train(
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         private = make_private(model, optimizer, loader, criterion, privacy)
     private.model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    anchor = [
+        (proximal_to[n] if proximal_to is not None else p).detach().clone().to(p.device)
+        for n, p in named
+    ]
 
     def proximal_step() -> None:
         if proximal_mu > 0:

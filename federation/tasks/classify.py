@@ -217,6 +217,7 @@ class Classify:
         *,
         seed: int,
         proximal_mu: float = 0.0,
+        proximal_to: dict[str, torch.Tensor] | None = None,
     ) -> TrainOutcome:
         """One round with the class-weighted loss (see `base.private_train`)."""
         return private_train(
@@ -227,6 +228,7 @@ class Classify:
             privacy,
             seed=seed,
             proximal_mu=proximal_mu,
+            proximal_to=proximal_to,
             num_examples=data.num_train,
         )
 

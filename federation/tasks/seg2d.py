@@ -119,6 +119,7 @@ def train(
     *,
     seed: int,
     proximal_mu: float = 0.0,
+    proximal_to: dict[str, torch.Tensor] | None = None,
 ) -> TrainOutcome:
     """Train `model` in place on slices for `task.local_epochs` epochs (see `private_train`)."""
     return private_train(
@@ -129,6 +130,7 @@ def train(
         privacy,
         seed=seed,
         proximal_mu=proximal_mu,
+        proximal_to=proximal_to,
         num_examples=data.num_train,
     )
 

@@ -209,6 +209,7 @@ class Seg3D:
         *,
         seed: int,
         proximal_mu: float = 0.0,
+        proximal_to: dict[str, torch.Tensor] | None = None,
     ) -> TrainOutcome:
         """One round on random patches (see `federation.tasks.base.private_train`)."""
         dataset = PatchDataset(data)
@@ -220,6 +221,7 @@ class Seg3D:
             privacy,
             seed=seed,
             proximal_mu=proximal_mu,
+            proximal_to=proximal_to,
             num_examples=data.num_train,
             reseed=dataset.reseed,
         )

@@ -9,6 +9,7 @@ from client.state import SiteState
 from federation.config import MedfedConfig, ModelConfig
 from federation.modelpack import PACKAGE_FILE, ModelPackage
 from federation.models import build_model
+from server.crosssite import CROSS_SITE_JSON, GLOBAL, CrossSiteMatrix
 from server.loop import INIT_TAG, RunHistory, initial_arrays
 from tests.helpers import medfed_cli, medfed_evaluate, medfed_run, mlflow_run
 
@@ -119,3 +120,77 @@ def test_model_init_must_fit_and_fedbn_keeps_its_norm_layers_local(tmp_path):
     sent = arrays.to_torch_state_dict()
     assert sent and not any(".adn.N." in k for k in sent)  # norm layers stay at each site
     assert all(torch.equal(sent[k], full[k]) for k in sent)
+
+
+def test_personalised_models_stay_at_the_sites_and_spend_within_their_budget(tmp_path, consortium):
+    root, _ = consortium
+    proc = medfed_run(
+        tmp_path,
+        root,
+        "run_name=own",
+        "rounds=1",
+        "strategy.personalise.local_epochs=1",
+        "strategy.personalise.ditto_lambda=0.1",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Personalised" in proc.stdout
+    history = RunHistory.load(tmp_path / "outputs" / "own" / "history.json")
+    assert set(history.personalised) == {"site-1", "site-2", "site-3"}
+    assert history.personalise_failures == {}
+    for site, metrics in history.personalised.items():
+        assert 0 <= metrics["global-dice"] <= 1 and 0 <= metrics["personal-dice"] <= 1
+        # Ditto: each site's own model was evaluated beside the global one every round
+        assert 0 <= history.rounds[1].site_evaluate[site]["personal-dice"] <= 1
+        state = SiteState(tmp_path / "site-state" / site, site)
+        assert state.personal_model("own") is not None  # kept at the site ...
+        entries = {e.round: e for e in state.ledger.entries() if e.run == "own"}
+        # ... and paid for: round 1 trained the global and the Ditto model (one epoch
+        # each), round 2 is the one-epoch fine-tuning, each signed into the ledger.
+        assert sorted(entries) == [1, 2]
+        assert entries[1].mechanism.steps == 2 * entries[2].mechanism.steps
+        assert entries[2].epsilon == pytest.approx(metrics["epsilon"])
+        assert entries[1].epsilon < entries[2].epsilon <= entries[2].budget
+    # Only metrics came back from the fine-tuning: the coordinator's copy of the ledger
+    # holds its entries, and no update of round 2 was received.
+    copied = (tmp_path / "outputs" / "own" / "ledger" / "site-1.jsonl").read_text()
+    assert '"round": 2' in copied
+    assert all(r.round <= 1 for r in history.rounds)
+
+
+def test_cross_site_matrix_shows_a_site_that_keeps_its_model_and_sends_none_of_it(
+    tmp_path, consortium
+):
+    root, _ = consortium
+    state = tmp_path / "site-state"
+    for site, share in (("site-1", "--allow"), ("site-2", "--allow"), ("site-3", "--no-allow")):
+        policy = ["site", "policy", "--state", str(state / site), "--max-epsilon", "10"]
+        assert medfed_cli(tmp_path, *policy, f"{share}-model-sharing").returncode == 0
+    proc = medfed_run(tmp_path, root, "run_name=bn", "rounds=1", "strategy=fedbn")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Cross-site validation" in proc.stdout
+    out = tmp_path / "outputs" / "bn"
+    matrix = CrossSiteMatrix.load(out / CROSS_SITE_JSON)
+    history = RunHistory.load(out / "history.json")
+    assert set(matrix.scores) == {GLOBAL, "site-1", "site-2"}
+    for model, scores in matrix.scores.items():
+        assert set(scores) == {"site-1", "site-2", "site-3"}
+        assert all(0 <= v <= 1 for v in scores.values())
+        assert "DP-SGD" in matrix.privacy[model]
+    # A FedBN site's own model on its own data is what the run's round measured.
+    for site in ("site-1", "site-2"):
+        measured = history.rounds[1].site_evaluate[site]["dice"]
+        assert matrix.scores[site][site] == pytest.approx(measured, abs=1e-6)
+        assert matrix.scores[GLOBAL][site] == pytest.approx(measured, abs=1e-6)
+    assert "allow_model_sharing is off" in matrix.refused["site-3"]
+    # site-3 sent a refusal only: far less than one model, which the others sent.
+    model_bytes = sum(
+        t.numel() * t.element_size() for t in build_model(ModelConfig()).state_dict().values()
+    )
+    assert matrix.shared_bytes["site-1"] >= model_bytes
+    assert matrix.shared_bytes["site-3"] < model_bytes / 20
+    shared = [e["action"] for e in SiteState(state / "site-1", "site-1").plans.audit.entries()]
+    kept = [e["action"] for e in SiteState(state / "site-3", "site-3").plans.audit.entries()]
+    assert "model-shared" in shared and "model-shared" not in kept
+    client, run = mlflow_run(tmp_path, "bn")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {CROSS_SITE_JSON, "cross_site.png"} <= artifacts
