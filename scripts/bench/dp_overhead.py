@@ -21,6 +21,9 @@ import time
 import warnings
 
 MODES = ("hooks", "functorch", "ew", "ghost")
+# hooks with the U-Net's encoder frozen (model.freeze=[encoder]): no per-sample gradients
+# for it, as when a pretrained encoder is fine-tuned
+FROZEN = "hooks:encoder"
 
 
 def _rss_mb() -> float:
@@ -44,7 +47,10 @@ def worker(mode: str, *, batch: int, size: int, steps: int, warmup: int) -> dict
     warnings.simplefilter("ignore")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(), seed=0).to(device)
+    mode, _, frozen = mode.partition(":")
+    model = build_model(ModelConfig(freeze=[frozen] if frozen else []), seed=0).to(device)
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad) / sum(p.numel() for p in params)
     images = torch.rand(batch * 4, 1, size, size)
     masks = (images > 0.8).float()
     loader = DataLoader(TensorDataset(images, masks), batch_size=batch)
@@ -78,6 +84,7 @@ def worker(mode: str, *, batch: int, size: int, steps: int, warmup: int) -> dict
         "peak_mb": peak,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "trainable_share": trainable,
     }
 
 
@@ -130,6 +137,7 @@ def main() -> int:
     print(f"DP overhead: batch {args.batch}, {args.size}x{args.size}, {args.steps} timed steps")
     first = _run_worker("none", args)
     results = {mode: _run_worker(mode, args) for mode in MODES}
+    frozen = _run_worker(FROZEN, args)
     last = _run_worker("none", args)
     if "error" in first or "error" in last:
         print(f"baseline failed: {first.get('error') or last.get('error')}", file=sys.stderr)
@@ -153,6 +161,19 @@ def main() -> int:
             "mem_ratio": round(m / base_m, 3),
         }
         print(f"{mode:10} {t:8.3f} {t / base_t:7.2f} {m:8.0f} {m / base_m:6.2f}")
+    frozen_summary = None
+    if "error" not in frozen and summary["hooks"].get("ok"):  # type: ignore[union-attr]
+        t = float(frozen["step_s"])
+        frozen_summary = {
+            "step_s": round(t, 4),
+            "time_ratio": round(t / base_t, 3),
+            "vs_hooks": round(t / float(results["hooks"]["step_s"]), 3),
+            "trainable_share": round(float(frozen["trainable_share"]), 3),
+        }
+        print(
+            f"hooks, encoder frozen ({frozen_summary['trainable_share']:.0%} of the weights "
+            f"train): {t:.3f} s/step, x{frozen_summary['vs_hooks']:.2f} of hooks"
+        )
     ok = {k: v for k, v in summary.items() if isinstance(v, dict) and v["ok"]}
     fastest = min(ok, key=lambda k: ok[k]["time_ratio"]) if ok else None
     print(
@@ -168,6 +189,7 @@ def main() -> int:
                 "time_ratio": ok[fastest]["time_ratio"] if fastest else None,
                 "mem_ratio": ok[fastest]["mem_ratio"] if fastest else None,
                 "modes": summary,
+                "frozen_encoder": frozen_summary,
             }
         )
     )
