@@ -303,7 +303,7 @@ def plan_summary(document: dict[str, Any]) -> list[str]:
         privacy = f"client-level DP at the coordinator ({cfg.get('privacy.clipping')} clipping)"
     elif privacy == "none":
         privacy = "none: the site's update is released without differential privacy"
-    return [
+    lines = [
         f"plan {document['plan']} (medfed {document['medfed']}, "
         f"code: app {str(document.get('app', '?'))[:16]})",
         f"  task: {cfg.get('task.name')} at {cfg.get('task.image_size')} px, "
@@ -315,6 +315,27 @@ def plan_summary(document: dict[str, Any]) -> list[str]:
         f"  privacy: {privacy}",
         f"  secure aggregation: {cfg.get(keys.SECURE_AGGREGATION) or 'none'}",
     ]
+    if cfg.get("model.init"):
+        lines.insert(3, f"  started from: {cfg['model.init']}")
+    if cfg.get("model.freeze"):
+        lines.insert(3, f"  frozen: {cfg['model.freeze']}")
+    if keys.PERSONALISE_EPOCHS in cfg:
+        lines.append(
+            f"  personalisation: {cfg[keys.PERSONALISE_EPOCHS]} local epoch(s) fine-tuning "
+            "the final global model; the result stays at the site"
+        )
+    if cfg.get(keys.DITTO_LAMBDA):
+        lines.append(
+            f"  Ditto: a personal model trained beside the global one (lambda "
+            f"{cfg[keys.DITTO_LAMBDA]}), twice the DP-SGD steps per round"
+        )
+    if keys.WEIGHTS_SHA256 in cfg:
+        scope = "all labelled data" if cfg.get(keys.ALL_DATA) else "held-out patients"
+        lines.append(
+            f"  evaluation only of {cfg.get('model.init')} on the site's {scope}: weights "
+            f"{keys.WEIGHTS_SHA256} {cfg[keys.WEIGHTS_SHA256]}; nothing trains"
+        )
+    return lines
 
 
 @dataclass

@@ -28,8 +28,8 @@ PERSONAL_PREFIX = "personal-"
 GLOBAL_PREFIX = "global-"
 # Cross-site validation: the query for a site's own model, the evaluation of another's,
 # and the site whose model is evaluated (absent: the global model, with local layers).
-SITE_MODEL = "site-model"
-CROSS_SITE = "cross-site"
+SITE_MODEL = "site_model"
+CROSS_SITE = "cross_site"
 CROSS_SITE_OWNER = "cross-site-owner"
 # Evaluation-only runs: sites evaluate on all their labelled data (absent: held-out only).
 ALL_DATA = "evaluation.all_data"

@@ -118,7 +118,7 @@ def format_evaluation(history: RunHistory, model: str) -> str:
     lines = [f"Evaluation of {model} (no training, no privacy budget spent):"]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _personalised_lines(history: RunHistory) -> list[str]:

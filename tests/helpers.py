@@ -23,11 +23,18 @@ def medfed_run(
 
 
 def medfed_evaluate(
-    tmp_path: Path, data_root: Path, model: str, *args: str
+    tmp_path: Path, data_root: Path, model: str, *overrides: str, flags: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     """`medfed evaluate --model MODEL` (simulation) on `data_root`, placed as `medfed_run`."""
     return medfed_cli(
-        tmp_path, "evaluate", "--model", model, *TINY_RUN, *_places(tmp_path, data_root), *args
+        tmp_path,
+        "evaluate",
+        "--model",
+        model,
+        *flags,
+        *TINY_RUN,
+        *_places(tmp_path, data_root),
+        *overrides,
     )
 
 

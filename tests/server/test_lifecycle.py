@@ -87,12 +87,17 @@ def test_start_from_a_registered_model_then_evaluate_it_at_every_site(tmp_path, 
     assert REGISTERED in shown.stdout and "weights-sha256" in shown.stdout
     approve = ["site", "plans", "approve", pending, "--state", str(state / "site-3")]
     assert medfed_cli(tmp_path, *approve, "--by", "dr-lee").returncode == 0
-    second = medfed_evaluate(tmp_path, root, REGISTERED, "--all-data", "run_name=eval-2")
+    second = medfed_evaluate(tmp_path, root, REGISTERED, "run_name=eval-2")
     assert second.returncode == 0, second.stderr[-4000:]
     again = _table(second.stdout)
     assert float(again["site-3"]["dice"]) > 0 and again["site-3"]["refused"] == "-"
-    # all of site-1's labelled series, not only its held-out patients
-    assert int(again["site-1"]["examples"]) > int(table["site-1"]["examples"])
+    # On all their data: site-1 evaluates every labelled series, not only its held-out
+    # patients; site-3's approval was for the held-out evaluation, so it asks again.
+    third = medfed_evaluate(tmp_path, root, REGISTERED, "run_name=eval-3", flags=("--all-data",))
+    assert third.returncode == 0, third.stderr[-4000:]
+    everything = _table(third.stdout)
+    assert int(everything["site-1"]["examples"]) > int(table["site-1"]["examples"])
+    assert "is not approved at this site" in everything["site-3"]["refused"]
     assert _ledgers(tmp_path) == spent
 
 
