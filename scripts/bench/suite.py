@@ -49,10 +49,19 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def render_dp_overhead(r: dict[str, Any]) -> str:
     rows = [
-        [m, v.get("time_ratio"), v.get("memory_ratio"), "yes" if v["ok"] else v.get("error", "")]
+        [m, v.get("time_ratio"), v.get("mem_ratio"), "yes" if v["ok"] else v.get("error", "")]
         for m, v in r["modes"].items()
     ]
-    return _table(["mode", "time vs non-private", "memory vs non-private", "ok"], rows)
+    text = _table(["mode", "time vs non-private", "memory vs non-private", "ok"], rows)
+    frozen = r.get("frozen_encoder")
+    if frozen:
+        text += (
+            f"\n\nhooks with the encoder frozen (`model.freeze=[encoder]`, "
+            f"{frozen['trainable_share']:.0%} of the weights train): step time "
+            f"x{_fmt(frozen['vs_hooks'])} of hooks, x{_fmt(frozen['time_ratio'])} of "
+            "non-private."
+        )
+    return text
 
 
 def render_strategies(r: dict[str, Any]) -> str:
@@ -211,6 +220,21 @@ def render_predict(r: dict[str, Any]) -> str:
     )
 
 
+def render_lifecycle(r: dict[str, Any]) -> str:
+    sites = sorted(next(iter(r["per_site_dice"].values())))
+    rows = [[arm, *(d.get(s) for s in sites)] for arm, d in r["per_site_dice"].items()]
+    speed = r["rounds_to_90pct"]
+    return (
+        f"{r['rounds']} rounds, DP-SGD (sigma 1.3); {r['shifted_site']} is shifted (another "
+        "vendor, intensity scale and offset, twice the noise). Held-out Dice per site.\n\n"
+        + _table(["arm", *sites], rows)
+        + f"\n\nRounds to reach 0.9 of the final Dice: from scratch {speed['scratch']}, "
+        f"from the pretrained model {speed['pretrained']} (its round-0 Dice per site: "
+        + ", ".join(f"{s} {v:.3f}" for s, v in sorted(r["pretrained_round0_dice"].items()))
+        + "). Cross-site matrix (FedBN, every site sharing): the plot."
+    )
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """A script of this folder, its arguments per mode and how its result reads."""
@@ -243,6 +267,7 @@ BENCHMARKS = {
     "secagg": Benchmark("secagg.py", ["--quick"], render_secagg),
     "deploy_rounds": Benchmark("deploy_rounds.py", ["--quick"], render_deploy_rounds),
     "predict": Benchmark("predict.py", ["--quick"], render_predict),
+    "lifecycle": Benchmark("lifecycle.py", ["--quick"], render_lifecycle, plots=True),
 }
 
 
