@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import medfed_run
+
 BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 
 
@@ -106,8 +108,14 @@ def test_overhead_quick_measures_medfed_and_plain_flower_in_both_engines(tmp_pat
     )
 
 
-def test_predict_quick_gives_speed_stage_shares_and_flat_memory():
-    result = bench("predict.py", "--quick")
+def test_predict_quick_gives_speed_stage_shares_flat_memory_and_the_runs_dice(
+    tmp_path, consortium
+):
+    root, _ = consortium
+    proc = medfed_run(tmp_path, root, "run_name=for-predict")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "outputs" / "for-predict"
+    result = bench("predict.py", "--quick", "--run", run, "--data", root)
     assert result["benchmark"] == "predict" and result["series"] == 8
     assert result["series_per_second"] > 0 and result["ms_per_slice"] > 0
     assert set(result["shares"]) == {"decode", "model", "encode", "store"}
@@ -117,3 +125,8 @@ def test_predict_quick_gives_speed_stage_shares_and_flat_memory():
     assert result["shares"]["store"] > 0
     # streaming: 4x the series costs far less than 4x the memory
     assert result["memory_ratio_4x_series"] < 1.5
+    # The written SEGs, read back and scored against the ground truth on each site's
+    # held-out patients, give the Dice the run reported for the packaged round.
+    dice = result["dice"]
+    assert dice["round"] >= 0 and 0 <= dice["written_segs"] <= 1
+    assert dice["difference"] < 1e-3
