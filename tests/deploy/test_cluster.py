@@ -79,6 +79,38 @@ def test_three_sites_complete_rounds_over_tls_and_mlflow_holds_them(cluster: Clu
         ]
 
 
+def test_evaluate_in_deployment_scores_a_model_at_every_site_and_spends_nothing(
+    cluster: Cluster,
+):
+    # The model the TLS run packaged, evaluated over the same SuperLink and SuperNodes.
+    model = cluster.root / "outputs" / "tls" / "model.medfed.pt"
+    assert model.exists(), "runs after test_three_sites_complete_rounds_over_tls..."
+    ledgers = {s: cluster.site_kit(s) / "state" / "ledger.jsonl" for s in SITES}
+    before = {s: p.read_bytes() for s, p in ledgers.items()}
+    proc = cluster.spawn(
+        "evaluate",
+        "evaluate",
+        "--model",
+        str(model),
+        "federation=deploy",
+        f"federation.kit={cluster.coordinator}",
+        "run_name=tls-evaluated",
+        f"output_dir={cluster.root / 'outputs'}",
+        f"tracking.uri=sqlite:///{cluster.root / 'mlflow.db'}",
+    )
+    out = finish(proc)
+    assert proc.popen.returncode == 0, out[-6000:] + cluster.logs()
+    assert "no training, no privacy budget spent" in out, out[-3000:]
+    history = RunHistory.load(cluster.root / "outputs" / "tls-evaluated" / "history.json")
+    assert [r.round for r in history.rounds] == [0]
+    (record,) = history.rounds
+    assert set(record.site_evaluate) == set(SITES) and not record.site_train
+    assert history.started_from and history.started_from.startswith(f"file {model} (")
+    for site in SITES:
+        assert site in out and 0 <= record.site_evaluate[site]["dice"] <= 1
+    assert {s: p.read_bytes() for s, p in ledgers.items()} == before
+
+
 def test_a_failed_serverapp_fails_the_launch_loudly(cluster: Cluster):
     # Every site refuses: its budget's delta is not the run's; the run cannot reach
     # min_sites, the ServerApp raises, and `medfed run` must say so.

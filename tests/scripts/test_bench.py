@@ -108,9 +108,7 @@ def test_overhead_quick_measures_medfed_and_plain_flower_in_both_engines(tmp_pat
     )
 
 
-def test_predict_quick_gives_speed_stage_shares_flat_memory_and_the_runs_dice(
-    tmp_path, consortium
-):
+def test_predict_quick_gives_speed_stage_shares_flat_memory_and_the_runs_dice(tmp_path, consortium):
     root, _ = consortium
     proc = medfed_run(tmp_path, root, "run_name=for-predict")
     assert proc.returncode == 0, proc.stderr[-3000:]
