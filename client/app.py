@@ -311,25 +311,16 @@ def _train_private(job: SiteRound, msg: Message, *, personalise: bool = False) -
     With `personalise`, the trained model is the site's own: kept, compared with the
     global model on the held-out data, never sent.
     """
-    state = job.state
-    stored = state.stored_reply(job.run, job.round)
-    if stored is not None:
-        entry, payload = stored
-        job.log.warning("round already trained: answering with the stored reply, no new spend")
-        return job.reply(
-            msg,
-            arrays=ArrayRecord(payload["state_dict"]) if payload["state_dict"] else None,
-            metrics=MetricRecord(payload["metrics"]),
-            entry=entry,
-        )
+    replayed = _stored_reply(job, msg)
+    if replayed is not None:
+        return replayed
     planned = job.plan_mechanism()
-    fingerprint = job.prepared.fingerprint
-    after, budget = state.check_budget(
-        dataset=fingerprint, planned=planned, accountant=job.privacy.accountant
+    after, budget = job.state.check_budget(
+        dataset=job.prepared.fingerprint, planned=planned, accountant=job.privacy.accountant
     )
     job.log.debug(
         "dataset %s: noise %.3f, %d steps at q=%.4f; epsilon after round %.3f of %g",
-        fingerprint,
+        job.prepared.fingerprint,
         planned.noise_multiplier,
         planned.steps,
         planned.sample_rate,
@@ -341,26 +332,7 @@ def _train_private(job: SiteRound, msg: Message, *, personalise: bool = False) -
     outcomes = [job.train(privacy)]
     if job.ditto > 0 and not personalise:
         outcomes.append(job.train_personal(privacy))
-    steps = [s for o in outcomes for s in o.spent]
-    if {(s.noise_multiplier, s.sample_rate) for s in steps} != {
-        (planned.noise_multiplier, planned.sample_rate)
-    }:
-        raise RuntimeError(f"training spent {steps}, not the planned {planned}")
-    spent = dataclasses.replace(planned, steps=sum(s.steps for s in steps))
-    try:
-        entry = state.ledger.append(
-            run=job.run,
-            server_round=job.round,
-            dataset=fingerprint,
-            plan=job.plan,
-            mechanism=spent,
-            accountant=job.privacy.accountant,
-            budget=budget,
-            grad_sample_mode=job.privacy.grad_sample_mode,
-            secure_aggregation=job.secure_aggregation,
-        )
-    except BudgetExceeded as err:  # another run spent this dataset meanwhile
-        raise SiteRefusal(job.site.name, f"privacy budget: {err}") from err
+    entry, spent = _sign_spend(job, planned, [s for o in outcomes for s in o.spent], budget)
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: outcomes[0].num_examples,
@@ -377,7 +349,7 @@ def _train_private(job: SiteRound, msg: Message, *, personalise: bool = False) -
         metrics.update(_keep_personal(job, before))
     else:
         arrays = job.release()
-    state.store_reply(
+    job.state.store_reply(
         job.run,
         entry,
         {
@@ -393,6 +365,47 @@ def _train_private(job: SiteRound, msg: Message, *, personalise: bool = False) -
         entry.index,
     )
     return job.reply(msg, arrays=arrays, metrics=metrics, entry=entry)
+
+
+def _stored_reply(job: SiteRound, msg: Message) -> Message | None:
+    """The reply already signed for this round (a resent message spends nothing new)."""
+    stored = job.state.stored_reply(job.run, job.round)
+    if stored is None:
+        return None
+    entry, payload = stored
+    job.log.warning("round already trained: answering with the stored reply, no new spend")
+    return job.reply(
+        msg,
+        arrays=ArrayRecord(payload["state_dict"]) if payload["state_dict"] else None,
+        metrics=MetricRecord(payload["metrics"]),
+        entry=entry,
+    )
+
+
+def _sign_spend(
+    job: SiteRound, planned: Mechanism, steps: list[Mechanism], budget: float
+) -> tuple[LedgerEntry, Mechanism]:
+    """Append what training spent (as planned, or nothing) to the site's signed ledger."""
+    if {(s.noise_multiplier, s.sample_rate) for s in steps} != {
+        (planned.noise_multiplier, planned.sample_rate)
+    }:
+        raise RuntimeError(f"training spent {steps}, not the planned {planned}")
+    spent = dataclasses.replace(planned, steps=sum(s.steps for s in steps))
+    try:
+        entry = job.state.ledger.append(
+            run=job.run,
+            server_round=job.round,
+            dataset=job.prepared.fingerprint,
+            plan=job.plan,
+            mechanism=spent,
+            accountant=job.privacy.accountant,
+            budget=budget,
+            grad_sample_mode=job.privacy.grad_sample_mode,
+            secure_aggregation=job.secure_aggregation,
+        )
+    except BudgetExceeded as err:  # another run spent this dataset meanwhile
+        raise SiteRefusal(job.site.name, f"privacy budget: {err}") from err
+    return entry, spent
 
 
 def _keep_personal(job: SiteRound, before: Any) -> dict[str, float]:
@@ -431,6 +444,81 @@ def _share_model(job: SiteRound, msg: Message) -> Message:
     return job.reply(msg, arrays=ArrayRecord(model.state_dict()), metrics=metrics)
 
 
+def _train(msg: Message, context: Context, resolve: SiteResolver) -> Message:
+    """One round of training on the global model, under the run's privacy mode."""
+    try:
+        job = SiteRound(msg, context, resolve)
+        _govern(job)
+        if job.privacy.mode == "dp-sgd":
+            return _train_private(job, msg)
+    except SiteRefusal as err:
+        return _refuse(msg, err, "train")
+    outcome = job.train(job.privacy)
+    if job.ditto > 0:
+        job.train_personal(job.privacy)
+    metrics = MetricRecord(
+        {keys.NUM_EXAMPLES: outcome.num_examples, keys.TRAIN_LOSS: outcome.loss, **job.timing()}
+    )
+    if job.privacy.mode == "central":
+        metrics[keys.UNIT_WEIGHT] = 1
+        job.log.info("trained (client-level DP at the coordinator): loss %.4f", outcome.loss)
+    else:
+        job.log.info("trained without DP: loss %.4f", outcome.loss)
+    return job.reply(msg, arrays=job.release(), metrics=metrics)
+
+
+def _personalise(msg: Message, context: Context, resolve: SiteResolver) -> Message:
+    """Fine-tune the final global model into the site's own (DP within its budget)."""
+    try:
+        job = SiteRound(msg, context, resolve)
+        _govern(job)
+        if job.privacy.mode == "dp-sgd":
+            return _train_private(job, msg, personalise=True)
+    except SiteRefusal as err:
+        return _refuse(msg, err, "personalise")
+    before = job.task.evaluate(job.model, job.prepared.data)
+    outcome = job.train(job.privacy)
+    metrics = MetricRecord(
+        {
+            keys.NUM_EXAMPLES: outcome.num_examples,
+            keys.TRAIN_LOSS: outcome.loss,
+            **_keep_personal(job, before),
+        }
+    )
+    return job.reply(msg, metrics=metrics)
+
+
+def _evaluate(msg: Message, context: Context, resolve: SiteResolver) -> Message:
+    """The sent model's metrics on the site's data (and, with Ditto, the site's own)."""
+    try:
+        job = SiteRound(msg, context, resolve)
+        _govern_evaluation(job)
+    except SiteRefusal as err:
+        return _refuse(msg, err, "evaluate")
+    outcome = job.task.evaluate(job.model, job.prepared.data)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items())
+    job.log.info("evaluated: %s, loss %.4f", shown, outcome.loss)
+    metrics = MetricRecord(
+        {keys.NUM_EXAMPLES: outcome.num_examples, keys.EVAL_LOSS: outcome.loss, **outcome.metrics}
+    )
+    personal = job.personal() if job.ditto > 0 else None
+    if personal is not None:  # Ditto: the site's own model beside the global one
+        own = job.task.evaluate(personal, job.prepared.data)
+        metrics.update({keys.PERSONAL_PREFIX + k: v for k, v in own.metrics.items()})
+    if job.privacy.mode == "central":
+        metrics[keys.UNIT_WEIGHT] = 1  # the coordinator averages sites uniformly
+    return job.reply(msg, metrics=metrics)
+
+
+def _site_model(msg: Message, context: Context, resolve: SiteResolver) -> Message:
+    """The site's own model of the run, for cross-site validation, if its policy allows."""
+    try:
+        job = SiteRound(msg, context, resolve)
+        return _share_model(job, msg)
+    except SiteRefusal as err:
+        return _refuse(msg, err, "share its model")
+
+
 def create_client_app(
     resolve: SiteResolver = site_from_node_config,
     *,
@@ -449,89 +537,23 @@ def create_client_app(
 
     @app.train(mods=[secure_aggregation_mod, *train_mods, central_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
-        try:
-            job = SiteRound(msg, context, resolve)
-            _govern(job)
-            if job.privacy.mode == "dp-sgd":
-                return _train_private(job, msg)
-        except SiteRefusal as err:
-            return _refuse(msg, err, "train")
-        outcome = job.train(job.privacy)
-        if job.ditto > 0:
-            job.train_personal(job.privacy)
-        metrics = MetricRecord(
-            {
-                keys.NUM_EXAMPLES: outcome.num_examples,
-                keys.TRAIN_LOSS: outcome.loss,
-                **job.timing(),
-            }
-        )
-        if job.privacy.mode == "central":
-            metrics[keys.UNIT_WEIGHT] = 1
-            job.log.info("trained (client-level DP at the coordinator): loss %.4f", outcome.loss)
-        else:
-            job.log.info("trained without DP: loss %.4f", outcome.loss)
-        return job.reply(msg, arrays=job.release(), metrics=metrics)
+        return _train(msg, context, resolve)
 
     @app.train(keys.PERSONALISE, mods=list(train_mods))
     def personalise(msg: Message, context: Context) -> Message:
-        """Fine-tune the final global model into the site's own (DP within its budget)."""
-        try:
-            job = SiteRound(msg, context, resolve)
-            _govern(job)
-            if job.privacy.mode == "dp-sgd":
-                return _train_private(job, msg, personalise=True)
-        except SiteRefusal as err:
-            return _refuse(msg, err, "personalise")
-        before = job.task.evaluate(job.model, job.prepared.data)
-        outcome = job.train(job.privacy)
-        metrics = MetricRecord(
-            {
-                keys.NUM_EXAMPLES: outcome.num_examples,
-                keys.TRAIN_LOSS: outcome.loss,
-                **_keep_personal(job, before),
-            }
-        )
-        return job.reply(msg, metrics=metrics)
+        return _personalise(msg, context, resolve)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        try:
-            job = SiteRound(msg, context, resolve)
-            _govern_evaluation(job)
-        except SiteRefusal as err:
-            return _refuse(msg, err, "evaluate")
-        outcome = job.task.evaluate(job.model, job.prepared.data)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items())
-        job.log.info("evaluated: %s, loss %.4f", shown, outcome.loss)
-        metrics = MetricRecord(
-            {
-                keys.NUM_EXAMPLES: outcome.num_examples,
-                keys.EVAL_LOSS: outcome.loss,
-                **outcome.metrics,
-            }
-        )
-        personal = job.personal() if job.ditto > 0 else None
-        if personal is not None:  # Ditto: the site's own model beside the global one
-            own = job.task.evaluate(personal, job.prepared.data)
-            metrics.update({keys.PERSONAL_PREFIX + k: v for k, v in own.metrics.items()})
-        if job.privacy.mode == "central":
-            metrics[keys.UNIT_WEIGHT] = 1  # the coordinator averages sites uniformly
-        return job.reply(msg, metrics=metrics)
+        return _evaluate(msg, context, resolve)
+
+    @app.evaluate(keys.CROSS_SITE)  # another site's model, or the global one
+    def cross_site(msg: Message, context: Context) -> Message:
+        return _evaluate(msg, context, resolve)
 
     @app.query(keys.SITE_MODEL)
     def site_model(msg: Message, context: Context) -> Message:
-        """The site's own model of the run, for cross-site validation, if its policy allows."""
-        try:
-            job = SiteRound(msg, context, resolve)
-            return _share_model(job, msg)
-        except SiteRefusal as err:
-            return _refuse(msg, err, "share its model")
-
-    @app.evaluate(keys.CROSS_SITE)
-    def cross_site(msg: Message, context: Context) -> Message:
-        """Evaluate a model of the consortium (another site's, or the global one)."""
-        return evaluate(msg, context)
+        return _site_model(msg, context, resolve)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

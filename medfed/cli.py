@@ -844,6 +844,47 @@ def _site_governance_parsers(site: Any) -> None:
     dpol.add_argument("--state", required=True, help="the site's state folder")
     dpol.add_argument("--require-deidentified", choices=("yes", "no"))
     dpol.set_defaults(func=_cmd_site_data_policy)
+    _site_policy_parser(site)
+    apps = site.add_parser(
+        "apps", help="the code the site runs: its own release, or apps it approved"
+    ).add_subparsers(dest="apps_command", required=True)
+    apps_list = apps.add_parser("list", help="trusted apps and refused runs")
+    apps_list.add_argument("--state", required=True, help="the site's state folder")
+    apps_list.set_defaults(func=_cmd_apps_list)
+    _decision_parsers(
+        apps,
+        "app",
+        "the app's digest (or its first 16+ hex digits)",
+        approve=("trust an app by its digest", _cmd_apps_approve),
+        revoke=("stop trusting an approved app", _cmd_apps_revoke),
+    )
+    plans = site.add_parser(
+        "plans", help="review, approve and revoke the training plans run on the site's data"
+    ).add_subparsers(dest="plans_command", required=True)
+    plans_list = plans.add_parser("list", help="plans requested or approved, with their status")
+    plans_add = _with_overrides(
+        plans.add_parser(
+            "add", help="register the plan a run with these overrides will send, for review"
+        )
+    )
+    plans_show = plans.add_parser("show", help="a plan's summary and diff to the last approved")
+    for p in (plans_list, plans_add, plans_show):
+        p.add_argument("--state", required=True, help="the site's state folder")
+    plans_show.add_argument("plan", help="the plan's hash (or a unique prefix)")
+    plans_list.set_defaults(func=_cmd_plans_list)
+    plans_add.set_defaults(func=_cmd_plans_add)
+    plans_show.set_defaults(func=_cmd_plans_show)
+    _decision_parsers(
+        plans,
+        "plan",
+        "the plan's hash (or a unique prefix)",
+        approve=("approve a plan (recorded in the audit log)", _cmd_plans_approve),
+        revoke=("revoke a plan's approval", _cmd_plans_revoke),
+    )
+
+
+def _site_policy_parser(site: Any) -> None:
+    """The `site policy` parser: the privacy budget and what the site accepts to run."""
     policy = site.add_parser("policy", help="set or show the site's privacy budget and spend")
     policy.add_argument("--state", required=True, help="the site's state folder")
     policy.add_argument("--max-epsilon", type=float, help="budget per dataset, over all runs")
@@ -884,42 +925,6 @@ def _site_governance_parsers(site: Any) -> None:
         help="let the site's own model go to the other sites for cross-site validation",
     )
     policy.set_defaults(func=_cmd_site_policy)
-    apps = site.add_parser(
-        "apps", help="the code the site runs: its own release, or apps it approved"
-    ).add_subparsers(dest="apps_command", required=True)
-    apps_list = apps.add_parser("list", help="trusted apps and refused runs")
-    apps_list.add_argument("--state", required=True, help="the site's state folder")
-    apps_list.set_defaults(func=_cmd_apps_list)
-    _decision_parsers(
-        apps,
-        "app",
-        "the app's digest (or its first 16+ hex digits)",
-        approve=("trust an app by its digest", _cmd_apps_approve),
-        revoke=("stop trusting an approved app", _cmd_apps_revoke),
-    )
-    plans = site.add_parser(
-        "plans", help="review, approve and revoke the training plans run on the site's data"
-    ).add_subparsers(dest="plans_command", required=True)
-    plans_list = plans.add_parser("list", help="plans requested or approved, with their status")
-    plans_add = _with_overrides(
-        plans.add_parser(
-            "add", help="register the plan a run with these overrides will send, for review"
-        )
-    )
-    plans_show = plans.add_parser("show", help="a plan's summary and diff to the last approved")
-    for p in (plans_list, plans_add, plans_show):
-        p.add_argument("--state", required=True, help="the site's state folder")
-    plans_show.add_argument("plan", help="the plan's hash (or a unique prefix)")
-    plans_list.set_defaults(func=_cmd_plans_list)
-    plans_add.set_defaults(func=_cmd_plans_add)
-    plans_show.set_defaults(func=_cmd_plans_show)
-    _decision_parsers(
-        plans,
-        "plan",
-        "the plan's hash (or a unique prefix)",
-        approve=("approve a plan (recorded in the audit log)", _cmd_plans_approve),
-        revoke=("revoke a plan's approval", _cmd_plans_revoke),
-    )
 
 
 def _audit_parsers(sub: Any) -> None:
