@@ -31,7 +31,7 @@ from client.governance import AuditLog
 from client.prepare import DataPolicy
 from federation.dicom.classlabels import LABELS_CSV
 from federation.dicom.labels import is_nifti
-from federation.dicom.phi import require_deidentified
+from federation.dicom.phi import deidentification_gate
 from federation.dicom.results import classification_report, segmentation
 from federation.dicom.scan import Instance, Problem, iter_files, scan_paths
 from federation.dicom.sources import INCOMING_DIR, SourceQuery, fetch_source, open_destination
@@ -177,8 +177,8 @@ def predict(
     Raises:
         ConnectionError: The source or the destination PACS cannot be reached; nothing
             was stored.
-        DeidentificationRequired: The site's policy requires de-identified data and
-            files are not.
+        DeidentificationRequired: The site's policy refuses data that is not
+            de-identified, and files are not.
         ValueError: The source is not a folder or a PACS address.
     """
     task = get_task(package.task.name)
@@ -191,9 +191,12 @@ def predict(
         # As in training: the labels CSV and NIfTI masks beside the DICOM are not images.
         scan = scan_paths(p for p in iter_files(folder) if p.name != LABELS_CSV and not is_nifti(p))
         report.problems.extend(scan.problems)
-        if state_dir is not None and DataPolicy.load(state_dir).require_deidentified:
-            require_deidentified((i.path, i.deidentified, i.phi) for i in scan.instances)
-        series = _checked_series(scan.instances, task, report)
+        instances = scan.instances
+        policy = DataPolicy.load(state_dir) if state_dir is not None else DataPolicy()
+        if policy.require_deidentified:
+            instances, left_out = deidentification_gate(instances, on_phi=policy.on_phi)
+            report.problems.extend(left_out)
+        series = _checked_series(instances, task, report)
         while True:
             with _timed(report.seconds, "decode"):
                 item = next(series, None)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from federation.dicom.phi import ON_PHI
 from federation.dicom.prepare import PrepareOptions
 
 __all__ = [
@@ -26,18 +27,28 @@ class DataPolicy:
     """What the site allows its data pipeline to use.
 
     Attributes:
-        require_deidentified: Refuse any file that is not de-identified
-            (PatientIdentityRemoved=YES and no PHI attribute values), naming the files.
+        require_deidentified: Judge every file against PS3.15's Basic Profile (on unless
+            the site turns it off).
+        on_phi: What a file that fails means: "quarantine" (the default) leaves out its
+            series, with the reasons in the site's quarantine list, and goes on with the
+            rest; "refuse" refuses the round, naming the files in the site's log.
     """
 
-    require_deidentified: bool = False
+    require_deidentified: bool = True
+    on_phi: str = "quarantine"
+
+    def __post_init__(self) -> None:
+        if self.on_phi not in ON_PHI:
+            raise ValueError(f"on_phi={self.on_phi!r}: choose one of {', '.join(ON_PHI)}")
 
     def save(self, state_dir: Path) -> Path:
         """Write the policy into the site's state folder."""
         state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / DATA_POLICY_FILE
         path.write_text(
-            yaml.safe_dump({"data": {"require_deidentified": self.require_deidentified}})
+            yaml.safe_dump(
+                {"data": {"require_deidentified": self.require_deidentified, "on_phi": self.on_phi}}
+            )
         )
         return path
 
@@ -54,12 +65,13 @@ class DataPolicy:
         raw = yaml.safe_load(path.read_text()) or {}
         section = raw.get("data") if isinstance(raw, dict) else None
         value = section.get("require_deidentified") if isinstance(section, dict) else None
-        if not isinstance(value, bool):
+        on_phi = section.get("on_phi", "quarantine") if isinstance(section, dict) else None
+        if not isinstance(value, bool) or on_phi not in ON_PHI:
             raise ValueError(
-                f"{path}: expected 'data: {{require_deidentified: true|false}}'; "
-                "rewrite it with medfed site data-policy"
+                f"{path}: expected 'data: {{require_deidentified: true|false, on_phi: "
+                "quarantine|refuse}'; rewrite it with medfed site data-policy"
             )
-        return cls(require_deidentified=value)
+        return cls(require_deidentified=value, on_phi=on_phi)
 
 
 def prepared_dir(state_dir: Path) -> Path:
@@ -70,4 +82,6 @@ def prepared_dir(state_dir: Path) -> Path:
 def prepare_options(state_dir: Path, *, progress: bool = False) -> PrepareOptions:
     """Preparation options that follow the site's data policy."""
     policy = DataPolicy.load(state_dir)
-    return PrepareOptions(require_deidentified=policy.require_deidentified, progress=progress)
+    return PrepareOptions(
+        require_deidentified=policy.require_deidentified, on_phi=policy.on_phi, progress=progress
+    )

@@ -387,6 +387,7 @@ def _cmd_site_prepare(args: argparse.Namespace) -> int:
         labels_csv=Path(args.labels_csv) if args.labels_csv else None,
         target_spacing=tuple(args.spacing) if args.spacing else None,
         require_deidentified=args.require_deidentified or policy.require_deidentified,
+        on_phi=policy.on_phi,
         progress=sys.stderr.isatty() and not args.quiet,
     )
     query = SourceQuery(
@@ -470,12 +471,51 @@ def _cmd_site_data_policy(args: argparse.Namespace) -> int:
     from client.prepare import DataPolicy
 
     state = Path(args.state)
-    if args.require_deidentified is not None:
-        path = DataPolicy(require_deidentified=args.require_deidentified == "yes").save(state)
-        print(f"wrote {path}")
     policy = DataPolicy.load(state)
-    print(f"require de-identified data: {'yes' if policy.require_deidentified else 'no'}")
+    if args.require_deidentified is not None or args.on_phi is not None:
+        policy = DataPolicy(
+            require_deidentified=(
+                policy.require_deidentified
+                if args.require_deidentified is None
+                else args.require_deidentified == "yes"
+            ),
+            on_phi=args.on_phi or policy.on_phi,
+        )
+        print(f"wrote {policy.save(state)}")
+    print(
+        f"require de-identified data: {'yes' if policy.require_deidentified else 'no'}; "
+        f"a file that is not: {policy.on_phi}"
+    )
     return 0
+
+
+def _cmd_site_deidentify(args: argparse.Namespace) -> int:
+    from client.deidentify import deidentify_source
+    from federation.dicom.deidentify import parse_profile
+    from federation.dicom.sources import SourceQuery
+
+    report = deidentify_source(
+        args.source,
+        Path(args.output),
+        state_dir=Path(args.state),
+        options=parse_profile(args.profile),
+        query=SourceQuery(modality=args.modality, study_date=args.study_date),
+        progress=sys.stderr.isatty() and not args.quiet,
+    )
+    print(report.summary())
+    print(f"wrote {args.output}; the pseudonym map stays encrypted in {args.state}")
+    return 0
+
+
+def _cmd_site_reidentify(args: argparse.Namespace) -> int:
+    from client.deidentify import PseudonymMap
+
+    found = PseudonymMap(Path(args.state)).lookup(args.pseudonym)
+    for entry in found:
+        print(f"{entry['kind']}: {entry['original']}")
+    if not found:
+        print(f"{args.pseudonym}: not a pseudonym this site made", file=sys.stderr)
+    return 0 if found else 1
 
 
 def _cmd_site_policy(args: argparse.Namespace) -> int:
@@ -815,7 +855,10 @@ def _site_data_parsers(site: Any) -> None:
         help="resample to this spacing in mm",
     )
     prep.add_argument(
-        "--require-deidentified", action="store_true", help="refuse files that carry PHI"
+        "--require-deidentified",
+        action="store_true",
+        help="judge files against PS3.15's Basic Profile (the default; a site's data "
+        "policy can turn it off)",
     )
     prep.add_argument("--modality", help="PACS query: modality, e.g. CT")
     prep.add_argument("--study-date", help="PACS query: YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
@@ -836,6 +879,25 @@ def _site_data_parsers(site: Any) -> None:
     pred.add_argument("--study-date", help="PACS query: YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
     pred.add_argument("--series-description", help="PACS query: series description (wildcards)")
     pred.set_defaults(func=_cmd_site_predict)
+    deid = site.add_parser(
+        "deidentify", help="write a de-identified copy (PS3.15 Basic Profile and options)"
+    )
+    deid.add_argument("--source", required=True, help="a folder, dicomweb://... or dimse://...")
+    deid.add_argument("--output", required=True, help="folder for the de-identified copy")
+    deid.add_argument("--state", required=True, help="the site's state folder (pseudonym map)")
+    deid.add_argument(
+        "--profile",
+        default="basic",
+        help="comma-separated: basic plus options, e.g. basic,retain-long-modified-dates",
+    )
+    deid.add_argument("--modality", help="PACS query: modality, e.g. CT")
+    deid.add_argument("--study-date", help="PACS query: YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
+    deid.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    deid.set_defaults(func=_cmd_site_deidentify)
+    reid = site.add_parser("reidentify", help="what a pseudonym stands for (site staff only)")
+    reid.add_argument("pseudonym", help="a pseudonym or a de-identified UID")
+    reid.add_argument("--state", required=True, help="the site's state folder")
+    reid.set_defaults(func=_cmd_site_reidentify)
 
 
 def _site_governance_parsers(site: Any) -> None:
@@ -843,6 +905,11 @@ def _site_governance_parsers(site: Any) -> None:
     dpol = site.add_parser("data-policy", help="set or show the site's data policy")
     dpol.add_argument("--state", required=True, help="the site's state folder")
     dpol.add_argument("--require-deidentified", choices=("yes", "no"))
+    dpol.add_argument(
+        "--on-phi",
+        choices=("quarantine", "refuse"),
+        help="a file that fails the gate: leave out its series, or refuse the round",
+    )
     dpol.set_defaults(func=_cmd_site_data_policy)
     _site_policy_parser(site)
     apps = site.add_parser(

@@ -10,6 +10,7 @@ back to pydicom, so it changes speed, never results.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
@@ -59,40 +60,37 @@ class _Raw:
         self.value = None
 
 
-class FastHeader:
-    """Header values by tag, with the `Dataset` methods the scan uses."""
+class _Elements:
+    """Elements by tag as raw (VR, value); sequences as lists of nested `_Elements`."""
 
-    def __init__(self, values: dict[int, tuple[bytes, bytes]], tsyntax: str, pixel: _Raw) -> None:
-        """Hold raw (VR, value) pairs by tag, the transfer syntax and the pixel location."""
+    def __init__(
+        self, values: dict[int, tuple[bytes, bytes]], items: dict[int, list[_Elements]]
+    ) -> None:
+        """Hold raw (VR, value) pairs by tag, and the items of each sequence."""
         self._values = values
-        self._pixel = pixel
-        self.file_meta = {"TransferSyntaxUID": UID(tsyntax)}
+        self._items = items
+
+    def raw_elements(self) -> Iterator[tuple[int, str, bytes | None, list[Any]]]:
+        """(tag, VR, raw value, sequence items) of every element (top level)."""
+        for tag, (vr, raw) in self._values.items():
+            yield tag, vr.decode("ascii", "replace"), raw, self._items.get(tag, [])
 
     @staticmethod
     def _tag(key: int | str) -> int:
         return key if isinstance(key, int) else _keyword_tag(key)
 
     def __contains__(self, key: int | str) -> bool:
-        tag = self._tag(key)
-        return tag == _PIXEL_DATA or tag in self._values
-
-    def keys(self) -> list[int]:
-        """Tags present (top level)."""
-        return [*self._values, _PIXEL_DATA]
-
-    def get_item(self, key: int, *, keep_deferred: bool = True) -> _Raw:
-        """The pixel data's location."""
-        del keep_deferred
-        if key != _PIXEL_DATA:
-            raise KeyError(key)
-        return self._pixel
+        return self._tag(key) in self._values
 
     def get(self, key: int | str, default: Any = None) -> Any:
-        """A converted value (str, int, float or list of numbers), or `default`."""
-        found = self._values.get(self._tag(key))
+        """A converted value (str, int, float, list of numbers or of items), or `default`."""
+        tag = self._tag(key)
+        found = self._values.get(tag)
         if found is None:
             return default
         vr, raw = found
+        if vr == b"SQ":
+            return self._items.get(tag, [])
         if vr == b"US":
             shorts = struct.unpack(f"<{len(raw) // 2}H", raw)
             return shorts[0] if len(shorts) == 1 else list(shorts)
@@ -112,6 +110,37 @@ class FastHeader:
         if value is None:
             raise AttributeError(keyword)
         return value
+
+
+class FastHeader(_Elements):
+    """Header values by tag, with the `Dataset` methods the scan uses."""
+
+    def __init__(
+        self,
+        values: dict[int, tuple[bytes, bytes]],
+        items: dict[int, list[_Elements]],
+        tsyntax: str,
+        pixel: _Raw,
+    ) -> None:
+        """Hold the elements, the transfer syntax and the pixel data's location."""
+        super().__init__(values, items)
+        self._pixel = pixel
+        self.file_meta = {"TransferSyntaxUID": UID(tsyntax)}
+
+    def __contains__(self, key: int | str) -> bool:
+        tag = self._tag(key)
+        return tag == _PIXEL_DATA or tag in self._values
+
+    def keys(self) -> list[int]:
+        """Tags present (top level)."""
+        return [*self._values, _PIXEL_DATA]
+
+    def get_item(self, key: int, *, keep_deferred: bool = True) -> _Raw:
+        """The pixel data's location."""
+        del keep_deferred
+        if key != _PIXEL_DATA:
+            raise KeyError(key)
+        return self._pixel
 
 
 def _element(buf: bytes, pos: int) -> tuple[int, bytes, int, int]:
@@ -138,6 +167,44 @@ def _skip_undefined(buf: bytes, pos: int, end_tag: int) -> int:
             pos = start + length
 
 
+def _item(buf: bytes, pos: int, end: int | None) -> tuple[_Elements, int]:
+    """The elements of one item from `pos` to `end` (None: up to its delimiter)."""
+    values: dict[int, tuple[bytes, bytes]] = {}
+    items: dict[int, list[_Elements]] = {}
+    while end is None or pos < end:
+        tag, vr, length, start = _element(buf, pos)
+        if tag == _ITEM_END:
+            return _Elements(values, items), start
+        if vr == b"SQ":
+            items[tag], pos = _sequence(buf, start, length)
+            values[tag] = (vr, b"")
+            continue
+        if length == 0xFFFFFFFF:
+            pos = _skip_undefined(buf, start, _SEQ_END)
+            values[tag] = (vr, b"")
+            continue
+        if start + length > len(buf):
+            raise ValueError("element beyond the buffer")
+        values[tag] = (vr, bytes(buf[start : start + length]))
+        pos = start + length
+    return _Elements(values, items), pos
+
+
+def _sequence(buf: bytes, pos: int, length: int) -> tuple[list[_Elements], int]:
+    """The items of a sequence whose value starts at `pos`, and the position after it."""
+    end = None if length == 0xFFFFFFFF else pos + length
+    found: list[_Elements] = []
+    while end is None or pos < end:
+        tag, _, item_length, start = _element(buf, pos)
+        if tag == _SEQ_END:
+            return found, start
+        if tag != _ITEM:
+            raise ValueError("malformed sequence")
+        item, pos = _item(buf, start, None if item_length == 0xFFFFFFFF else start + item_length)
+        found.append(item)
+    return found, pos
+
+
 def read_fast_header(path: str, size: int) -> FastHeader | None:
     """Header of an explicit VR little endian Part 10 file, or None to use pydicom."""
     with open(path, "rb") as fh:
@@ -160,6 +227,7 @@ def _parse(buf: bytes, size: int) -> FastHeader | None:
         return None
     pos, tsyntax = 132, ""
     values: dict[int, tuple[bytes, bytes]] = {}
+    items: dict[int, list[_Elements]] = {}
     while True:
         tag, vr, length, start = _element(buf, pos)
         if tag >> 16 != 0x0002:
@@ -176,16 +244,20 @@ def _parse(buf: bytes, size: int) -> FastHeader | None:
         if tag == _PIXEL_DATA:
             if length == 0xFFFFFFFF:
                 return None
-            return FastHeader(values, tsyntax, _Raw(start, length))
+            return FastHeader(values, items, tsyntax, _Raw(start, length))
         if tag > _PIXEL_DATA:
             break
+        if vr == b"SQ":
+            items[tag], pos = _sequence(buf, start, length)
+            values[tag] = (vr, b"")
+            continue
         if length == 0xFFFFFFFF:
             pos = _skip_undefined(buf, start, _SEQ_END)
             values[tag] = (vr, b"")
             continue
         if start + length > len(buf):
             raise ValueError("element beyond the buffer")
-        values[tag] = (vr, bytes(buf[start : start + length]) if vr != b"SQ" else b"")
+        values[tag] = (vr, bytes(buf[start : start + length]))
         pos = start + length
     if len(buf) >= size:  # whole file read and no pixel data: let pydicom say why
         return None

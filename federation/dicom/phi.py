@@ -1,83 +1,52 @@
-"""Privacy gate: which attributes carry PHI, and whether a site's files are de-identified.
+"""The site's privacy gate: de-identified files pass, the rest are quarantined or refused.
 
-Nothing that leaves a site (metrics, manifests sent as summaries, quality summaries,
-refusals) may carry the values of these attributes; the site-local manifest keeps only
-pseudonyms and facts about geometry, vendor and labels.
+Files are judged against PS3.15's Basic Application Level Confidentiality Profile
+(`federation.dicom.profile`). What a failure means is the site's choice (`on_phi`):
+"quarantine" leaves out each offending series with its reasons and goes on with the rest;
+"refuse" refuses the whole preparation. Reasons name attributes and rules, never values;
+the coordinator hears only counts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
 
+from federation.dicom.profile import action
+from federation.dicom.scan import Instance, Problem
+
 __all__ = [
-    "PHI_KEYWORDS",
+    "NOT_DEIDENTIFIED",
+    "ON_PHI",
     "DeidentificationRequired",
+    "deidentification_gate",
     "identifying_values",
-    "phi_attributes",
-    "require_deidentified",
 ]
 
-# Patient identity, dates that date a patient, institution and staff, free text.
-PHI_KEYWORDS: tuple[str, ...] = (
-    "PatientName",
-    "PatientID",
-    "OtherPatientIDs",
-    "OtherPatientNames",
-    "PatientBirthDate",
-    "PatientBirthTime",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
-    "PatientMotherBirthName",
-    "MilitaryRank",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "SeriesDate",
-    "AcquisitionDate",
-    "ContentDate",
-    "AcquisitionDateTime",
-    "InstitutionName",
-    "InstitutionAddress",
-    "InstitutionalDepartmentName",
-    "ReferringPhysicianName",
-    "PerformingPhysicianName",
-    "OperatorsName",
-    "PhysiciansOfRecord",
-    "NameOfPhysiciansReadingStudy",
-    "StationName",
-    "DeviceSerialNumber",
-    "RequestingPhysician",
-    "AdditionalPatientHistory",
-    "PatientComments",
-)
-# UIDs can embed identifiers (dates, MRNs): they never leave a site in clear.
-UID_KEYWORDS: tuple[str, ...] = (
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "FrameOfReferenceUID",
-)
-
-
-def phi_attributes(ds: Any) -> list[str]:
-    """Keywords of PHI-bearing attributes with a value in `ds` (plus "private tags")."""
-    found = [k for k in PHI_KEYWORDS if k in ds and str(ds.get(k) or "").strip()]
-    if any((int(tag) >> 16) & 1 for tag in ds.keys()):  # odd group: private; no deferred reads
-        found.append("private tags")
-    return found
+ON_PHI = ("quarantine", "refuse")
+NOT_DEIDENTIFIED = "not de-identified"
 
 
 def identifying_values(ds: Dataset) -> set[str]:
-    """The identifying strings of one dataset (for scanning what a site sends)."""
-    values = {str(ds.get(k) or "").strip() for k in (*PHI_KEYWORDS, *UID_KEYWORDS)}
-    return {v for v in values if len(v) >= 4}
+    """Every value (4+ characters) of an attribute the profile acts on, at any depth.
+
+    For scanning what a site sends: none of these may leave it.
+    """
+    values: set[str] = set()
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value or []:
+                values |= identifying_values(item)
+        elif elem.tag != 0x7FE00010 and (elem.tag.is_private or action(elem.tag)):
+            text = "" if isinstance(elem.value, bytes) else str(elem.value).strip()
+            if len(text) >= 4:
+                values.add(text)
+    return values
 
 
 class DeidentificationRequired(ValueError):
-    """The site's policy requires de-identified data and these files are not."""
+    """The site's policy refuses data that is not de-identified, and these files are not."""
 
     def __init__(self, files: Sequence[str], reasons: Sequence[str]) -> None:
         """Name the files and why each is not de-identified."""
@@ -92,27 +61,48 @@ class DeidentificationRequired(ValueError):
         more = f" and {len(self.files) - 5} more" if len(self.files) > 5 else ""
         return (
             f"the site policy requires de-identified data, but {len(self.files)} files are "
-            f"not: {shown}{more}. De-identify them (PatientIdentityRemoved=YES, PHI blanked) "
-            "or set require_deidentified: false in the site policy."
+            f"not: {shown}{more}. De-identify them with `medfed site deidentify` (PS3.15 "
+            "Basic Profile), or set on_phi: quarantine to leave such series out."
         )
 
 
-def require_deidentified(files: Iterable[tuple[str, bool, Sequence[str]]]) -> None:
-    """Refuse unless every (path, PatientIdentityRemoved, PHI attributes) is de-identified.
+def deidentification_gate(
+    instances: list[Instance], *, on_phi: str
+) -> tuple[list[Instance], list[Problem]]:
+    """The instances that pass, and a problem for each file left out with its series.
+
+    A series with one file that fails is left out whole, with every label of it; a label
+    that fails is left out alone.
 
     Raises:
-        DeidentificationRequired: Naming each file that is not and why.
-
+        DeidentificationRequired: `on_phi` is "refuse" and a file fails.
+        ValueError: `on_phi` is not one of ON_PHI.
     """
-    bad, reasons = [], []
-    for path, removed, phi in files:
-        why = []
-        if not removed:
-            why.append("PatientIdentityRemoved is not YES")
-        if phi:
-            why.append(f"carries {', '.join(phi)}")
-        if why:
-            bad.append(path)
-            reasons.append(" and ".join(why))
-    if bad:
-        raise DeidentificationRequired(bad, reasons)
+    if on_phi not in ON_PHI:
+        raise ValueError(f"on_phi={on_phi!r}: choose one of {', '.join(ON_PHI)}")
+    failed = [i for i in instances if i.deid_problems]
+    if not failed:
+        return instances, []
+    if on_phi == "refuse":
+        raise DeidentificationRequired(
+            [i.path for i in failed], ["; ".join(i.deid_problems) for i in failed]
+        )
+    bad_series = {i.series_uid for i in failed if i.kind == "image"}
+    kept: list[Instance] = []
+    problems: list[Problem] = []
+    for inst in instances:
+        if inst.deid_problems:
+            problems.append(
+                Problem(inst.path, f"{NOT_DEIDENTIFIED}: {'; '.join(inst.deid_problems)}")
+            )
+        elif inst.kind == "image" and inst.series_uid in bad_series:
+            problems.append(
+                Problem(inst.path, f"{NOT_DEIDENTIFIED}: another file of its series is not")
+            )
+        elif inst.kind != "image" and bad_series.intersection(inst.references):
+            problems.append(
+                Problem(inst.path, f"{NOT_DEIDENTIFIED}: it labels a series that is not")
+            )
+        else:
+            kept.append(inst)
+    return kept, problems

@@ -26,7 +26,7 @@ from federation.dicom.labels import (
     rtstruct_label,
     seg_label,
 )
-from federation.dicom.phi import require_deidentified
+from federation.dicom.phi import deidentification_gate
 from federation.dicom.scan import Instance, Problem, iter_files, scan_paths
 from federation.dicom.volume import GeometryError, Volume, group_series, plan_series, read_volume
 
@@ -51,13 +51,16 @@ class PrepareOptions:
     Attributes:
         labels_csv: CSV of study/series-level class labels.
         target_spacing: Resample every volume to this (slice, row, col) spacing in mm.
-        require_deidentified: Refuse files that are not de-identified (site policy).
+        require_deidentified: Judge files against PS3.15's Basic Profile (site policy).
+        on_phi: What a file that fails means: "quarantine" leaves out its series and goes
+            on, "refuse" refuses the preparation.
         progress: Show progress bars (for interactive use).
     """
 
     labels_csv: Path | None = None
     target_spacing: tuple[float, float, float] | None = None
     require_deidentified: bool = False
+    on_phi: str = "quarantine"
     progress: bool = False
 
     def fingerprint(self) -> str:
@@ -256,7 +259,8 @@ def prepare_folder(
     """Prepare every series under `root` into `cache_dir`.
 
     Raises:
-        DeidentificationRequired: The policy requires de-identified data and files are not.
+        DeidentificationRequired: The policy refuses data that is not de-identified, and
+            files are not.
         ValueError: `root` is not a folder, or the labels CSV is malformed.
 
     """
@@ -277,15 +281,17 @@ def prepare_folder(
     with _bar(len(dicoms), "scan headers", opts.progress) as bar:
         scan = scan_paths(dicoms, known=cache.load_index(), progress=bar.update)
     report.problems.extend(scan.problems)
+    instances = scan.instances
     if opts.require_deidentified:
-        require_deidentified((i.path, i.deidentified, i.phi) for i in scan.instances)
-    series = group_series(scan.instances)
-    labels = _find_labels(scan.instances, niftis, series, opts.labels_csv, report.problems)
+        instances, left_out = deidentification_gate(instances, on_phi=opts.on_phi)
+        report.problems.extend(left_out)
+    series = group_series(instances)
+    labels = _find_labels(instances, niftis, series, opts.labels_csv, report.problems)
     log.info(
         "scanned %d files: %d series, %d files quarantined",
         len(paths),
         len(series),
-        len(scan.problems),
+        len(report.problems),
     )
     with _bar(sum(len(v) for v in series.values()), "prepare series", opts.progress) as bar:
         for uid in sorted(series):

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from federation.dicom.fastheader import read_fast_header
-from federation.dicom.phi import phi_attributes
+from federation.dicom.profile import profile_problems
 
 __all__ = [
     "RTSTRUCT_SOP_CLASS",
@@ -80,7 +80,8 @@ class Instance:
     intercepts: list[float] = field(default_factory=list)
     references: list[str] = field(default_factory=list)  # series UIDs a SEG/RTSTRUCT labels
     deidentified: bool = False
-    phi: list[str] = field(default_factory=list)  # PHI-bearing attributes present
+    # Why the file is not de-identified to PS3.15's Basic Profile (names, never values).
+    deid_problems: list[str] = field(default_factory=list)
     content_hash: str = ""  # filled in when the bytes are first read
 
     def to_dict(self) -> dict[str, Any]:
@@ -271,7 +272,7 @@ def _classify(path: Path, stat: os.stat_result, ds: Any) -> Instance | Problem:
         manufacturer=str(ds.get("Manufacturer", "") or "unknown"),
         transfer_syntax=str(tsyntax),
         deidentified=str(ds.get("PatientIdentityRemoved", "")).upper() == "YES",
-        phi=phi_attributes(ds),
+        deid_problems=profile_problems(ds),
     )
     if sop_class == SEG_SOP_CLASS or sop_class == RTSTRUCT_SOP_CLASS:
         inst.kind = "seg" if sop_class == SEG_SOP_CLASS else "rtstruct"

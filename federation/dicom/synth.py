@@ -11,6 +11,7 @@ site's folder. Everything is deterministic from the seed.
 
 from __future__ import annotations
 
+import copy
 import csv
 import datetime as dt
 from collections.abc import Callable, Sequence
@@ -23,14 +24,17 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from federation.dicom.classlabels import LABELS_CSV
+from federation.dicom.deidentify import Deidentifier, Pseudonyms, parse_profile
 
 __all__ = [
     "ABNORMAL",
+    "DEIDENTIFICATION",
     "LABELS_CSV",
     "NORMAL",
     "SiteProfile",
     "generate_consortium",
     "has_lesion",
+    "hospital_id",
     "patient_id",
     "phantom",
     "site_profiles",
@@ -110,9 +114,21 @@ def _uid(*parts: object) -> str:
     return str(generate_uid(prefix=_ORG_ROOT, entropy_srcs=[str(p) for p in parts]))
 
 
-def patient_id(profile: SiteProfile, index: int) -> str:
-    """The synthetic PatientID of a site's `index`-th patient."""
+# The generator's own pseudonym key: its de-identified output is the same on every machine.
+_PSEUDONYMS = Pseudonyms(b"medfed synthetic consortium")
+# De-identified as a research export usually is: dates shifted per patient, sex kept.
+DEIDENTIFICATION = "basic,retain-long-modified-dates,retain-patient-chars"
+
+
+def hospital_id(profile: SiteProfile, index: int) -> str:
+    """The PatientID of a site's `index`-th patient as the hospital's archive has it."""
     return f"{profile.name.upper()}-P{index + 1:03d}"
+
+
+def patient_id(profile: SiteProfile, index: int, *, identified: bool = False) -> str:
+    """The PatientID written for a site's `index`-th patient (and its folder's name)."""
+    original = hospital_id(profile, index)
+    return original if identified else _PSEUDONYMS.text("patient", original)
 
 
 def has_lesion(profile: SiteProfile, index: int, *, seed: int) -> bool:
@@ -283,17 +299,34 @@ def _seg(
     return seg
 
 
-def write_site(profile: SiteProfile, out_dir: Path, *, slices: int, seed: int) -> int:
+def write_site(
+    profile: SiteProfile, out_dir: Path, *, slices: int, seed: int, identified: bool = False
+) -> int:
     """Write one site's patients as CT series with SEG ground truth, and its labels CSV.
+
+    Args:
+        profile: The site.
+        out_dir: Its folder.
+        slices: Slices per series.
+        seed: The consortium's seed.
+        identified: Write what a hospital archive holds (names, dates, institution,
+            original UIDs) instead of its de-identified export (PS3.15 Basic Profile with
+            `DEIDENTIFICATION`'s options, as `medfed site deidentify` writes it).
 
     Returns:
         The number of DICOM files written.
 
     """
+    deidentify = (
+        (lambda ds: ds)
+        if identified
+        else Deidentifier(_PSEUDONYMS, parse_profile(DEIDENTIFICATION))
+    )
+    uid = (lambda u: u) if identified else _PSEUDONYMS.uid
     written = 0
     rows: list[dict[str, str]] = []
     for p in range(profile.patients):
-        pid = patient_id(profile, p)
+        pid = hospital_id(profile, p)
         hu, mask = phantom(profile, p, slices=slices, seed=seed)
         patient = {
             "name": f"SYNTH^{pid}",
@@ -306,7 +339,7 @@ def write_site(profile: SiteProfile, out_dir: Path, *, slices: int, seed: int) -
         }
         series_uid = _uid(seed, profile.name, pid, "ct-series")
         frame_uid = _uid(seed, profile.name, pid, "frame")
-        folder = out_dir / pid
+        folder = out_dir / patient_id(profile, p, identified=identified)
         folder.mkdir(parents=True, exist_ok=True)
         sources = []
         for k in range(slices):
@@ -322,18 +355,21 @@ def write_site(profile: SiteProfile, out_dir: Path, *, slices: int, seed: int) -
                 hu[k],
                 sop_uid,
             )
-            # File names carry no order: readers must sort by geometry.
-            pydicom.dcmwrite(folder / f"{sop_uid}.dcm", ds, enforce_file_format=True)
             sources.append(ds)
+        # highdicom shares the sources' data elements: the SEG gets copies to de-identify.
+        seg = _seg(profile, copy.deepcopy(sources), mask, seed, pid)
+        for ds in sources:  # de-identified after the SEG took its references
+            deidentify(ds)
+            # File names carry no order: readers must sort by geometry.
+            pydicom.dcmwrite(folder / f"{ds.SOPInstanceUID}.dcm", ds, enforce_file_format=True)
             written += 1
-        seg = _seg(profile, sources, mask, seed, pid)
-        seg.save_as(folder / "seg.dcm")
+        deidentify(seg).save_as(folder / "seg.dcm")
         written += 1
         label = ABNORMAL if has_lesion(profile, p, seed=seed) else NORMAL
         rows.append(
             {
-                "StudyInstanceUID": patient["study_uid"],
-                "SeriesInstanceUID": series_uid,
+                "StudyInstanceUID": uid(patient["study_uid"]),
+                "SeriesInstanceUID": uid(series_uid),
                 "label": label,
             }
         )
@@ -352,6 +388,7 @@ def generate_consortium(
     slices: int = 20,
     seed: int = 0,
     skip_existing: bool = False,
+    identified: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[SiteProfile]:
     """Write a synthetic consortium under `root/<site name>/`.
@@ -363,6 +400,7 @@ def generate_consortium(
         slices: Slices per CT series.
         seed: Seed making the whole consortium reproducible.
         skip_existing: Leave sites whose folder already exists untouched.
+        identified: Write the hospitals' archives rather than de-identified exports.
         progress: Called with a line per finished site.
 
     Returns:
@@ -375,7 +413,9 @@ def generate_consortium(
     for profile in profiles:
         if skip_existing and (root / profile.name).exists():
             continue
-        count = write_site(profile, root / profile.name, slices=slices, seed=seed)
+        count = write_site(
+            profile, root / profile.name, slices=slices, seed=seed, identified=identified
+        )
         if progress is not None:
             progress(
                 f"{profile.name}: {profile.patients} patients, {count} files "

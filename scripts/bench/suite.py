@@ -175,6 +175,21 @@ def render_prepare_speed(r: dict[str, Any]) -> str:
     )
 
 
+def render_deid(r: dict[str, Any]) -> str:
+    rows = [
+        ["plain pydicom read", r["read_files_per_s"]],
+        ["pydicom read and write, unchanged", r["copy_files_per_s"]],
+        [f"medfed site deidentify ({r['profile']})", r["deid_files_per_s"]],
+    ]
+    return (
+        f"{r['files']} files of an identified archive (CT series and their SEG).\n\n"
+        + _table(["path", "files / s"], rows)
+        + f"\n\nDe-identify / read time {_fmt(r['deid_vs_read_time'])}, de-identify / copy "
+        f"time {_fmt(r['deid_vs_copy_time'])}; peak MB by files {r['peak_mb']} "
+        f"(x{_fmt(r['memory_growth_4x'])} for 4x the files)."
+    )
+
+
 def render_deploy_rounds(r: dict[str, Any]) -> str:
     arms = (
         ("simulation", "simulation"),
@@ -264,6 +279,7 @@ BENCHMARKS = {
     "communication": Benchmark("communication.py", ["--quick"], render_communication),
     "overhead": Benchmark("overhead.py", ["--quick"], render_overhead),
     "prepare_speed": Benchmark("prepare_speed.py", ["--quick"], render_prepare_speed),
+    "deid": Benchmark("deid.py", ["--quick"], render_deid),
     "secagg": Benchmark("secagg.py", ["--quick"], render_secagg),
     "deploy_rounds": Benchmark("deploy_rounds.py", ["--quick"], render_deploy_rounds),
     "predict": Benchmark("predict.py", ["--quick"], render_predict),

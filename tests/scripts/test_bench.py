@@ -128,3 +128,13 @@ def test_predict_quick_gives_speed_stage_shares_flat_memory_and_the_runs_dice(tm
     dice = result["dice"]
     assert dice["round"] >= 0 and 0 <= dice["written_segs"] <= 1
     assert dice["difference"] < 1e-3
+
+
+def test_deid_quick_compares_deidentification_with_plain_reads_at_flat_memory():
+    result = bench("deid.py", "--quick")
+    assert result["benchmark"] == "deid" and result["files"] == 26  # 2 x (12 slices + SEG)
+    # Writing a copy costs more than reading; de-identifying costs more than copying.
+    assert result["read_files_per_s"] > result["copy_files_per_s"] > result["deid_files_per_s"] > 0
+    assert result["deid_vs_read_time"] > result["deid_vs_copy_time"] > 1
+    # Streaming: 4x the files, about the same peak memory.
+    assert set(result["peak_mb"]) == {"26", "104"} and result["memory_growth_4x"] < 1.1

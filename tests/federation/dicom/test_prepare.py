@@ -15,7 +15,7 @@ from pydicom.pixels import apply_rescale
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from federation.dicom.cache import VolumeCache
-from federation.dicom.phi import PHI_KEYWORDS, DeidentificationRequired
+from federation.dicom.phi import identifying_values
 from federation.dicom.prepare import HISTOGRAM_STRIDE, PrepareOptions, prepare_folder
 from federation.dicom.synth import patient_id
 from medfed.cli import main
@@ -23,13 +23,9 @@ from tests.conftest import SLICES
 
 
 def _identifiers(folder: Path) -> set[str]:
-    found = set()
+    found: set[str] = set()
     for path in folder.rglob("*.dcm"):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        for key in (*PHI_KEYWORDS, "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-            value = str(ds.get(key) or "")
-            if len(value) >= 4:
-                found.add(value)
+        found |= identifying_values(pydicom.dcmread(path, stop_before_pixels=True))
     return found
 
 
@@ -65,7 +61,7 @@ def test_cli_prepares_a_site_and_a_rerun_only_redoes_what_changed(consortium, tm
     assert main(["site", "prepare", "--source", str(site), "--output", str(out)]) == 0
     assert "3 series ready (0 prepared, 3 unchanged" in capsys.readouterr().out
     # Change one slice of one patient: only that series is prepared again.
-    changed = sorted((site / patient_id(profile, 1)).glob("1*.dcm"))[3]
+    changed = sorted((site / patient_id(profile, 1)).glob("2.25.*.dcm"))[3]
     ds = pydicom.dcmread(changed)
     ds.PixelData = (np.frombuffer(ds.PixelData, np.int16) + 1).astype(np.int16).tobytes()
     ds.save_as(changed)
@@ -84,7 +80,7 @@ def test_cli_prepares_a_site_and_a_rerun_only_redoes_what_changed(consortium, tm
 
 
 def _patient(root: Path, tmp_path: Path) -> Path:
-    src = root / "site-1" / "SITE-1-P001"
+    src = next(p for p in sorted((root / "site-1").iterdir()) if p.is_dir())
     dst = tmp_path / "site" / src.name
     shutil.copytree(src, dst)
     return dst
@@ -127,7 +123,7 @@ def test_rtstruct_nifti_and_csv_labels(consortium, tmp_path):
     root, profiles = consortium
     patient = _patient(root, tmp_path)
     (patient / "seg.dcm").unlink()
-    ref = pydicom.dcmread(next(patient.glob("1*.dcm")))
+    ref = pydicom.dcmread(next(patient.glob("2.25.*.dcm")))
     ps = profiles[0].pixel_spacing
     x0, y0 = [float(v) for v in ref.ImagePositionPatient[:2]]
     dz = profiles[0].slice_thickness
@@ -156,32 +152,6 @@ def test_rtstruct_nifti_and_csv_labels(consortium, tmp_path):
     assert entry.label == "nifti"
     nifti_mask = VolumeCache(out).get(entry.key).label
     np.testing.assert_array_equal(nifti_mask, mask)
-
-
-def test_privacy_gate_refuses_identified_files_and_names_them(consortium, tmp_path, capsys):
-    root, _ = consortium
-    patient = _patient(root, tmp_path)
-    with pytest.raises(DeidentificationRequired) as err:
-        prepare_folder(
-            patient.parent, tmp_path / "out", options=PrepareOptions(require_deidentified=True)
-        )
-    assert len(err.value.files) == SLICES + 1
-    assert "PatientIdentityRemoved is not YES" in str(err.value) and "PatientName" in str(err.value)
-    state = tmp_path / "state"
-    assert (
-        main(["site", "data-policy", "--state", str(state), "--require-deidentified", "yes"]) == 0
-    )
-    args = ["site", "prepare", "--source", str(patient.parent), "--output", str(tmp_path / "o")]
-    assert main([*args, "--state", str(state)]) == 2
-    assert "requires de-identified data" in capsys.readouterr().err
-    for path in patient.glob("*.dcm"):
-        ds = pydicom.dcmread(path)
-        for key in PHI_KEYWORDS:
-            if key in ds:
-                ds.data_element(key).value = ""
-        ds.PatientIdentityRemoved = "YES"
-        ds.save_as(path)
-    assert main([*args, "--state", str(state)]) == 0
 
 
 def test_resampling_to_a_target_spacing_and_modality_aware_normalisation(consortium, tmp_path):
@@ -222,7 +192,7 @@ def test_volume_values_equal_pydicoms_rescale(
     root, _ = consortium
     patient = _patient(root, tmp_path)
     rng = np.random.default_rng(0)
-    for path in patient.glob("1*.dcm"):
+    for path in patient.glob("2.25.*.dcm"):
         ds = pydicom.dcmread(path)
         if ds.Modality != "CT":
             continue
@@ -237,7 +207,7 @@ def test_volume_values_equal_pydicoms_rescale(
     volume = VolumeCache(tmp_path / "out").get(entry.key)
     assert volume.hu.dtype == dtype
     for k, uid in enumerate(volume.sop_uids):
-        [path] = [p for p in patient.glob("1*.dcm") if pydicom.dcmread(p).SOPInstanceUID == uid]
+        [path] = [p for p in patient.glob("2.25.*.dcm") if pydicom.dcmread(p).SOPInstanceUID == uid]
         ds = pydicom.dcmread(path)
         expected = apply_rescale(ds.pixel_array, ds)
         np.testing.assert_array_equal(volume.hu[k], expected.astype(np.float32))

@@ -98,7 +98,7 @@ def test_sites_differ_like_hospitals(consortium):
 
 
 def _thickness(folder):
-    return float(pydicom.dcmread(next(folder.glob("1*.dcm"))).SliceThickness)
+    return float(pydicom.dcmread(next(folder.glob("2.25.*.dcm"))).SliceThickness)
 
 
 def _copy_patient(root, tmp_path):
