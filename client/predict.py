@@ -194,7 +194,9 @@ def predict(
         instances = scan.instances
         policy = DataPolicy.load(state_dir) if state_dir is not None else DataPolicy()
         if policy.require_deidentified:
-            instances, left_out = deidentification_gate(instances, on_phi=policy.on_phi)
+            instances, left_out = deidentification_gate(
+                instances, on_phi=policy.on_phi, private_tags=policy.private_tags
+            )
             report.problems.extend(left_out)
         series = _checked_series(instances, task, report)
         while True:

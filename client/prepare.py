@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
 
-from federation.dicom.phi import ON_PHI
+from federation.dicom.phi import ON_PHI, PRIVATE_TAGS
 from federation.dicom.prepare import PrepareOptions
 
 __all__ = [
@@ -32,24 +32,26 @@ class DataPolicy:
         on_phi: What a file that fails means: "quarantine" (the default) leaves out its
             series, with the reasons in the site's quarantine list, and goes on with the
             rest; "refuse" refuses the round, naming the files in the site's log.
+        private_tags: "remove" (the profile's rule: private attributes fail) or "keep"
+            (the site accepts what its own devices write there).
     """
 
     require_deidentified: bool = True
     on_phi: str = "quarantine"
+    private_tags: str = "remove"
 
     def __post_init__(self) -> None:
-        if self.on_phi not in ON_PHI:
-            raise ValueError(f"on_phi={self.on_phi!r}: choose one of {', '.join(ON_PHI)}")
+        if self.on_phi not in ON_PHI or self.private_tags not in PRIVATE_TAGS:
+            raise ValueError(
+                f"on_phi={self.on_phi!r}, private_tags={self.private_tags!r}: choose on_phi "
+                f"from {', '.join(ON_PHI)} and private_tags from {', '.join(PRIVATE_TAGS)}"
+            )
 
     def save(self, state_dir: Path) -> Path:
         """Write the policy into the site's state folder."""
         state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / DATA_POLICY_FILE
-        path.write_text(
-            yaml.safe_dump(
-                {"data": {"require_deidentified": self.require_deidentified, "on_phi": self.on_phi}}
-            )
-        )
+        path.write_text(yaml.safe_dump({"data": asdict(self)}, sort_keys=False))
         return path
 
     @classmethod
@@ -64,14 +66,27 @@ class DataPolicy:
             return cls()
         raw = yaml.safe_load(path.read_text()) or {}
         section = raw.get("data") if isinstance(raw, dict) else None
-        value = section.get("require_deidentified") if isinstance(section, dict) else None
-        on_phi = section.get("on_phi", "quarantine") if isinstance(section, dict) else None
-        if not isinstance(value, bool) or on_phi not in ON_PHI:
+        known = {f.name for f in fields(cls)}
+        if (
+            not isinstance(section, dict)
+            or not isinstance(section.get("require_deidentified"), bool)
+            or not set(section) <= known
+        ):
             raise ValueError(
                 f"{path}: expected 'data: {{require_deidentified: true|false, on_phi: "
-                "quarantine|refuse}'; rewrite it with medfed site data-policy"
+                "quarantine|refuse, private_tags: remove|keep}'; rewrite it with "
+                "medfed site data-policy"
             )
-        return cls(require_deidentified=value, on_phi=on_phi)
+        return cls(**section)
+
+    def options(self, *, progress: bool = False) -> PrepareOptions:
+        """Preparation options that follow this policy."""
+        return PrepareOptions(
+            require_deidentified=self.require_deidentified,
+            on_phi=self.on_phi,
+            private_tags=self.private_tags,
+            progress=progress,
+        )
 
 
 def prepared_dir(state_dir: Path) -> Path:
@@ -81,7 +96,4 @@ def prepared_dir(state_dir: Path) -> Path:
 
 def prepare_options(state_dir: Path, *, progress: bool = False) -> PrepareOptions:
     """Preparation options that follow the site's data policy."""
-    policy = DataPolicy.load(state_dir)
-    return PrepareOptions(
-        require_deidentified=policy.require_deidentified, on_phi=policy.on_phi, progress=progress
-    )
+    return DataPolicy.load(state_dir).options(progress=progress)

@@ -33,6 +33,7 @@ medfed run federation=deploy federation.kit=kits/coordinator rounds=10
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -379,16 +380,14 @@ def _update_governance(args: argparse.Namespace, path: Path) -> bool:
 
 def _cmd_site_prepare(args: argparse.Namespace) -> int:
     from client.prepare import DataPolicy
-    from federation.dicom.prepare import PrepareOptions
     from federation.dicom.sources import SourceQuery, prepare_source
 
     policy = DataPolicy.load(Path(args.state)) if args.state else DataPolicy()
-    options = PrepareOptions(
+    options = dataclasses.replace(
+        policy.options(progress=sys.stderr.isatty() and not args.quiet),
         labels_csv=Path(args.labels_csv) if args.labels_csv else None,
         target_spacing=tuple(args.spacing) if args.spacing else None,
         require_deidentified=args.require_deidentified or policy.require_deidentified,
-        on_phi=policy.on_phi,
-        progress=sys.stderr.isatty() and not args.quiet,
     )
     query = SourceQuery(
         modality=args.modality,
@@ -472,19 +471,15 @@ def _cmd_site_data_policy(args: argparse.Namespace) -> int:
 
     state = Path(args.state)
     policy = DataPolicy.load(state)
-    if args.require_deidentified is not None or args.on_phi is not None:
-        policy = DataPolicy(
-            require_deidentified=(
-                policy.require_deidentified
-                if args.require_deidentified is None
-                else args.require_deidentified == "yes"
-            ),
-            on_phi=args.on_phi or policy.on_phi,
-        )
+    changes: dict[str, Any] = {k: v for k in ("on_phi", "private_tags") if (v := getattr(args, k))}
+    if args.require_deidentified is not None:
+        changes["require_deidentified"] = args.require_deidentified == "yes"
+    if changes:
+        policy = dataclasses.replace(policy, **changes)
         print(f"wrote {policy.save(state)}")
     print(
         f"require de-identified data: {'yes' if policy.require_deidentified else 'no'}; "
-        f"a file that is not: {policy.on_phi}"
+        f"a file that is not: {policy.on_phi}; private attributes: {policy.private_tags}"
     )
     return 0
 
@@ -909,6 +904,11 @@ def _site_governance_parsers(site: Any) -> None:
         "--on-phi",
         choices=("quarantine", "refuse"),
         help="a file that fails the gate: leave out its series, or refuse the round",
+    )
+    dpol.add_argument(
+        "--private-tags",
+        choices=("remove", "keep"),
+        help="private attributes: fail the gate (the profile's rule), or accepted",
     )
     dpol.set_defaults(func=_cmd_site_data_policy)
     _site_policy_parser(site)

@@ -13,18 +13,20 @@ from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
 
-from federation.dicom.profile import action
+from federation.dicom.profile import PRIVATE, action
 from federation.dicom.scan import Instance, Problem
 
 __all__ = [
     "NOT_DEIDENTIFIED",
     "ON_PHI",
+    "PRIVATE_TAGS",
     "DeidentificationRequired",
     "deidentification_gate",
     "identifying_values",
 ]
 
 ON_PHI = ("quarantine", "refuse")
+PRIVATE_TAGS = ("remove", "keep")
 NOT_DEIDENTIFIED = "not de-identified"
 
 
@@ -67,34 +69,46 @@ class DeidentificationRequired(ValueError):
 
 
 def deidentification_gate(
-    instances: list[Instance], *, on_phi: str
+    instances: list[Instance], *, on_phi: str, private_tags: str = "remove"
 ) -> tuple[list[Instance], list[Problem]]:
     """The instances that pass, and a problem for each file left out with its series.
 
     A series with one file that fails is left out whole, with every label of it; a label
     that fails is left out alone.
 
+    Args:
+        instances: Scanned files, with their `deid_problems`.
+        on_phi: "quarantine" or "refuse" (see the module).
+        private_tags: "remove": private attributes fail, as the Basic Profile says;
+            "keep": the site accepts them (it knows what its devices put there).
+
     Raises:
         DeidentificationRequired: `on_phi` is "refuse" and a file fails.
-        ValueError: `on_phi` is not one of ON_PHI.
+        ValueError: `on_phi` or `private_tags` is not one of its choices.
     """
-    if on_phi not in ON_PHI:
-        raise ValueError(f"on_phi={on_phi!r}: choose one of {', '.join(ON_PHI)}")
-    failed = [i for i in instances if i.deid_problems]
+    if on_phi not in ON_PHI or private_tags not in PRIVATE_TAGS:
+        raise ValueError(
+            f"on_phi={on_phi!r}, private_tags={private_tags!r}: choose on_phi from "
+            f"{', '.join(ON_PHI)} and private_tags from {', '.join(PRIVATE_TAGS)}"
+        )
+    accepted = PRIVATE if private_tags == "keep" else None
+    why = {
+        i.path: [r for r in i.deid_problems if accepted is None or not r.startswith(accepted)]
+        for i in instances
+    }
+    failed = [i for i in instances if why[i.path]]
     if not failed:
         return instances, []
     if on_phi == "refuse":
         raise DeidentificationRequired(
-            [i.path for i in failed], ["; ".join(i.deid_problems) for i in failed]
+            [i.path for i in failed], ["; ".join(why[i.path]) for i in failed]
         )
     bad_series = {i.series_uid for i in failed if i.kind == "image"}
     kept: list[Instance] = []
     problems: list[Problem] = []
     for inst in instances:
-        if inst.deid_problems:
-            problems.append(
-                Problem(inst.path, f"{NOT_DEIDENTIFIED}: {'; '.join(inst.deid_problems)}")
-            )
+        if why[inst.path]:
+            problems.append(Problem(inst.path, f"{NOT_DEIDENTIFIED}: {'; '.join(why[inst.path])}"))
         elif inst.kind == "image" and inst.series_uid in bad_series:
             problems.append(
                 Problem(inst.path, f"{NOT_DEIDENTIFIED}: another file of its series is not")

@@ -54,6 +54,7 @@ class PrepareOptions:
         require_deidentified: Judge files against PS3.15's Basic Profile (site policy).
         on_phi: What a file that fails means: "quarantine" leaves out its series and goes
             on, "refuse" refuses the preparation.
+        private_tags: "remove" (private attributes fail the gate) or "keep".
         progress: Show progress bars (for interactive use).
     """
 
@@ -61,6 +62,7 @@ class PrepareOptions:
     target_spacing: tuple[float, float, float] | None = None
     require_deidentified: bool = False
     on_phi: str = "quarantine"
+    private_tags: str = "remove"
     progress: bool = False
 
     def fingerprint(self) -> str:
@@ -283,7 +285,9 @@ def prepare_folder(
     report.problems.extend(scan.problems)
     instances = scan.instances
     if opts.require_deidentified:
-        instances, left_out = deidentification_gate(instances, on_phi=opts.on_phi)
+        instances, left_out = deidentification_gate(
+            instances, on_phi=opts.on_phi, private_tags=opts.private_tags
+        )
         report.problems.extend(left_out)
     series = group_series(instances)
     labels = _find_labels(instances, niftis, series, opts.labels_csv, report.problems)

@@ -21,6 +21,7 @@ __all__ = [
     "BASIC",
     "BURNED_IN_MODALITIES",
     "OPTIONS",
+    "PRIVATE",
     "PSEUDONYM_PREFIX",
     "Option",
     "action",
@@ -28,6 +29,8 @@ __all__ = [
     "profile_problems",
 ]
 
+# The reason given for private attributes (a site's policy may accept them).
+PRIVATE = "private attributes present"
 # A dummy value (PS3.15 action D) or a pseudonym written by a de-identifier starts so.
 PSEUDONYM_PREFIX = "ANON"
 # Modalities whose images commonly carry burned-in text (PS3.15 E.1.1, PS3.3 C.7.6.1.1.7).
@@ -237,14 +240,13 @@ def _walk(
     *,
     kept: frozenset[int],
     dates_kept: bool,
-    private: str,
     where: str,
     found: set[str],
 ) -> None:
     for tag, vr, value, items in _elements(ds):
         if tag >> 16 & 1:  # odd group: private
-            if private == "remove" and not (vr != "SQ" and _empty(value)):
-                found.add(f"private attributes present (group {tag >> 16:04X}{where})")
+            if vr == "SQ" or not _empty(value):
+                found.add(f"{PRIVATE} (group {tag >> 16:04X}{where})")
             continue
         what = action(tag)
         name = _name(tag) + where
@@ -258,7 +260,6 @@ def _walk(
                     item,
                     kept=kept,
                     dates_kept=dates_kept,
-                    private=private,
                     where=inner,
                     found=found,
                 )
@@ -279,12 +280,11 @@ def _walk(
             found.add(f"{name}: holds a value that is neither empty nor a dummy or pseudonym")
 
 
-def profile_problems(ds: Any, *, private: str = "remove") -> list[str]:
+def profile_problems(ds: Any) -> list[str]:
     """Why a header is not de-identified to the Basic Profile (empty: it is).
 
     Args:
         ds: A pydicom dataset (header) or medfed's fast header.
-        private: "remove": private attributes fail the gate; "keep": the site accepts them.
 
     Returns:
         Sorted reasons, each naming an attribute or a rule, never a value.
@@ -311,7 +311,6 @@ def profile_problems(ds: Any, *, private: str = "remove") -> list[str]:
         ds,
         kept=_kept(options),
         dates_kept=any(o.dates for o in options),
-        private=private,
         where="",
         found=found,
     )

@@ -304,3 +304,30 @@ def test_site_deidentify_reads_from_a_pacs(tmp_path, scheme):
     assert report.problems == [] and len(volumes) == 2
     # The identified copy staged from the PACS is gone from the site's state.
     assert not (state / "deid" / "incoming").exists()
+
+
+def test_a_site_policy_decides_on_private_attributes_and_failures(consortium, tmp_path, capsys):
+    root, _ = consortium
+    site = _copy_site(root, tmp_path)
+    victim = sorted(_series_folders(site)[0].glob("2.25.*.dcm"))[0]
+    ds = pydicom.dcmread(victim)
+    _private(ds)
+    ds.save_as(victim)
+    state = tmp_path / "state"
+    policy = ["site", "data-policy", "--state", str(state)]
+    prepare = ["site", "prepare", "--source", str(site), "--state", str(state), "-q"]
+
+    assert main([*policy, "--private-tags", "keep"]) == 0
+    assert "a file that is not: quarantine; private attributes: keep" in capsys.readouterr().out
+    assert main([*prepare, "--output", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "quarantine.json").read_text()) == []
+
+    assert main([*policy, "--private-tags", "remove"]) == 0
+    assert main([*prepare, "--output", str(tmp_path / "b")]) == 0
+    left_out = json.loads((tmp_path / "b" / "quarantine.json").read_text())
+    assert len(left_out) == SLICES + 1
+
+    assert main([*policy, "--on-phi", "refuse"]) == 0
+    capsys.readouterr()
+    assert main([*prepare, "--output", str(tmp_path / "c")]) == 2
+    assert "medfed site deidentify" in capsys.readouterr().err
