@@ -167,6 +167,29 @@ def _skip_undefined(buf: bytes, pos: int, end_tag: int) -> int:
             pos = start + length
 
 
+def _keep(
+    buf: bytes,
+    tag: int,
+    vr: bytes,
+    length: int,
+    start: int,
+    values: dict[int, tuple[bytes, bytes]],
+    items: dict[int, list[_Elements]],
+) -> int:
+    """Store one element's value (a sequence's items); the position after it."""
+    if vr == b"SQ":
+        items[tag], pos = _sequence(buf, start, length)
+        values[tag] = (vr, b"")
+        return pos
+    if length == 0xFFFFFFFF:
+        values[tag] = (vr, b"")
+        return _skip_undefined(buf, start, _SEQ_END)
+    if start + length > len(buf):
+        raise ValueError("element beyond the buffer")
+    values[tag] = (vr, bytes(buf[start : start + length]))
+    return start + length
+
+
 def _item(buf: bytes, pos: int, end: int | None) -> tuple[_Elements, int]:
     """The elements of one item from `pos` to `end` (None: up to its delimiter)."""
     values: dict[int, tuple[bytes, bytes]] = {}
@@ -175,18 +198,7 @@ def _item(buf: bytes, pos: int, end: int | None) -> tuple[_Elements, int]:
         tag, vr, length, start = _element(buf, pos)
         if tag == _ITEM_END:
             return _Elements(values, items), start
-        if vr == b"SQ":
-            items[tag], pos = _sequence(buf, start, length)
-            values[tag] = (vr, b"")
-            continue
-        if length == 0xFFFFFFFF:
-            pos = _skip_undefined(buf, start, _SEQ_END)
-            values[tag] = (vr, b"")
-            continue
-        if start + length > len(buf):
-            raise ValueError("element beyond the buffer")
-        values[tag] = (vr, bytes(buf[start : start + length]))
-        pos = start + length
+        pos = _keep(buf, tag, vr, length, start, values, items)
     return _Elements(values, items), pos
 
 
@@ -247,18 +259,7 @@ def _parse(buf: bytes, size: int) -> FastHeader | None:
             return FastHeader(values, items, tsyntax, _Raw(start, length))
         if tag > _PIXEL_DATA:
             break
-        if vr == b"SQ":
-            items[tag], pos = _sequence(buf, start, length)
-            values[tag] = (vr, b"")
-            continue
-        if length == 0xFFFFFFFF:
-            pos = _skip_undefined(buf, start, _SEQ_END)
-            values[tag] = (vr, b"")
-            continue
-        if start + length > len(buf):
-            raise ValueError("element beyond the buffer")
-        values[tag] = (vr, bytes(buf[start : start + length]))
-        pos = start + length
+        pos = _keep(buf, tag, vr, length, start, values, items)
     if len(buf) >= size:  # whole file read and no pixel data: let pydicom say why
         return None
     raise ValueError("pixel data not reached")
