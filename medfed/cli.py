@@ -874,6 +874,11 @@ def _site_data_parsers(site: Any) -> None:
     pred.add_argument("--study-date", help="PACS query: YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
     pred.add_argument("--series-description", help="PACS query: series description (wildcards)")
     pred.set_defaults(func=_cmd_site_predict)
+    _site_deid_parsers(site)
+
+
+def _site_deid_parsers(site: Any) -> None:
+    """De-identification at the site: deidentify, reidentify."""
     deid = site.add_parser(
         "deidentify", help="write a de-identified copy (PS3.15 Basic Profile and options)"
     )

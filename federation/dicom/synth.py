@@ -299,6 +299,41 @@ def _seg(
     return seg
 
 
+def _patient_series(
+    profile: SiteProfile, p: int, *, slices: int, seed: int
+) -> tuple[list[Dataset], Dataset, dict[str, str]]:
+    """One patient's CT slices, their SEG, and the study and series UIDs (as acquired)."""
+    pid = hospital_id(profile, p)
+    hu, mask = phantom(profile, p, slices=slices, seed=seed)
+    patient = {
+        "name": f"SYNTH^{pid}",
+        "id": pid,
+        "birth_date": f"19{50 + p % 40:02d}0{1 + p % 9}15",
+        "sex": "FM"[p % 2],
+        "study_uid": _uid(seed, profile.name, pid, "study"),
+        "study_date": (dt.date(2024, 1, 1) + dt.timedelta(days=7 * p)).strftime("%Y%m%d"),
+        "accession": f"ACC{seed:03d}{p:05d}",
+    }
+    series_uid = _uid(seed, profile.name, pid, "ct-series")
+    frame_uid = _uid(seed, profile.name, pid, "frame")
+    sources = [
+        _ct_slice(
+            profile,
+            patient,
+            series_uid,
+            frame_uid,
+            slices - 1 - k if profile.descending else k,
+            k * profile.slice_thickness,
+            hu[k],
+            _uid(seed, profile.name, pid, "ct", k),
+        )
+        for k in range(slices)
+    ]
+    # highdicom shares the sources' data elements: the SEG gets copies, de-identified apart.
+    seg = _seg(profile, copy.deepcopy(sources), mask, seed, pid)
+    return sources, seg, {"StudyInstanceUID": patient["study_uid"], "SeriesInstanceUID": series_uid}
+
+
 def write_site(
     profile: SiteProfile, out_dir: Path, *, slices: int, seed: int, identified: bool = False
 ) -> int:
@@ -317,62 +352,23 @@ def write_site(
         The number of DICOM files written.
 
     """
-    deidentify = (
-        (lambda ds: ds)
-        if identified
-        else Deidentifier(_PSEUDONYMS, parse_profile(DEIDENTIFICATION))
-    )
-    uid = (lambda u: u) if identified else _PSEUDONYMS.uid
+    deidentify = None if identified else Deidentifier(_PSEUDONYMS, parse_profile(DEIDENTIFICATION))
     written = 0
     rows: list[dict[str, str]] = []
     for p in range(profile.patients):
-        pid = hospital_id(profile, p)
-        hu, mask = phantom(profile, p, slices=slices, seed=seed)
-        patient = {
-            "name": f"SYNTH^{pid}",
-            "id": pid,
-            "birth_date": f"19{50 + p % 40:02d}0{1 + p % 9}15",
-            "sex": "FM"[p % 2],
-            "study_uid": _uid(seed, profile.name, pid, "study"),
-            "study_date": (dt.date(2024, 1, 1) + dt.timedelta(days=7 * p)).strftime("%Y%m%d"),
-            "accession": f"ACC{seed:03d}{p:05d}",
-        }
-        series_uid = _uid(seed, profile.name, pid, "ct-series")
-        frame_uid = _uid(seed, profile.name, pid, "frame")
+        sources, seg, uids = _patient_series(profile, p, slices=slices, seed=seed)
         folder = out_dir / patient_id(profile, p, identified=identified)
         folder.mkdir(parents=True, exist_ok=True)
-        sources = []
-        for k in range(slices):
-            order = slices - 1 - k if profile.descending else k
-            sop_uid = _uid(seed, profile.name, pid, "ct", k)
-            ds = _ct_slice(
-                profile,
-                patient,
-                series_uid,
-                frame_uid,
-                order,
-                k * profile.slice_thickness,
-                hu[k],
-                sop_uid,
-            )
-            sources.append(ds)
-        # highdicom shares the sources' data elements: the SEG gets copies to de-identify.
-        seg = _seg(profile, copy.deepcopy(sources), mask, seed, pid)
-        for ds in sources:  # de-identified after the SEG took its references
-            deidentify(ds)
+        for ds in [*sources, seg]:
+            if deidentify is not None:
+                deidentify(ds)
             # File names carry no order: readers must sort by geometry.
-            pydicom.dcmwrite(folder / f"{ds.SOPInstanceUID}.dcm", ds, enforce_file_format=True)
+            name = "seg.dcm" if ds is seg else f"{ds.SOPInstanceUID}.dcm"
+            pydicom.dcmwrite(folder / name, ds, enforce_file_format=True)
             written += 1
-        deidentify(seg).save_as(folder / "seg.dcm")
-        written += 1
-        label = ABNORMAL if has_lesion(profile, p, seed=seed) else NORMAL
-        rows.append(
-            {
-                "StudyInstanceUID": uid(patient["study_uid"]),
-                "SeriesInstanceUID": uid(series_uid),
-                "label": label,
-            }
-        )
+        if deidentify is not None:
+            uids = {k: _PSEUDONYMS.uid(v) for k, v in uids.items()}
+        rows.append({**uids, "label": ABNORMAL if has_lesion(profile, p, seed=seed) else NORMAL})
     with (out_dir / LABELS_CSV).open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["StudyInstanceUID", "SeriesInstanceUID", "label"])
         writer.writeheader()
