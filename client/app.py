@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from torch import nn
 
+from client.activity import SiteActivity
 from client.apptrust import running_app
 from client.governance import RunRequest
 from client.mods import central_clipping_mod, packed_content_mod
@@ -76,7 +77,7 @@ class SiteRound:
     """
 
     def __init__(self, msg: Message, context: Context, resolve: SiteResolver) -> None:
-        setup_logging()
+        setup_logging(site=True)
         self.flat: dict[str, Any] = dict(msg.content.config_records[keys.CONFIG])
         self.round = int(self.flat.get(keys.SERVER_ROUND, 0))
         self.run = str(self.flat.get(keys.RUN_NAME) or f"flwr-{msg.metadata.run_id}")
@@ -187,7 +188,10 @@ class SiteRound:
         }
 
     def reply(self, msg: Message, **content: Any) -> Message:
-        """A reply naming this site and the dataset it used."""
+        """A reply naming this site and the dataset it used (noted for the site's console)."""
+        SiteActivity(self.site.state_dir).record(
+            run=self.run, round=self.round, action=msg.metadata.message_type
+        )
         return _reply(msg, self.site.name, dataset=self.prepared.fingerprint, **content)
 
     def release(self) -> ArrayRecord:
@@ -295,13 +299,23 @@ def _govern_evaluation(job: SiteRound) -> None:
         _require_approved(job, flat, f"evaluation of model {job.model_cfg.init} ({digest[:12]})")
 
 
-def _refuse(msg: Message, err: SiteRefusal, action: str) -> Message:
-    """Log and answer a refusal that names the site and the reason."""
+def _refuse(
+    msg: Message, err: SiteRefusal, action: str, context: Context, resolve: SiteResolver
+) -> Message:
+    """Log and answer a refusal that names the site and the reason (and note it)."""
     config = msg.content.config_records[keys.CONFIG]
-    log = context_logger(
-        run=config.get(keys.RUN_NAME), site=err.site, round=config.get(keys.SERVER_ROUND)
+    run, server_round = config.get(keys.RUN_NAME), config.get(keys.SERVER_ROUND)
+    context_logger(run=run, site=err.site, round=server_round).error(
+        "refusing to %s: %s", action, err
     )
-    log.error("refusing to %s: %s", action, err)
+    try:
+        state_dir = resolve(context).state_dir
+    except (SiteRefusal, KeyError, ValueError):
+        state_dir = None  # a site that cannot name itself has no state to note it in
+    if state_dir is not None:
+        SiteActivity(state_dir).record(
+            run=str(run or ""), round=int(str(server_round or 0)), action=action, refused=str(err)
+        )
     return _reply(msg, err.site, refused=str(err))
 
 
@@ -452,7 +466,7 @@ def _train(msg: Message, context: Context, resolve: SiteResolver) -> Message:
         if job.privacy.mode == "dp-sgd":
             return _train_private(job, msg)
     except SiteRefusal as err:
-        return _refuse(msg, err, "train")
+        return _refuse(msg, err, "train", context, resolve)
     outcome = job.train(job.privacy)
     if job.ditto > 0:
         job.train_personal(job.privacy)
@@ -475,7 +489,7 @@ def _personalise(msg: Message, context: Context, resolve: SiteResolver) -> Messa
         if job.privacy.mode == "dp-sgd":
             return _train_private(job, msg, personalise=True)
     except SiteRefusal as err:
-        return _refuse(msg, err, "personalise")
+        return _refuse(msg, err, "personalise", context, resolve)
     before = job.task.evaluate(job.model, job.prepared.data)
     outcome = job.train(job.privacy)
     metrics = MetricRecord(
@@ -494,7 +508,7 @@ def _evaluate(msg: Message, context: Context, resolve: SiteResolver) -> Message:
         job = SiteRound(msg, context, resolve)
         _govern_evaluation(job)
     except SiteRefusal as err:
-        return _refuse(msg, err, "evaluate")
+        return _refuse(msg, err, "evaluate", context, resolve)
     outcome = job.task.evaluate(job.model, job.prepared.data)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items())
     job.log.info("evaluated: %s, loss %.4f", shown, outcome.loss)
@@ -516,7 +530,7 @@ def _site_model(msg: Message, context: Context, resolve: SiteResolver) -> Messag
         job = SiteRound(msg, context, resolve)
         return _share_model(job, msg)
     except SiteRefusal as err:
-        return _refuse(msg, err, "share its model")
+        return _refuse(msg, err, "share its model", context, resolve)
 
 
 def create_client_app(

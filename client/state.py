@@ -21,7 +21,13 @@ from federation.errors import SiteRefusal
 from federation.files import write_atomically
 from federation.ledger import Ledger, LedgerEntry, Mechanism, open_ledger, projected_epsilon
 
-__all__ = ["POLICY_FILE", "SitePolicy", "SiteState", "write_policy_section"]
+__all__ = [
+    "POLICY_FILE",
+    "SitePolicy",
+    "SiteState",
+    "update_governance",
+    "write_policy_section",
+]
 
 POLICY_FILE = "policy.yaml"
 LOCAL_LAYERS_DIR = "local-layers"
@@ -35,6 +41,23 @@ def write_policy_section(path: Path, section: str, values: dict[str, Any]) -> No
     tree = raw if isinstance(raw, dict) else {}
     tree[section] = values
     write_atomically(path, yaml.safe_dump(tree, sort_keys=False))
+
+
+def update_governance(path: Path, given: dict[str, Any]) -> GovernancePolicy:
+    """Change governance limits in a policy file; 0 or an empty list removes a limit.
+
+    Raises:
+        ValueError: A limit is not valid (named).
+    """
+    current = GovernancePolicy.load(path).to_dict()
+    for name, value in given.items():
+        if value in (0, [], "") and not isinstance(value, bool):
+            current.pop(name, None)
+        else:
+            current[name] = value
+    policy = GovernancePolicy.from_dict(current, source=str(path))
+    write_policy_section(path, "governance", policy.to_dict())
+    return policy
 
 
 @dataclass(frozen=True)

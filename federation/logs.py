@@ -7,10 +7,14 @@ import os
 from collections.abc import MutableMapping
 from typing import Any
 
-__all__ = ["context_logger", "setup_logging"]
+__all__ = ["SITE_LOG_ENV", "SITE_LOG_FILE", "context_logger", "setup_logging"]
 
 LOGGER_NAME = "medfed"
 VERBOSE_ENV = "MEDFED_VERBOSE"
+# Simulated sites write their lines to this file (set by the simulation launcher), so the
+# terminal shows the coordinator's lines only; the run's summary names the file.
+SITE_LOG_ENV = "MEDFED_SITE_LOG"
+SITE_LOG_FILE = "sites.log"
 
 
 class _ContextAdapter(logging.LoggerAdapter[logging.Logger]):
@@ -30,10 +34,18 @@ def context_logger(**context: object) -> logging.LoggerAdapter[logging.Logger]:
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
-def setup_logging(*, verbose: bool | None = None) -> None:
+class _NoDeprecationNotices(logging.Filter):
+    """Drop Flower's notices about its own deprecated entry points (medfed chose them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in record.getMessage()
+
+
+def setup_logging(*, verbose: bool | None = None, site: bool = False) -> None:
     """Log medfed at INFO to stderr; Flower, Ray and MLflow only warnings unless verbose.
 
-    Idempotent, so every process (CLI, ServerApp, each ClientApp) can call it.
+    Idempotent, so every process (CLI, ServerApp, each ClientApp) can call it. A site
+    (`site=True`) also writes to the file `MEDFED_SITE_LOG` names, when set.
     `verbose=None` reads `MEDFED_VERBOSE=1` from the environment, which child
     processes (simulated sites) inherit from the CLI.
     """
@@ -60,7 +72,22 @@ def setup_logging(*, verbose: bool | None = None) -> None:
         root.addHandler(fallback)
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False
+    site_log = os.environ.get(SITE_LOG_ENV)
+    if site and site_log and not any(isinstance(h, logging.FileHandler) for h in ours.handlers):
+        to_file = logging.FileHandler(site_log)
+        to_file.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
+        ours.addHandler(to_file)
     if not verbose:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        for name in ("flwr", "ray", "mlflow", "alembic", "opacus"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Warnings only from Flower, Ray and Opacus; errors only from MLflow; no notices."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("flwr", "ray", "alembic", "opacus"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    flwr_logger = logging.getLogger("flwr")
+    if not any(isinstance(f, _NoDeprecationNotices) for f in flwr_logger.filters):
+        flwr_logger.addFilter(_NoDeprecationNotices())

@@ -9,6 +9,7 @@ resized, shape (N, 1, S, S)). It returns probabilities: per pixel for segmentati
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,13 @@ class MedfedModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]
         self.package = ModelPackage.load(Path(context.artifacts["package"]))
         self.network = self.package.build()
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
-        """Probabilities for a batch of preprocessed arrays (N, channels, ...)."""
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> Any:
+        """Probabilities for a batch of preprocessed arrays (N, channels, ...).
+
+        `np.ndarray` is a hint MLflow takes as is; the schema is `signature`'s.
+        """
         batch = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.no_grad():
             logits = self.network(batch)
@@ -65,11 +71,13 @@ def signature(package: ModelPackage) -> Any:
 
 def save_mlflow_model(package: Path, folder: Path) -> Path:
     """Write the MLflow model of `package` into `folder` (which must not exist)."""
-    mlflow.pyfunc.save_model(
-        path=str(folder),
-        python_model=MedfedModel(),
-        artifacts={"package": str(package)},
-        signature=signature(ModelPackage.load(package)),
-        pip_requirements=[f"medfed=={__version__}"],
-    )
+    with warnings.catch_warnings():  # it asks for an input example: the signature says it all
+        warnings.simplefilter("ignore", UserWarning)
+        mlflow.pyfunc.save_model(
+            path=str(folder),
+            python_model=MedfedModel(),
+            artifacts={"package": str(package)},
+            signature=signature(ModelPackage.load(package)),
+            pip_requirements=[f"medfed=={__version__}"],
+        )
     return folder / "artifacts" / PACKAGE_FILE

@@ -360,21 +360,12 @@ _GOVERNANCE_FLAGS = (
 
 def _update_governance(args: argparse.Namespace, path: Path) -> bool:
     """Write the governance limits given on the command line; True when any was."""
-    from client.governance import GovernancePolicy
-    from client.state import write_policy_section
+    from client.state import update_governance
 
     given = {n: getattr(args, n) for n in _GOVERNANCE_FLAGS if getattr(args, n) is not None}
     if not given:
         return False
-    current = GovernancePolicy.load(path).to_dict()
-    for name, value in given.items():
-        # 0 or an empty list removes a limit.
-        if value in (0, []) and not isinstance(value, bool):
-            current.pop(name, None)
-        else:
-            current[name] = value
-    policy = GovernancePolicy.from_dict(current, source=str(path))
-    write_policy_section(path, "governance", policy.to_dict())
+    update_governance(path, given)
     return True
 
 
@@ -770,6 +761,15 @@ def _coordinator_parsers(sub: Any) -> None:
     )
     start.add_argument("--database", help="SuperLink state file (default: in the kit)")
     start.set_defaults(func=_cmd_server_start)
+    console = server.add_parser("console", help="the coordinator's status page (sites, runs)")
+    console.add_argument("--kit", required=True, help="the coordinator kit")
+    console.add_argument("--runs", default="outputs", help="where the runs' folders are")
+    console.add_argument("--tracking-uri", help="MLflow store of the runs (default: local)")
+    console.add_argument(
+        "--mlflow-ui", default="http://127.0.0.1:5000", help="the MLflow UI the links open"
+    )
+    _console_arguments(console, 8766)
+    console.set_defaults(func=_cmd_server_console)
     model = sub.add_parser("model", help="the consortium's trained models").add_subparsers(
         dest="model_command", required=True
     )
@@ -900,6 +900,41 @@ def _site_deid_parsers(site: Any) -> None:
     reid.set_defaults(func=_cmd_site_reidentify)
 
 
+def _console_arguments(parser: Any, port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="interface (default: loopback)")
+    parser.add_argument("--port", type=int, default=port, help=f"port (default {port})")
+
+
+def _cmd_site_console(args: argparse.Namespace) -> int:
+    from client.console import create_site_console
+    from federation.console import serve
+
+    app, password = create_site_console(Path(args.state))
+    if password is not None:
+        print(f"first start: sign in as admin with the one-time password {password}")
+    print(f"site console on http://{args.host}:{args.port}/ (Ctrl-C stops it)")
+    serve(app, host=args.host, port=args.port)
+    return 0
+
+
+def _cmd_server_console(args: argparse.Namespace) -> int:
+    from federation.console import serve
+    from federation.tracking import default_tracking_uri
+    from server.console import create_server_console
+
+    app, password = create_server_console(
+        Path(args.kit),
+        outputs=Path(args.runs),
+        tracking_uri=args.tracking_uri or default_tracking_uri(),
+        mlflow_ui=args.mlflow_ui,
+    )
+    if password is not None:
+        print(f"first start: sign in as admin with the one-time password {password}")
+    print(f"coordinator console on http://{args.host}:{args.port}/ (Ctrl-C stops it)")
+    serve(app, host=args.host, port=args.port)
+    return 0
+
+
 def _site_governance_parsers(site: Any) -> None:
     """What may run on the site's data: data-policy, policy, apps, plans."""
     dpol = site.add_parser("data-policy", help="set or show the site's data policy")
@@ -916,6 +951,10 @@ def _site_governance_parsers(site: Any) -> None:
         help="private attributes: fail the gate (the profile's rule), or accepted",
     )
     dpol.set_defaults(func=_cmd_site_data_policy)
+    console = site.add_parser("console", help="the site's web console (plans, budget, data)")
+    console.add_argument("--state", required=True, help="the site's state folder")
+    _console_arguments(console, 8765)
+    console.set_defaults(func=_cmd_site_console)
     _site_policy_parser(site)
     apps = site.add_parser(
         "apps", help="the code the site runs: its own release, or apps it approved"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import os
 from collections.abc import Callable
+from typing import Any
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
@@ -14,7 +17,7 @@ from client.state import POLICY_FILE, SitePolicy
 from federation import flowerpatch
 from federation.config import MedfedConfig, anchor_paths, resolve_path
 from federation.errors import FederationError
-from federation.logs import context_logger
+from federation.logs import SITE_LOG_ENV, SITE_LOG_FILE, VERBOSE_ENV, context_logger
 from server.app import create_server_app
 from server.checkpoint import check_run_dir
 from server.report import RunResult
@@ -82,8 +85,16 @@ def run_simulation(
     # Keep today's Ray behaviour for CPU-only actors without its FutureWarning.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     cfg = anchor_paths(cfg)
-    if cfg.run_name:
-        check_run_dir(resolve_path(cfg.output_dir) / cfg.run_name, resume=cfg.resume)
+    if not cfg.run_name:
+        cfg = dataclasses.replace(cfg, run_name=dt.datetime.now().strftime("medfed-%Y%m%d-%H%M%S"))
+    run_dir = resolve_path(cfg.output_dir) / cfg.run_name
+    check_run_dir(run_dir, resume=cfg.resume)
+    init_args: dict[str, Any] = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
+    if os.environ.get(VERBOSE_ENV) != "1":
+        # The sites' lines go to a file (the summary names it), not between the rounds.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.environ[SITE_LOG_ENV] = str(run_dir / SITE_LOG_FILE)
+        init_args["log_to_driver"] = False
     ensure_consortium(cfg)
     ensure_site_policies(cfg)
     names = cfg.federation.names()
@@ -98,7 +109,7 @@ def run_simulation(
             num_supernodes=len(names),
             backend_config={
                 "client_resources": {"num_cpus": cfg.federation.cpus_per_site, "num_gpus": gpus},
-                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+                "init_args": init_args,
             },
         )
     if not results:

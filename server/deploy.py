@@ -47,6 +47,7 @@ __all__ = [
     "SuperLink",
     "control_address",
     "deployment_config",
+    "node_presence",
     "registered_nodes",
     "run_deployment",
     "superlink_command",
@@ -367,6 +368,37 @@ def registered_nodes(kit: CoordinatorKit) -> dict[int, str]:
     nodes = _read_nodes(_nodes_file(Path(_link_info(kit)["database"])))
     active = set(kit.active_sites())
     return {int(v["node_id"]): site for site, v in nodes.items() if site in active}
+
+
+def node_presence(kit: CoordinatorKit) -> dict[str, dict[str, Any]]:
+    """Each registered site's node: id, online now, and when it was last active.
+
+    Read (read-only) from the SuperLink's own state: a node is online until its last
+    heartbeat's deadline. Empty when no SuperLink was started from this kit.
+    """
+    import sqlite3
+    import time
+
+    try:
+        database = Path(_link_info(kit)["database"])
+    except FederationError:
+        return {}
+    nodes = _read_nodes(_nodes_file(database))
+    rows: dict[int, tuple[Any, ...]] = {}
+    if database.exists():
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+            for row in db.execute("SELECT node_id, online_until, last_activated_at FROM node"):
+                rows[int(row[0]) % 2**64] = row  # stored as signed 64-bit
+    presence = {}
+    for site, info in nodes.items():
+        row = rows.get(int(info["node_id"]) % 2**64)
+        online_until = float(row[1] or 0) if row else 0.0
+        presence[site] = {
+            "node_id": int(info["node_id"]),
+            "online": online_until > time.time(),
+            "last_active": str(row[2] or "") if row else "",
+        }
+    return presence
 
 
 def sync_registrations(

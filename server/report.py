@@ -8,6 +8,7 @@ from typing import Any
 
 from federation import keys
 from federation.config import MedfedConfig, resolve_path
+from federation.logs import SITE_LOG_FILE
 from server.central import COORDINATOR
 from server.crosssite import CROSS_SITE_JSON, CrossSiteMatrix
 from server.loop import RunHistory
@@ -156,6 +157,8 @@ def run_summary(result: RunResult, cfg: MedfedConfig) -> str:
     if (result.output_dir / CROSS_SITE_JSON).exists():
         lines += [CrossSiteMatrix.load(result.output_dir / CROSS_SITE_JSON).format(), ""]
     lines.append(f"Model, history, plot and ledger copies: {result.output_dir}")
+    if (result.output_dir / SITE_LOG_FILE).exists():
+        lines.append(f"The simulated sites' log: {result.output_dir / SITE_LOG_FILE}")
     state = resolve_path(cfg.federation.site_state_root)
     if cfg.privacy.mode == "central":
         coordinator = resolve_path(cfg.output_dir) / COORDINATOR

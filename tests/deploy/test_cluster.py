@@ -8,9 +8,13 @@ import time
 
 from mlflow.tracking import MlflowClient
 
+from client.console import create_site_console
 from client.superexec import STARTED
+from medfed.cli import main as medfed
+from server.console import create_server_console
 from server.loop import RunHistory
 from tests.conftest import SITES
+from tests.console_browser import browser, screenshot, serving, sign_in  # noqa: F401
 from tests.deploy.conftest import Cluster, kill_tree
 from tests.helpers import SMALL
 
@@ -119,6 +123,50 @@ def test_a_failed_serverapp_fails_the_launch_loudly(cluster: Cluster):
     assert proc.popen.returncode != 0, out[-4000:]
     assert "finished:failed" in out, out[-4000:]
     assert "min_sites" in out, out[-4000:]
+
+
+def test_the_consoles_show_sites_runs_and_refusals_in_the_browser(
+    cluster: Cluster,
+    browser,  # noqa: F811
+    tmp_path,
+):
+    # site-3 refuses this run's noise: its reason reaches the coordinator's page.
+    site3 = cluster.site_kit("site-3") / "state"
+    limit = ["site", "policy", "--state", str(site3), "--min-noise-multiplier"]
+    assert medfed([*limit, "2"]) == 0
+    try:
+        proc, _ = launch(cluster, "refused", "rounds=1", "federation.min_sites=2")
+        out = finish(proc)
+        assert proc.popen.returncode == 0, out[-4000:]
+    finally:
+        assert medfed([*limit, "0"]) == 0
+    app, password = create_server_console(
+        cluster.coordinator,
+        outputs=cluster.root / "outputs",
+        tracking_uri=f"sqlite:///{cluster.root / 'mlflow.db'}",
+    )
+    with serving(app) as url:
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        assert page.request.get(url + "/sites", max_redirects=0).status == 302
+        sign_in(page, url, "admin", password)
+        rows = [page.inner_text(f"tr:has(td:text-is('{s}'))") for s in SITES]
+        assert all("active" in r and "online" in r and "offline" not in r for r in rows), rows
+        refusals = page.inner_text("main").split("Refusals the sites sent")[1]
+        assert "refused" in refusals and "min_noise_multiplier=2" in refusals
+        screenshot(page, "coordinator-sites", tmp_path)
+        page.goto(url + "/runs")
+        tls = page.inner_text("tr:has(td:text-is('tls'))")
+        assert "finished" in tls and "site-1" in tls
+        link = page.get_attribute("tr:has(td:text-is('tls')) a", "href")
+        assert link is not None and "#/experiments/" in link
+        screenshot(page, "coordinator-runs", tmp_path)
+    # A deployed site's console names the coordinator it dials and when it last answered.
+    app, password = create_site_console(cluster.site_kit("site-3") / "state")
+    with serving(app) as url:
+        page = browser.new_page()
+        sign_in(page, url, "admin", password)
+        status = page.inner_text("main")
+        assert f"127.0.0.1:{cluster.port}" in status and "min_noise_multiplier=2" in status
 
 
 def test_killed_site_round_completes_with_the_others_and_site_rejoins(cluster: Cluster):

@@ -1,0 +1,55 @@
+"""What the site agent answered the coordinator, for the people at the site.
+
+One JSON line per message handled: when, which run and round, what was asked, and the
+refusal's reason if the site refused. The site console's status page reads it; nothing
+in it leaves the site. The file keeps the most recent entries only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ACTIVITY_FILE", "SiteActivity"]
+
+ACTIVITY_FILE = "activity.jsonl"
+_KEEP = 500
+
+
+class SiteActivity:
+    """The site's recent answers to the coordinator."""
+
+    def __init__(self, state_dir: Path) -> None:
+        """Read and append `activity.jsonl` in the site's state folder."""
+        self.path = state_dir / ACTIVITY_FILE
+
+    def record(self, *, run: str, round: int, action: str, refused: str = "") -> None:
+        """Append one answer (under a file lock), trimming the file to its recent entries."""
+        entry = {
+            "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "run": run,
+            "round": round,
+            "action": action,
+            "refused": refused,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.write(json.dumps(entry) + "\n")
+            fh.flush()
+            fh.seek(0)
+            lines = fh.readlines()
+            if len(lines) > 2 * _KEEP:
+                fh.seek(0)
+                fh.truncate()
+                fh.writelines(lines[-_KEEP:])
+
+    def recent(self, n: int = 50) -> list[dict[str, Any]]:
+        """The latest `n` answers, newest first."""
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text().splitlines()[-n:]
+        return [json.loads(line) for line in reversed(lines) if line.strip()]
