@@ -85,9 +85,9 @@ def run_simulation(
     # Keep today's Ray behaviour for CPU-only actors without its FutureWarning.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     cfg = anchor_paths(cfg)
-    if not cfg.run_name:
-        cfg = dataclasses.replace(cfg, run_name=dt.datetime.now().strftime("medfed-%Y%m%d-%H%M%S"))
-    run_dir = resolve_path(cfg.output_dir) / cfg.run_name
+    name = cfg.run_name or dt.datetime.now().strftime("medfed-%Y%m%d-%H%M%S")
+    cfg = dataclasses.replace(cfg, run_name=name)
+    run_dir = resolve_path(cfg.output_dir) / name
     check_run_dir(run_dir, resume=cfg.resume)
     init_args: dict[str, Any] = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
     if os.environ.get(VERBOSE_ENV) != "1":
