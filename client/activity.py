@@ -13,9 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ACTIVITY_FILE", "SiteActivity"]
+from federation.files import write_atomically
+
+__all__ = ["ACTIVITY_FILE", "DATASETS_FILE", "SiteActivity"]
 
 ACTIVITY_FILE = "activity.jsonl"
+# Training examples of each dataset the site prepared (by fingerprint), the latest last:
+# what a plan's privacy cost at this site depends on.
+DATASETS_FILE = "datasets.json"
 _KEEP = 500
 
 
@@ -25,6 +30,7 @@ class SiteActivity:
     def __init__(self, state_dir: Path) -> None:
         """Read and append `activity.jsonl` in the site's state folder."""
         self.path = state_dir / ACTIVITY_FILE
+        self.datasets_path = state_dir / DATASETS_FILE
 
     def record(self, *, run: str, round: int, action: str, refused: str = "") -> None:
         """Append one answer (under a file lock), trimming the file to its recent entries."""
@@ -53,3 +59,16 @@ class SiteActivity:
             return []
         lines = self.path.read_text().splitlines()[-n:]
         return [json.loads(line) for line in reversed(lines) if line.strip()]
+
+    def note_dataset(self, fingerprint: str, num_train: int) -> None:
+        """Remember a dataset's training examples (it becomes the latest)."""
+        sizes = self.datasets()
+        sizes.pop(fingerprint, None)
+        sizes[fingerprint] = num_train
+        write_atomically(self.datasets_path, json.dumps(sizes, indent=1))
+
+    def datasets(self) -> dict[str, int]:
+        """Training examples by dataset fingerprint, the latest last."""
+        if not self.datasets_path.exists():
+            return {}
+        return {k: int(v) for k, v in json.loads(self.datasets_path.read_text()).items()}

@@ -234,6 +234,10 @@ def _govern(job: SiteRound) -> None:
             "sent a plain training message; the update would leave the site unmasked",
         )
     policy = job.state.governance()
+    # The dataset's size, for the site console's estimate of what a plan would spend here.
+    SiteActivity(job.site.state_dir).note_dataset(
+        job.prepared.fingerprint, int(job.prepared.data.num_train)
+    )
     dp_limits = policy.min_noise_multiplier is not None or policy.max_epsilon_per_run is not None
     planned = job.plan_mechanism() if dp_limits and job.privacy.mode == "dp-sgd" else None
     rounds = int(job.flat.get(keys.ROUNDS, 1))

@@ -21,6 +21,8 @@ from client.activity import SiteActivity
 from client.governance import plan_summary
 from client.prepare import prepared_dir
 from client.state import SitePolicy, SiteState, update_governance
+from federation import keys
+from federation.audit import LEDGER_COLUMNS, ledger_row
 from federation.console import (
     Page,
     Users,
@@ -39,6 +41,7 @@ from federation.ledger import (
     projected_epsilon,
     verify_ledger,
 )
+from federation.privacy import plan_round
 from federation.security import load_public_key
 
 __all__ = ["CONSOLE_DIR", "SiteConsole", "create_site_console"]
@@ -172,32 +175,30 @@ class SiteConsole:
             return "none: the plan does not train with DP-SGD at the site"
         if "privacy.target_epsilon" in config:
             return f"{config['privacy.target_epsilon']} (the plan's target over the run)"
-        entries = self.state.ledger.entries()
-        if not entries:
-            return "known after the site's first round (it needs the dataset's size)"
-        last = entries[-1]
-        batch = int(config.get("task.batch_size", 1))
-        try:  # the dataset's size, from the batch and sample rate of its last round
-            trained = int(self.state.plans.document(last.plan)["config"]["task.batch_size"])
-        except (ValueError, KeyError):
-            trained = batch
-        size = trained / last.mechanism.sample_rate
-        sample_rate = min(1.0, batch / size)
-        steps_per_round = int(config.get("task.local_epochs", 1)) * max(1, round(size / batch))
+        sizes = self.activity.datasets()
+        if not sizes:
+            return "known once the site has prepared its data for a run"
+        dataset, size = list(sizes.items())[-1]
+        sample_rate, steps = plan_round(
+            size, int(config.get("task.batch_size", 1)), int(config.get("task.local_epochs", 1))
+        )
         mechanism = Mechanism(
             sample_rate=sample_rate,
             noise_multiplier=float(config.get("privacy.noise_multiplier", 1.0)),
             max_grad_norm=float(config.get("privacy.max_grad_norm", 1.0)),
-            steps=steps_per_round * int(config.get("rounds", 1)),
+            steps=steps * int(config.get(keys.ROUNDS, 1)),
             delta=self.state.policy().delta,
         )
         before, after = projected_epsilon(
-            entries,
-            last.dataset,
+            self.state.ledger.entries(),
+            dataset,
             mechanism,
             accountant=str(config.get("privacy.accountant", "rdp")),
         )
-        return f"{after - before:.3f} (from {before:.3f} to {after:.3f} on dataset {last.dataset})"
+        return (
+            f"{after - before:.3f} (dataset {dataset}, {size} training examples: "
+            f"epsilon {before:.3f} -> {after:.3f})"
+        )
 
     def budget(self, _: Mapping[str, str]) -> Markup:
         """Spend per dataset over time against the budget, the verified ledger, the limits."""
@@ -227,20 +228,7 @@ class SiteConsole:
             verdict,
             line_chart(series, limit=policy.max_epsilon, y_label="epsilon spent, by round"),
             table(["dataset", "epsilon spent", "budget"], spent),
-            table(
-                [
-                    "#",
-                    "time",
-                    "run",
-                    "round",
-                    "dataset",
-                    "noise",
-                    "sample rate",
-                    "steps",
-                    "epsilon",
-                ],
-                [_ledger_row(e) for e in entries],
-            ),
+            table(LEDGER_COLUMNS, [ledger_row(e) for e in entries]),
             table(["limit", "value"], self._limits(policy)),
             self._policy_form(policy),
         )
@@ -334,14 +322,6 @@ class SiteConsole:
 def _spent(entries: list[LedgerEntry], dataset: str, policy: SitePolicy) -> float:
     rows = [e for e in entries if e.dataset == dataset]
     return history_of(entries, dataset).epsilon(delta=policy.delta, accountant=rows[-1].accountant)
-
-
-def _ledger_row(e: LedgerEntry) -> list[Any]:
-    m = e.mechanism
-    return [
-        e.index, e.time, e.run, e.round, e.dataset[:12], m.noise_multiplier,
-        f"{m.sample_rate:.4f}", m.steps, f"{e.epsilon:.3f}",
-    ]  # fmt: skip
 
 
 def create_site_console(state_dir: Path) -> tuple[Any, str | None]:

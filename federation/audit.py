@@ -22,7 +22,15 @@ from federation.ledger import (
 from federation.provision import LEDGER_KEYS_DIR, CoordinatorKit
 from federation.security import load_public_key
 
-__all__ = ["LedgerAudit", "audit_ledgers", "key_bindings", "load_keys", "write_report"]
+__all__ = [
+    "LEDGER_COLUMNS",
+    "LedgerAudit",
+    "audit_ledgers",
+    "key_bindings",
+    "ledger_row",
+    "load_keys",
+    "write_report",
+]
 
 
 def key_bindings(coordinator: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -166,7 +174,8 @@ def _plot(audit: LedgerAudit) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-_COLUMNS = (
+# The ledger's columns as the auditor's report and the site console show them.
+LEDGER_COLUMNS = (
     "index",
     "run",
     "round",
@@ -184,7 +193,8 @@ _COLUMNS = (
 )
 
 
-def _row(e: LedgerEntry) -> list[str]:
+def ledger_row(e: LedgerEntry) -> list[str]:
+    """One ledger entry as the cells of `LEDGER_COLUMNS`."""
     m = e.mechanism
     return [
         str(e.index),
@@ -237,9 +247,9 @@ def write_report(audits: list[LedgerAudit], output: Path) -> tuple[Path, Path]:
             body.append(
                 f'<img alt="epsilon over rounds" src="data:image/png;base64,{_plot(audit)}">'
             )
-            head = "".join(f"<th>{c}</th>" for c in _COLUMNS)
+            head = "".join(f"<th>{c}</th>" for c in LEDGER_COLUMNS)
             rows = "".join(
-                "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in _row(e)) + "</tr>"
+                "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in ledger_row(e)) + "</tr>"
                 for e in audit.entries
             )
             body.append(f"<table><tr>{head}</tr>{rows}</table>")

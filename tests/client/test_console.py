@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from client.console import create_site_console
 from client.state import SitePolicy, SiteState
@@ -49,7 +50,9 @@ def test_a_plan_is_approved_and_revoked_in_the_browser_and_the_site_obeys(
 
         page.goto(url + "/plans")
         assert "pending" in page.inner_text("main")
-        assert "Epsilon this run would spend here" in page.inner_text("#plan")
+        # What the run would spend here, from the dataset the refused run prepared.
+        spend = re.search(r"would spend here: (\d+\.\d{3}) \(dataset ds-", page.inner_text("#plan"))
+        assert spend is not None and float(spend.group(1)) > 0
         screenshot(page, "plans", tmp_path)
         forged = page.request.post(url + "/plans/approve", form={"plan": "x", "csrf": "forged"})
         assert forged.status == 400
