@@ -20,7 +20,7 @@ from markupsafe import Markup
 from client.activity import SiteActivity
 from client.governance import plan_summary
 from client.prepare import prepared_dir
-from client.state import SitePolicy, SiteState, update_governance
+from client.state import SitePolicy, SiteState, site_name, update_governance
 from federation import keys
 from federation.audit import LEDGER_COLUMNS, ledger_row
 from federation.console import (
@@ -49,11 +49,6 @@ __all__ = ["CONSOLE_DIR", "SiteConsole", "create_site_console"]
 CONSOLE_DIR = "console"
 
 
-def _site_name(state_dir: Path) -> str:
-    kit_info = state_dir.resolve().parent / "site.json"
-    return str(json.loads(kit_info.read_text())["site"]) if kit_info.is_file() else state_dir.name
-
-
 def _coordinator(state_dir: Path) -> str:
     kit_info = state_dir.resolve().parent / "site.json"
     if not kit_info.is_file():
@@ -66,7 +61,7 @@ class SiteConsole:
 
     def __init__(self, state_dir: Path) -> None:
         """Serve the site whose state folder is `state_dir`."""
-        self.state = SiteState(state_dir, _site_name(state_dir))
+        self.state = SiteState(state_dir, site_name(state_dir))
         self.activity = SiteActivity(state_dir)
 
     # -- pages ---------------------------------------------------------------------------

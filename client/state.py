@@ -8,6 +8,7 @@ the site agent never resets its budget.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -25,6 +26,7 @@ __all__ = [
     "POLICY_FILE",
     "SitePolicy",
     "SiteState",
+    "site_name",
     "update_governance",
     "write_policy_section",
 ]
@@ -41,6 +43,12 @@ def write_policy_section(path: Path, section: str, values: dict[str, Any]) -> No
     tree = raw if isinstance(raw, dict) else {}
     tree[section] = values
     write_atomically(path, yaml.safe_dump(tree, sort_keys=False))
+
+
+def site_name(state_dir: Path) -> str:
+    """A site's name: from the kit its state folder sits in, else the folder's name."""
+    kit_info = state_dir.resolve().parent / "site.json"
+    return str(json.loads(kit_info.read_text())["site"]) if kit_info.is_file() else state_dir.name
 
 
 def update_governance(path: Path, given: dict[str, Any]) -> GovernancePolicy:

@@ -533,14 +533,12 @@ def _cmd_site_policy(args: argparse.Namespace) -> int:
 
 def _site_state(args: argparse.Namespace) -> tuple[Path, str]:
     """The site's state folder and name (from the kit it sits in, else the folder's name)."""
-    import json
+    from client.state import site_name
 
     root = Path(args.state)
     if not root.is_dir():
         raise ValueError(f"site state folder {root} does not exist")
-    kit_info = root.resolve().parent / "site.json"
-    name = json.loads(kit_info.read_text())["site"] if kit_info.is_file() else root.name
-    return root, str(name)
+    return root, site_name(root)
 
 
 def _plans(args: argparse.Namespace) -> Any:

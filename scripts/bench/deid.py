@@ -11,7 +11,7 @@ the same files with the page cache warm:
           dates, pseudonym map, write the copy;
 - memory: peak RSS of de-identifying N and 4N patients (it must not grow with N).
 
-    python scripts/bench/deid.py            # 8 patients x 64 slices of 512x512
+    python scripts/bench/deid.py            # 8 patients x 64 slices (the site profile's matrix)
     python scripts/bench/deid.py --quick    # 2 patients x 12 slices
 The last line is one JSON object with the figures.
 """
