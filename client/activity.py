@@ -22,6 +22,7 @@ ACTIVITY_FILE = "activity.jsonl"
 # what a plan's privacy cost at this site depends on.
 DATASETS_FILE = "datasets.json"
 _KEEP = 500
+_TRIM_BYTES = 2 * _KEEP * 200  # about twice the entries kept
 
 
 class SiteActivity:
@@ -45,10 +46,9 @@ class SiteActivity:
         with self.path.open("a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             fh.write(json.dumps(entry) + "\n")
-            fh.flush()
-            fh.seek(0)
-            lines = fh.readlines()
-            if len(lines) > 2 * _KEEP:
+            if fh.tell() > _TRIM_BYTES:  # read back only when it has grown past its bound
+                fh.seek(0)
+                lines = fh.readlines()
                 fh.seek(0)
                 fh.truncate()
                 fh.writelines(lines[-_KEEP:])

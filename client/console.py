@@ -35,9 +35,7 @@ from federation.console import (
 )
 from federation.ledger import (
     PUBLIC_KEY_FILE,
-    LedgerEntry,
     Mechanism,
-    history_of,
     projected_epsilon,
     verify_ledger,
 )
@@ -216,8 +214,8 @@ class SiteConsole:
         for entry in entries:
             series.setdefault(entry.dataset[:12], []).append(entry.epsilon)
         spent = [
-            [d, f"{_spent(entries, d, policy):.3f}", f"{policy.budget_for(d):g}"]
-            for d in sorted({e.dataset for e in entries})
+            [d, f"{epsilon:.3f}", f"{policy.budget_for(d):g}"]
+            for d, (epsilon, _) in self.state.spent(entries).items()
         ]
         return Markup("<h1>Privacy budget</h1>{}{}{}<h2>Ledger</h2>{}<h2>Limits</h2>{}{}").format(
             verdict,
@@ -312,11 +310,6 @@ class SiteConsole:
             },
         )
         return "/budget"
-
-
-def _spent(entries: list[LedgerEntry], dataset: str, policy: SitePolicy) -> float:
-    rows = [e for e in entries if e.dataset == dataset]
-    return history_of(entries, dataset).epsilon(delta=policy.delta, accountant=rows[-1].accountant)
 
 
 def create_site_console(state_dir: Path) -> tuple[Any, str | None]:

@@ -32,6 +32,7 @@ from federation.dicom.profile import Option
 from federation.dicom.scan import Problem, iter_files
 from federation.dicom.sources import SourceQuery, fetch_source
 from federation.files import write_atomically
+from federation.security import load_or_create_secret
 
 __all__ = ["DEID_DIR", "DeidReport", "PseudonymMap", "deidentify_folder", "deidentify_source"]
 
@@ -56,15 +57,9 @@ class PseudonymMap:
         """
         folder = state_dir / DEID_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        key_path = folder / KEY_FILE
-        if not key_path.exists():
-            write_atomically(key_path, Fernet.generate_key(), mode=0o600)
-        if key_path.stat().st_mode & 0o077:
-            raise PermissionError(
-                f"pseudonym key {key_path} is readable by group or others; run "
-                f"`chmod 600 {key_path}`"
-            )
-        raw = key_path.read_bytes().strip()
+        raw = load_or_create_secret(
+            folder / KEY_FILE, Fernet.generate_key, what="pseudonym key"
+        ).strip()
         self._fernet = Fernet(raw)
         secret = base64.urlsafe_b64decode(raw)
         self.pseudonyms = Pseudonyms(hashlib.sha256(b"medfed-pseudonyms\x00" + secret).digest())
@@ -144,8 +139,8 @@ def deidentify_folder(
 ) -> None:
     """De-identify every file under `folder` into `output/<patient>/<series>/<sop>.dcm`.
 
-    The labels CSV has its UIDs remapped; a NIfTI mask named by its series UID is renamed
-    to the series pseudonym, one in a patient folder is copied beside its series.
+    The labels CSV has its UIDs remapped. NIfTI masks are not copied (listed as problems):
+    their file and folder names may identify, so a person places them.
     """
     pseudonyms = deidentifier.pseudonyms
     for path in iter_files(folder):
@@ -200,16 +195,19 @@ def deidentify_source(
         ConnectionError: The PACS cannot be reached.
     """
     staging = state_dir / DEID_DIR / "incoming"
-    folder = fetch_source(source, staging, query=query)
-    if output.resolve().is_relative_to(folder.resolve()):
-        raise ValueError(f"output {output} is inside the source {folder}; choose another folder")
-    pseudonym_map = PseudonymMap(state_dir)
-    deidentifier = Deidentifier(pseudonym_map.pseudonyms, options, record=pseudonym_map.record)
-    report = DeidReport(options=[o.name for o in options])
-    total = sum(1 for _ in iter_files(folder)) if progress else 0
-    with tqdm(total=total, unit="file", desc="de-identify", disable=not progress) as bar:
-        deidentify_folder(folder, output, deidentifier, report=report, progress=bar.update)
-    if folder == staging:
+    try:  # an identified copy staged from a PACS never outlives the run, even a failed one
+        folder = fetch_source(source, staging, query=query)
+        if output.resolve().is_relative_to(folder.resolve()):
+            raise ValueError(
+                f"output {output} is inside the source {folder}; choose another folder"
+            )
+        pseudonym_map = PseudonymMap(state_dir)
+        deidentifier = Deidentifier(pseudonym_map.pseudonyms, options, record=pseudonym_map.record)
+        report = DeidReport(options=[o.name for o in options])
+        total = sum(1 for _ in iter_files(folder)) if progress else 0
+        with tqdm(total=total, unit="file", desc="de-identify", disable=not progress) as bar:
+            deidentify_folder(folder, output, deidentifier, report=report, progress=bar.update)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_atomically(
         state_dir / DEID_DIR / REPORT_FILE,

@@ -31,7 +31,6 @@ from client.governance import AuditLog
 from client.prepare import DataPolicy
 from federation.dicom.classlabels import LABELS_CSV
 from federation.dicom.labels import is_nifti
-from federation.dicom.phi import deidentification_gate
 from federation.dicom.results import classification_report, segmentation
 from federation.dicom.scan import Instance, Problem, iter_files, scan_paths
 from federation.dicom.sources import INCOMING_DIR, SourceQuery, fetch_source, open_destination
@@ -191,13 +190,8 @@ def predict(
         # As in training: the labels CSV and NIfTI masks beside the DICOM are not images.
         scan = scan_paths(p for p in iter_files(folder) if p.name != LABELS_CSV and not is_nifti(p))
         report.problems.extend(scan.problems)
-        instances = scan.instances
         policy = DataPolicy.load(state_dir) if state_dir is not None else DataPolicy()
-        if policy.require_deidentified:
-            instances, left_out = deidentification_gate(
-                instances, on_phi=policy.on_phi, private_tags=policy.private_tags
-            )
-            report.problems.extend(left_out)
+        instances = policy.options().gate(scan.instances, report.problems)
         series = _checked_series(instances, task, report)
         while True:
             with _timed(report.seconds, "decode"):

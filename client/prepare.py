@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from federation.dicom.phi import ON_PHI, PRIVATE_TAGS
+from federation.dicom.phi import check_gate_choices
 from federation.dicom.prepare import PrepareOptions
 
 __all__ = [
@@ -41,11 +41,7 @@ class DataPolicy:
     private_tags: str = "remove"
 
     def __post_init__(self) -> None:
-        if self.on_phi not in ON_PHI or self.private_tags not in PRIVATE_TAGS:
-            raise ValueError(
-                f"on_phi={self.on_phi!r}, private_tags={self.private_tags!r}: choose on_phi "
-                f"from {', '.join(ON_PHI)} and private_tags from {', '.join(PRIVATE_TAGS)}"
-            )
+        check_gate_choices(on_phi=self.on_phi, private_tags=self.private_tags)
 
     def save(self, state_dir: Path) -> Path:
         """Write the policy into the site's state folder."""

@@ -20,7 +20,14 @@ import yaml
 from client.governance import GovernancePolicy, PlanRegistry
 from federation.errors import SiteRefusal
 from federation.files import write_atomically
-from federation.ledger import Ledger, LedgerEntry, Mechanism, open_ledger, projected_epsilon
+from federation.ledger import (
+    Ledger,
+    LedgerEntry,
+    Mechanism,
+    history_of,
+    open_ledger,
+    projected_epsilon,
+)
 
 __all__ = [
     "POLICY_FILE",
@@ -153,6 +160,26 @@ class SiteState:
             return GovernancePolicy.load(self.policy_path)
         except ValueError as err:
             raise SiteRefusal(self.site, str(err)) from err
+
+    def spent(self, entries: list[LedgerEntry] | None = None) -> dict[str, tuple[float, int]]:
+        """Epsilon spent and rounds trained per dataset, at the policy's delta.
+
+        Args:
+            entries: The ledger's entries, if already read (the ledger by default).
+
+        Raises:
+            SiteRefusal: The site has no valid policy.
+        """
+        delta = self.policy().delta
+        entries = self.ledger.entries() if entries is None else entries
+        out = {}
+        for dataset in sorted({e.dataset for e in entries}):
+            rows = [e for e in entries if e.dataset == dataset]
+            epsilon = history_of(entries, dataset).epsilon(
+                delta=delta, accountant=rows[-1].accountant
+            )
+            out[dataset] = (epsilon, len(rows))
+        return out
 
     @property
     def plans(self) -> PlanRegistry:

@@ -20,6 +20,7 @@ from typing import Any
 from markupsafe import Markup, escape
 
 from federation.files import write_atomically
+from federation.security import load_or_create_secret
 
 __all__ = [
     "Page",
@@ -78,10 +79,9 @@ class Users:
 
 
 def _secret(folder: Path) -> bytes:
-    path = folder / SECRET_FILE
-    if not path.exists():
-        write_atomically(path, secrets.token_bytes(32), mode=0o600)
-    return path.read_bytes()
+    return load_or_create_secret(
+        folder / SECRET_FILE, lambda: secrets.token_bytes(32), what="console session secret"
+    )
 
 
 @dataclass(frozen=True)

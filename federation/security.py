@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-__all__ = ["key_id", "load_or_create_signing_key", "load_public_key", "write_private_key"]
+from federation.files import write_atomically
+
+__all__ = [
+    "key_id",
+    "load_or_create_secret",
+    "load_or_create_signing_key",
+    "load_public_key",
+    "write_private_key",
+]
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -34,6 +43,21 @@ def write_private_key(key: Ed25519PrivateKey, path: Path) -> None:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
+
+
+def load_or_create_secret(path: Path, make: Callable[[], bytes], *, what: str) -> bytes:
+    """A secret file's bytes, made by `make` (mode 0600) on first use.
+
+    Raises:
+        PermissionError: The file is readable by group or others (`what` names it).
+    """
+    if not path.exists():
+        write_atomically(path, make(), mode=0o600)
+    if path.stat().st_mode & 0o077:
+        raise PermissionError(
+            f"{what} {path} is readable by group or others; run `chmod 600 {path}`"
+        )
+    return path.read_bytes()
 
 
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:

@@ -506,7 +506,6 @@ def _cmd_site_reidentify(args: argparse.Namespace) -> int:
 
 def _cmd_site_policy(args: argparse.Namespace) -> int:
     from client.state import SitePolicy, SiteState
-    from federation.ledger import history_of
 
     state = SiteState(Path(args.state), Path(args.state).name)
     if args.max_epsilon is not None:
@@ -518,15 +517,9 @@ def _cmd_site_policy(args: argparse.Namespace) -> int:
     print(f"budget: epsilon {policy.max_epsilon:g} per dataset at delta {policy.delta:g}")
     limits = state.governance().to_dict()
     print("governance: " + ", ".join(f"{k}={v}" for k, v in limits.items()))
-    entries = state.ledger.entries()
-    for dataset in sorted({e.dataset for e in entries}):
-        rows = [e for e in entries if e.dataset == dataset]
-        spent = history_of(entries, dataset).epsilon(
-            delta=policy.delta, accountant=rows[-1].accountant
-        )
+    for dataset, (spent, rounds) in state.spent().items():
         print(
-            f"{dataset}: spent {spent:.3f} of {policy.budget_for(dataset):g} "
-            f"over {len(rows)} rounds"
+            f"{dataset}: spent {spent:.3f} of {policy.budget_for(dataset):g} over {rounds} rounds"
         )
     return 0
 

@@ -16,6 +16,7 @@ Flower config file of the kit's own Flower home (`flwr-home/config.toml`), writt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -386,7 +387,7 @@ def node_presence(kit: CoordinatorKit) -> dict[str, dict[str, Any]]:
     nodes = _read_nodes(_nodes_file(database))
     rows: dict[int, tuple[Any, ...]] = {}
     if database.exists():
-        with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
             for row in db.execute("SELECT node_id, online_until, last_activated_at FROM node"):
                 rows[int(row[0]) % 2**64] = row  # stored as signed 64-bit
     presence = {}

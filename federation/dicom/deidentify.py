@@ -22,16 +22,17 @@ from pydicom.tag import Tag
 
 from federation.dicom.profile import (
     BASIC,
-    BURNED_IN_MODALITIES,
+    DATE_VRS,
     OPTIONS,
     PSEUDONYM_PREFIX,
     Option,
     action,
+    burned_in_problem,
+    kept_tags,
 )
 
 __all__ = ["Deidentifier", "NotDeidentifiable", "Pseudonyms", "parse_profile"]
 
-_DATE_VRS = frozenset({"DA", "DT", "TM"})
 _TEXT_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC"})
 # Identity attributes that get a pseudonym (kind for the map) rather than a blank.
 _IDENTITY = {
@@ -106,7 +107,7 @@ class Deidentifier:
     _dates: str | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self._kept = frozenset(int(Tag(k)) for o in self.options for k in o.keeps)
+        self._kept = kept_tags(self.options)
         self._dates = next((o.dates for o in self.options if o.dates), None)
 
     def __call__(self, ds: Dataset) -> Dataset:
@@ -116,12 +117,9 @@ class Deidentifier:
             NotDeidentifiable: Its pixels carry burned-in text (Clean Pixel Data is not
                 offered), or it is expected to and does not say otherwise.
         """
-        burned = str(ds.get("BurnedInAnnotation", "") or "").upper()
-        modality = str(ds.get("Modality", "") or "").upper()
-        if burned == "YES" or (modality in BURNED_IN_MODALITIES and burned != "NO"):
+        if burned := burned_in_problem(ds):
             raise NotDeidentifiable(
-                f"BurnedInAnnotation is {burned or 'absent'} for modality {modality or '?'}: "
-                "the pixels may carry text; clean them first, then set BurnedInAnnotation NO"
+                f"{burned}; clean the pixels first, then set BurnedInAnnotation NO"
             )
         patient = str(ds.get("PatientID", "") or ds.get("PatientName", "") or "")
         self._apply(ds, patient, self.pseudonyms.days(patient))
@@ -171,7 +169,7 @@ class Deidentifier:
                 if tag in _MAPPED_UIDS:
                     self._note(_MAPPED_UIDS[tag], uid, old)
             elem.value = new if elem.VM > 1 else (new[0] if new else "")
-        elif elem.VR in _DATE_VRS:
+        elif elem.VR in DATE_VRS:
             if self._dates == "modified":
                 elem.value = _shift(elem.VR, elem.value, days)
             elif self._dates is None:
@@ -204,7 +202,7 @@ def _blank(ds: Dataset, elem: DataElement, what: str) -> None:
         del ds[elem.tag]
     else:
         elem.value = (
-            None if elem.VR not in _TEXT_VRS | _DATE_VRS | {"CS", "AS", "UI", "IS", "DS"} else ""
+            None if elem.VR not in _TEXT_VRS | DATE_VRS | {"CS", "AS", "UI", "IS", "DS"} else ""
         )
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "ON_PHI",
     "PRIVATE_TAGS",
     "DeidentificationRequired",
+    "check_gate_choices",
     "deidentification_gate",
     "identifying_values",
 ]
@@ -68,6 +69,19 @@ class DeidentificationRequired(ValueError):
         )
 
 
+def check_gate_choices(*, on_phi: str, private_tags: str) -> None:
+    """Refuse an `on_phi` or `private_tags` the gate does not know.
+
+    Raises:
+        ValueError: Naming both settings and their choices.
+    """
+    if on_phi not in ON_PHI or private_tags not in PRIVATE_TAGS:
+        raise ValueError(
+            f"on_phi={on_phi!r}, private_tags={private_tags!r}: choose on_phi from "
+            f"{', '.join(ON_PHI)} and private_tags from {', '.join(PRIVATE_TAGS)}"
+        )
+
+
 def deidentification_gate(
     instances: list[Instance], *, on_phi: str, private_tags: str = "remove"
 ) -> tuple[list[Instance], list[Problem]]:
@@ -86,11 +100,7 @@ def deidentification_gate(
         DeidentificationRequired: `on_phi` is "refuse" and a file fails.
         ValueError: `on_phi` or `private_tags` is not one of its choices.
     """
-    if on_phi not in ON_PHI or private_tags not in PRIVATE_TAGS:
-        raise ValueError(
-            f"on_phi={on_phi!r}, private_tags={private_tags!r}: choose on_phi from "
-            f"{', '.join(ON_PHI)} and private_tags from {', '.join(PRIVATE_TAGS)}"
-        )
+    check_gate_choices(on_phi=on_phi, private_tags=private_tags)
     accepted = PRIVATE if private_tags == "keep" else None
     why = {
         i.path: [r for r in i.deid_problems if accepted is None or not r.startswith(accepted)]

@@ -65,6 +65,22 @@ class PrepareOptions:
     private_tags: str = "remove"
     progress: bool = False
 
+    def gate(self, instances: list[Instance], problems: list[Problem]) -> list[Instance]:
+        """The instances the de-identification gate lets through (all when it is off).
+
+        Those it leaves out are added to `problems`.
+
+        Raises:
+            DeidentificationRequired: `on_phi` is "refuse" and a file fails.
+        """
+        if not self.require_deidentified:
+            return instances
+        kept, left_out = deidentification_gate(
+            instances, on_phi=self.on_phi, private_tags=self.private_tags
+        )
+        problems.extend(left_out)
+        return kept
+
     def fingerprint(self) -> str:
         """The options that change prepared tensors (part of every cache key)."""
         return json.dumps({"spacing": self.target_spacing})
@@ -283,12 +299,7 @@ def prepare_folder(
     with _bar(len(dicoms), "scan headers", opts.progress) as bar:
         scan = scan_paths(dicoms, known=cache.load_index(), progress=bar.update)
     report.problems.extend(scan.problems)
-    instances = scan.instances
-    if opts.require_deidentified:
-        instances, left_out = deidentification_gate(
-            instances, on_phi=opts.on_phi, private_tags=opts.private_tags
-        )
-        report.problems.extend(left_out)
+    instances = opts.gate(scan.instances, report.problems)
     series = group_series(instances)
     labels = _find_labels(instances, niftis, series, opts.labels_csv, report.problems)
     log.info(

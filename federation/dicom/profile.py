@@ -9,7 +9,7 @@ its value.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -20,12 +20,15 @@ from pydicom.dataelem import RawDataElement
 __all__ = [
     "BASIC",
     "BURNED_IN_MODALITIES",
+    "DATE_VRS",
     "OPTIONS",
     "PRIVATE",
     "PSEUDONYM_PREFIX",
     "Option",
     "action",
+    "burned_in_problem",
     "declared_options",
+    "kept_tags",
     "profile_problems",
 ]
 
@@ -36,7 +39,7 @@ PSEUDONYM_PREFIX = "ANON"
 # Modalities whose images commonly carry burned-in text (PS3.15 E.1.1, PS3.3 C.7.6.1.1.7).
 BURNED_IN_MODALITIES = frozenset({"US", "SC", "XC", "ES", "GM", "SM", "OP", "DOC", "OT", "XA"})
 _DEFERRED = object()  # a large value pydicom has not read: not empty
-_DATE_VRS = frozenset({"DA", "DT", "TM"})
+DATE_VRS = frozenset({"DA", "DT", "TM"})
 _TEXT_VRS = frozenset({"PN", "LO", "SH", "LT", "ST", "UT", "UC", "AE", "CS", "AS"})
 # Profile table columns in dicom-anonymizer's database, as medfed's action letters.
 _COLUMNS = {
@@ -190,8 +193,23 @@ def declared_options(ds: Any) -> list[Option]:
     return [_BY_CODE[c] for c in codes if c in _BY_CODE]
 
 
-def _kept(options: list[Option]) -> frozenset[int]:
+def kept_tags(options: Sequence[Option]) -> frozenset[int]:
+    """Tags that the options retain although the Basic Profile acts on them."""
     return frozenset(tag_for_keyword(k) or -1 for o in options for k in o.keeps)
+
+
+def burned_in_problem(ds: Any) -> str | None:
+    """Why the pixels may carry text (burned-in annotation), or None."""
+    burned = str(ds.get("BurnedInAnnotation", "") or "").upper()
+    modality = str(ds.get("Modality", "") or "").upper()
+    if burned == "YES":
+        return "BurnedInAnnotation is YES: the pixels carry text"
+    if modality in BURNED_IN_MODALITIES and burned != "NO":
+        return (
+            f"BurnedInAnnotation is {burned or 'absent'} for modality {modality}, where "
+            "pixels often carry text"
+        )
+    return None
 
 
 def _name(tag: int) -> str:
@@ -201,7 +219,7 @@ def _name(tag: int) -> str:
 def _elements(ds: Any) -> Iterator[tuple[int, str, Any, list[Any]]]:
     """(tag, VR, value, sequence items) of a header, top level; `_DEFERRED` when not read."""
     raw_items = getattr(ds, "raw_elements", None)
-    if raw_items is not None:  # medfed's fast header: no sequences it could not skip
+    if raw_items is not None:  # medfed's fast header: it parsed the sequences' items too
         yield from raw_items()
         return
     for tag in ds.keys():
@@ -269,7 +287,7 @@ def _walk(
         if "U" in what and vr == "UI":
             if not _text(value).startswith("2.25."):
                 found.add(f"{name}: UID not pseudonymised (expected a 2.25 UUID-derived UID)")
-        elif vr in _DATE_VRS:
+        elif vr in DATE_VRS:
             if not dates_kept:
                 found.add(
                     f"{name}: dates and times are removed unless a longitudinal option is declared"
@@ -297,19 +315,13 @@ def profile_problems(ds: Any) -> list[str]:
         found.add("no DeidentificationMethod or DeidentificationMethodCodeSequence")
     elif options and BASIC not in options:
         found.add("DeidentificationMethodCodeSequence does not name the Basic Profile (113100)")
-    burned = str(ds.get("BurnedInAnnotation", "") or "").upper()
-    modality = str(ds.get("Modality", "") or "").upper()
-    if burned == "YES":
-        found.add("BurnedInAnnotation is YES: the pixels carry text")
-    elif modality in BURNED_IN_MODALITIES and burned != "NO":
-        found.add(
-            f"BurnedInAnnotation not NO for modality {modality}, where pixels often carry text"
-        )
+    if burned := burned_in_problem(ds):
+        found.add(burned)
     if str(ds.get("RecognizableVisualFeatures", "") or "").upper() == "YES":
         found.add("RecognizableVisualFeatures is YES")
     _walk(
         ds,
-        kept=_kept(options),
+        kept=kept_tags(options),
         dates_kept=any(o.dates for o in options),
         where="",
         found=found,

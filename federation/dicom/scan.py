@@ -79,7 +79,6 @@ class Instance:
     slopes: list[float] = field(default_factory=list)
     intercepts: list[float] = field(default_factory=list)
     references: list[str] = field(default_factory=list)  # series UIDs a SEG/RTSTRUCT labels
-    deidentified: bool = False
     # Why the file is not de-identified to PS3.15's Basic Profile (names, never values).
     deid_problems: list[str] = field(default_factory=list)
     content_hash: str = ""  # filled in when the bytes are first read
@@ -271,7 +270,6 @@ def _classify(path: Path, stat: os.stat_result, ds: Any) -> Instance | Problem:
         modality=str(ds.get("Modality", "")),
         manufacturer=str(ds.get("Manufacturer", "") or "unknown"),
         transfer_syntax=str(tsyntax),
-        deidentified=str(ds.get("PatientIdentityRemoved", "")).upper() == "YES",
         deid_problems=profile_problems(ds),
     )
     if sop_class == SEG_SOP_CLASS or sop_class == RTSTRUCT_SOP_CLASS:
