@@ -53,6 +53,7 @@ def _main(argv: list[str]) -> None:
     """
     state = Path(os.environ.get(SITE_STATE_ENV, "."))
     try:
+        flowerpatch.superexec_wakes_on_signal()
         flowerpatch.forked_clientapp_executor(
             preload=PRELOAD, warm=lambda fab_hash: is_release_fab(state, fab_hash)
         )

@@ -59,10 +59,10 @@ POLL_INTERVAL_ENV = "MEDFED_SUPERNODE_POLL_INTERVAL"
 HEARTBEAT_ENV = "MEDFED_SUPERNODE_HEARTBEAT"
 _DEFAULT_POLL = 0.5
 _DEFAULT_HEARTBEAT = 10.0
-# SuperExec (started by the SuperNode) polls it for ClientApp tasks over loopback;
-# Flower's default is 1 s.
+# SuperExec (started by the SuperNode) asks it for ClientApp tasks over loopback at this
+# interval (Flower's default); a warm one is woken at once when a message came.
 _SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-_SUPEREXEC_POLL = 0.1
+_SUPEREXEC_POLL = 1.0
 # "0" turns warm ClientApps off (client.superexec): a new Python per message, as Flower does.
 WARM_ENV = "MEDFED_WARM_CLIENTAPPS"
 

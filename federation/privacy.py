@@ -6,14 +6,13 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from torch import nn
-from torch.optim import Optimizer
-from torch.utils.data import DataLoader
-
 from federation.config import PrivacyConfig
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where training happens, not by the ledger's readers
     from opacus import PrivacyEngine
+    from torch import nn
+    from torch.optim import Optimizer
+    from torch.utils.data import DataLoader
 
 __all__ = [
     "GRAD_SAMPLE_MODES",

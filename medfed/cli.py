@@ -750,7 +750,11 @@ def _coordinator_parsers(sub: Any) -> None:
     start.add_argument(
         "--control-port", type=int, help="the SuperLink's port on 127.0.0.1 (default: free)"
     )
-    start.add_argument("--database", help="SuperLink state file (default: in the kit)")
+    start.add_argument(
+        "--database",
+        help="a file for the SuperLink's state (default: in memory; sites are registered "
+        "again at each start, runs are kept in MLflow)",
+    )
     start.set_defaults(func=_cmd_server_start)
     console = server.add_parser("console", help="the coordinator's status page (sites, runs)")
     console.add_argument("--kit", required=True, help="the coordinator kit")

@@ -200,7 +200,7 @@ def create_server_app(
         run_cfg = cfg or config_from_run_config(context.run_config)
         if run_cfg.federation.engine == "deployment":
             flowerpatch.short_serverapp_pulls()
-            grid = PollingGrid(grid, run_cfg.federation.poll_interval)
+            grid = PollingGrid(grid, cap=run_cfg.federation.poll_interval)
         grid = PackingGrid(grid)
         if run_cfg.federation.engine == "deployment" and run_cfg.federation.kit:
             # A kit's SuperLink: sites are named by their keys; outside the packing, so

@@ -60,7 +60,9 @@ __all__ = [
 _SUPERLINK_HOME = "superlink-home"
 _CLI_HOME = "flwr-home"
 _NODES = "nodes.json"
-_LINK = "link.json"  # the running SuperLink: its loopback address and database
+_LINK = "link.json"  # the running SuperLink: its loopback address, database, node registry
+# Flower's name for its in-memory state (`flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME`).
+_IN_MEMORY = ":flwr-in-memory:"
 _DONE = "finished:"
 # The coordinator's own line at the end of each round (server.loop).
 _ROUND_LINE = "] [round "
@@ -166,8 +168,13 @@ class FlowerCli:
         return dict(runs[0])
 
 
-def superlink_command(kit: CoordinatorKit, *, host: str, port: int, database: Path) -> list[str]:
-    """The SuperLink's command line: TLS, node authentication, no dependency installs."""
+def superlink_command(
+    kit: CoordinatorKit, *, host: str, port: int, database: Path | None
+) -> list[str]:
+    """The SuperLink's command line: TLS, node authentication, no dependency installs.
+
+    `database` None keeps the SuperLink's state in memory (Flower's in-memory state).
+    """
     return [
         str(Path(sys.executable).parent / "flower-superlink"),
         "--ssl-ca-certfile",
@@ -183,7 +190,7 @@ def superlink_command(kit: CoordinatorKit, *, host: str, port: int, database: Pa
         "--port",
         str(port),
         "--database",
-        str(database),
+        str(database) if database is not None else _IN_MEMORY,
     ]
 
 
@@ -221,7 +228,7 @@ class SuperLink:
     kit: CoordinatorKit
     process: subprocess.Popen[bytes]
     address: str  # the SuperLink's own, loopback address (Control API)
-    database: Path
+    database: Path | None  # None: in memory
     log_file: Path
     gate: FleetGate | None = None
 
@@ -244,8 +251,12 @@ class SuperLink:
             host: Interface the gate listens on (all by default; sites dial in).
             port: The gate's port; the kit's coordinator address's port by default.
             control_port: The SuperLink's port on 127.0.0.1 (default: a free one).
-            database: SuperLink state (registered keys, runs); in the kit by default,
-                so registrations survive restarts.
+            database: A file for the SuperLink's state (registered keys, runs). By
+                default the state is in memory: Flower's SQLite state costs the
+                SuperLink several times the CPU per request, which a consortium of many
+                sites pays on every poll. Nothing is lost that medfed needs: each
+                start registers the enrolled sites' keys again, and runs are kept in
+                MLflow and the run folders.
             log_file: Where the SuperLink's output goes (default: in the kit).
             timeout: Seconds to wait for it to accept TLS connections.
 
@@ -256,16 +267,18 @@ class SuperLink:
         port = port or int(str(kit.manifest()["superlink"]).rsplit(":", 1)[1])
         home = kit.root / _SUPERLINK_HOME
         home.mkdir(exist_ok=True)
-        database = (database or home / "state.db").resolve()
+        database = database.resolve() if database is not None else None
         log_file = (log_file or home / "superlink.log").resolve()
         local = f"127.0.0.1:{control_port or free_port()}"
+        nodes = _nodes_file(home, database)
+        if database is None:
+            nodes.unlink(missing_ok=True)  # a new in-memory state has no registrations
         link = cls(kit, _launch(kit, local, database, log_file), local, database, log_file)
         try:
             wait_tls(local, kit.ca, link.process, timeout)
-            (home / _LINK).write_text(
-                json.dumps({"control": local, "database": str(database)}, indent=2)
-            )
-            sync_registrations(kit, FlowerCli(kit, address=local), database)
+            info = {"control": local, "database": str(database or ""), "nodes": str(nodes)}
+            (home / _LINK).write_text(json.dumps(info, indent=2))
+            sync_registrations(kit, FlowerCli(kit, address=local), nodes)
             listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             link.gate = FleetGate.start(kit, listen=listen, upstream=local, home=home)
             public = f"127.0.0.1:{port}" if host in ("0.0.0.0", "::") else listen
@@ -292,7 +305,7 @@ class SuperLink:
 
 
 def _launch(
-    kit: CoordinatorKit, address: str, database: Path, log_file: Path
+    kit: CoordinatorKit, address: str, database: Path | None, log_file: Path
 ) -> subprocess.Popen[bytes]:
     """Start `flower-superlink` on the loopback `address`, its output to `log_file`."""
     env = _flower_env(kit.root / _SUPERLINK_HOME)
@@ -330,8 +343,17 @@ def _stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
         pass
 
 
-def _nodes_file(database: Path) -> Path:
-    return database.with_name(database.name + "." + _NODES)
+def _nodes_file(home: Path, database: Path | None) -> Path:
+    """Which node id each site's key was given: beside the state file, or in `home`."""
+    return database.with_name(database.name + "." + _NODES) if database else home / _NODES
+
+
+def _registry(kit: CoordinatorKit) -> Path:
+    """The running SuperLink's node registry (`_nodes_file`)."""
+    info = _link_info(kit)
+    if "nodes" in info:
+        return Path(info["nodes"])
+    return _nodes_file(kit.root / _SUPERLINK_HOME, Path(info["database"]))  # older link.json
 
 
 def _link_info(kit: CoordinatorKit) -> dict[str, str]:
@@ -366,7 +388,7 @@ def registered_nodes(kit: CoordinatorKit) -> dict[int, str]:
     Raises:
         FederationError: No SuperLink was started from this kit.
     """
-    nodes = _read_nodes(_nodes_file(Path(_link_info(kit)["database"])))
+    nodes = _read_nodes(_registry(kit))
     active = set(kit.active_sites())
     return {int(v["node_id"]): site for site, v in nodes.items() if site in active}
 
@@ -374,48 +396,64 @@ def registered_nodes(kit: CoordinatorKit) -> dict[int, str]:
 def node_presence(kit: CoordinatorKit) -> dict[str, dict[str, Any]]:
     """Each registered site's node: id, online now, and when it was last active.
 
-    Read (read-only) from the SuperLink's own state: a node is online until its last
-    heartbeat's deadline. Empty when no SuperLink was started from this kit.
+    From the SuperLink itself: its state file, read-only (a node is online until its
+    last heartbeat's deadline), or, for an in-memory state, its Control API. Empty when
+    no SuperLink was started from this kit.
     """
-    import sqlite3
-    import time
-
     try:
-        database = Path(_link_info(kit)["database"])
+        nodes = _read_nodes(_registry(kit))
+        database = _link_info(kit)["database"]
     except FederationError:
         return {}
-    nodes = _read_nodes(_nodes_file(database))
-    rows: dict[int, tuple[Any, ...]] = {}
-    if database.exists():
-        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
-            for row in db.execute("SELECT node_id, online_until, last_activated_at FROM node"):
-                rows[int(row[0]) % 2**64] = row  # stored as signed 64-bit
+    seen = _presence_in_file(Path(database)) if database else _presence_online(kit)
     presence = {}
     for site, info in nodes.items():
-        row = rows.get(int(info["node_id"]) % 2**64)
-        online_until = float(row[1] or 0) if row else 0.0
+        online, last_active = seen.get(int(info["node_id"]) % 2**64, (False, ""))
         presence[site] = {
             "node_id": int(info["node_id"]),
-            "online": online_until > time.time(),
-            "last_active": str(row[2] or "") if row else "",
+            "online": online,
+            "last_active": last_active,
         }
     return presence
 
 
+def _presence_in_file(database: Path) -> dict[int, tuple[bool, str]]:
+    import sqlite3
+
+    seen: dict[int, tuple[bool, str]] = {}
+    if database.exists():
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            for node_id, until, active in db.execute(
+                "SELECT node_id, online_until, last_activated_at FROM node"
+            ):  # node ids stored as signed 64-bit
+                seen[int(node_id) % 2**64] = (float(until or 0) > time.time(), str(active or ""))
+    return seen
+
+
+def _presence_online(kit: CoordinatorKit) -> dict[int, tuple[bool, str]]:
+    try:
+        listed = FlowerCli(kit).nodes()
+    except FederationError:  # not running
+        return {}
+    return {
+        int(n["node-id"]) % 2**64: (n.get("status") == "online", str(n.get("online-at") or ""))
+        for n in listed
+    }
+
+
 def sync_registrations(
-    kit: CoordinatorKit, cli: FlowerCli, database: Path
+    kit: CoordinatorKit, cli: FlowerCli, path: Path
 ) -> dict[str, dict[str, Any]]:
     """Register the enrolled sites' keys, unregister revoked and replaced ones.
 
-    The node id each key was given (and the key's fingerprint) is kept beside the
-    SuperLink database: it names the replies of that node, and tells a later revocation
+    The node id each key was given (and the key's fingerprint) is kept in `path`, the
+    node registry: it names the replies of that node, and tells a later revocation
     which node to unregister.
 
     Returns:
         Node id and key fingerprint of each registered site.
     """
     log = context_logger()
-    path = _nodes_file(database)
     nodes = _read_nodes(path)
     for site, entry in kit.manifest()["sites"].items():
         known = nodes.get(site)
@@ -434,7 +472,7 @@ def sync_registrations(
                 raise FederationError(
                     f"site {site}'s key is registered with the SuperLink, but not in {path}: "
                     "the coordinator cannot tell which node it is. Restore that file, or "
-                    "start the SuperLink with a new --database"
+                    "start the SuperLink with a new --database (or none: in memory)"
                 ) from err
             nodes[site] = {"node_id": int(answer["node-id"]), "auth_key": entry.get("auth_key")}
             log.info("site %s registered as node %d", site, nodes[site]["node_id"])
@@ -459,7 +497,7 @@ def sync_running(kit_dir: Path) -> bool:
             pass
     except OSError:
         return False
-    sync_registrations(kit, FlowerCli(kit), Path(info["database"]))
+    sync_registrations(kit, FlowerCli(kit), _registry(kit))
     return True
 
 

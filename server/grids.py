@@ -1,7 +1,8 @@
 """Wrappers around the Flower Grid the coordinator talks to the sites through.
 
 - `PackingGrid`: each message's content travels as one packed record (`federation.packing`).
-- `PollingGrid`: deployment; polls for replies every `federation.poll_interval` seconds.
+- `PollingGrid`: deployment; polls for replies soon after each came, backing off to
+  `federation.poll_interval` seconds.
 - `MeteredGrid`: counts the bytes a round moves and keeps the sites' error replies.
 """
 
@@ -94,15 +95,19 @@ class PackingGrid(DelegatingGrid):
 
 
 class PollingGrid(DelegatingGrid):
-    """A Grid whose `send_and_receive` polls for replies every `interval` seconds.
+    """A Grid whose `send_and_receive` polls for replies, soon after each one came.
 
     Flower's deployment Grid sleeps a fixed 3 s between polls; every round waits on
-    two exchanges (train, evaluate).
+    two exchanges (train, evaluate). Here the wait starts at `first` seconds after a
+    reply came (the sites' replies come close together) and doubles up to `cap` while
+    none comes: the SuperLink, which answers every poll, is not asked ten times a
+    second through a long local training.
     """
 
-    def __init__(self, inner: Grid, interval: float = 0.1) -> None:
+    def __init__(self, inner: Grid, *, first: float = 0.05, cap: float = 0.25) -> None:
         super().__init__(inner)
-        self.interval = interval
+        self.first = first
+        self.cap = cap
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -111,12 +116,14 @@ class PollingGrid(DelegatingGrid):
         pending = set(self.inner.push_messages(messages))
         end = time.time() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
+        wait = self.first
         while pending and (timeout is None or time.time() < end):
             got = list(self.inner.pull_messages(pending))
             replies.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
             if pending:
-                time.sleep(self.interval)
+                wait = self.first if got else min(self.cap, wait * 2)
+                time.sleep(wait)
         return replies
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from _profile import ProcessProfile
     from plain_flower import PlainSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,12 +173,20 @@ def provision(base: Path, sites: list[str]) -> Path:
 
 
 def medfed_deployment(
-    name: str, *, base: Path, data: Path, sites: list[str], config: list[str], warm: bool = True
+    name: str,
+    *,
+    base: Path,
+    data: Path,
+    sites: list[str],
+    config: list[str],
+    warm: bool = True,
+    profile: ProcessProfile | None = None,
 ) -> Path:
     """A medfed deployment run over TLS on loopback, through the product's commands.
 
     `medfed provision`, `medfed server start`, one `medfed site start` per site on
     `data/SITE`, `medfed run federation=deploy CONFIG`; everything stops at the end.
+    With `profile`, every process started is sampled until the run ends.
 
     Returns:
         The run's history.json. The kits stay in `kits_of(base / name)`.
@@ -192,6 +201,9 @@ def medfed_deployment(
             cwd=base, log=base / "superlink.log",
         )
     ]  # fmt: skip
+    if profile is not None:
+        profile.add(procs[0].pid)
+        profile.start()
     try:
         deadline = time.monotonic() + 120
         while "SuperLink running" not in (base / "superlink.log").read_text():
@@ -206,13 +218,19 @@ def medfed_deployment(
                     env={WARM_ENV: "1" if warm else "0"},
                 )
             )  # fmt: skip
+            if profile is not None:
+                profile.add(procs[-1].pid)
         run = medfed(
             "run", "federation=deploy", f"federation.kit={kits / 'coordinator'}", *config,
             f"run_name={name}", f"output_dir={base / 'out'}", cwd=base, log=base / "run.log",
         )  # fmt: skip
+        if profile is not None:
+            profile.add(run.pid)
         if run.wait(timeout=3600) != 0:
             raise RuntimeError(f"deployment run {name} failed; see {base / 'run.log'}")
     finally:
+        if profile is not None:
+            profile.stop()
         for proc in reversed(procs):
             stop(proc)
     return base / "out" / name / "history.json"

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import warnings
+from typing import Any
 
 MODES = ("hooks", "functorch", "ew", "ghost")
 # hooks with the U-Net's encoder frozen (model.freeze=[encoder]): no per-sample gradients
@@ -57,23 +58,46 @@ def worker(mode: str, *, batch: int, size: int, steps: int, warmup: int) -> dict
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     privacy = PrivacyConfig(mode="none" if mode == "none" else "dp-sgd", grad_sample_mode=mode)
     private = make_private(model, optimizer, loader, SegmentationLoss(), privacy)
+    # Where a step's time goes: the per-sample gradients (Opacus's grad samplers, timed
+    # in place) and the optimizer step (clipping, noise and Adam under DP).
+    spent = {"per_sample": 0.0, "optimizer": 0.0}
+    if mode != "none":
+        from opacus.grad_sample import GradSampleModule
+
+        def timed(sampler: Any) -> Any:
+            def run(*a: Any, **k: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return sampler(*a, **k)
+                finally:
+                    spent["per_sample"] += time.perf_counter() - start
+
+            return run
+
+        samplers = GradSampleModule.GRAD_SAMPLERS
+        for layer, sampler in list(samplers.items()):
+            samplers[layer] = timed(sampler)
     # Fixed full batches: the step cost, not Poisson's varying batch size, is measured.
     x, y = images[:batch].to(device), masks[:batch].to(device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base_mb = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb()
-    times = []
+    times, parts = [], []
     for i in range(warmup + steps):
+        spent.update(per_sample=0.0, optimizer=0.0)
         start = time.perf_counter()
         private.optimizer.zero_grad(set_to_none=True)
         loss = private.criterion(private.model(x), y)
         loss.backward()
+        stepped = time.perf_counter()
         private.optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        spent["optimizer"] = time.perf_counter() - stepped
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            parts.append(dict(spent))
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20 - base_mb
     else:
@@ -85,6 +109,8 @@ def worker(mode: str, *, batch: int, size: int, steps: int, warmup: int) -> dict
         "device": str(device),
         "threads": torch.get_num_threads(),
         "trainable_share": trainable,
+        "per_sample_s": statistics.median(p["per_sample"] for p in parts),
+        "optimizer_s": statistics.median(p["optimizer"] for p in parts),
     }
 
 
@@ -174,6 +200,26 @@ def main() -> int:
             f"hooks, encoder frozen ({frozen_summary['trainable_share']:.0%} of the weights "
             f"train): {t:.3f} s/step, x{frozen_summary['vs_hooks']:.2f} of hooks"
         )
+    where = None
+    if summary["hooks"].get("ok"):  # type: ignore[union-attr]
+        hooks = results["hooks"]
+        # The hooks step over the non-private one, part by part (s per step).
+        where = {
+            "non_private_step": round(base_t, 4),
+            "non_private_optimizer": round(float(first["optimizer_s"]), 4),
+            "per_sample_gradients": round(float(hooks["per_sample_s"]), 4),
+            "dp_optimizer": round(float(hooks["optimizer_s"]), 4),
+            "forward_backward_rest": round(
+                float(hooks["step_s"]) - float(hooks["per_sample_s"]) - float(hooks["optimizer_s"]),
+                4,
+            ),
+        }
+        print(
+            "hooks step: per-sample gradients {per_sample_gradients:.3f} s, DP optimizer "
+            "(clip, noise, Adam) {dp_optimizer:.3f} s, the rest of forward and backward "
+            "{forward_backward_rest:.3f} s; non-private step {non_private_step:.3f} s "
+            "(optimizer {non_private_optimizer:.3f} s)".format(**where)
+        )
     ok = {k: v for k, v in summary.items() if isinstance(v, dict) and v["ok"]}
     fastest = min(ok, key=lambda k: ok[k]["time_ratio"]) if ok else None
     print(
@@ -190,6 +236,7 @@ def main() -> int:
                 "mem_ratio": ok[fastest]["mem_ratio"] if fastest else None,
                 "modes": summary,
                 "frozen_encoder": frozen_summary,
+                "hooks_step_parts_s": where,
             }
         )
     )

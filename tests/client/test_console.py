@@ -21,7 +21,9 @@ def _history(tmp_path, name):
 
 
 def test_a_plan_is_approved_and_revoked_in_the_browser_and_the_site_obeys(
-    tmp_path, consortium, browser  # noqa: F811
+    tmp_path,
+    consortium,
+    browser,  # noqa: F811
 ):
     root, _ = consortium
     state = tmp_path / "site-state"

@@ -54,3 +54,35 @@ def test_a_reply_whose_pack_is_damaged_becomes_an_error_reply():
     (reply,) = PackingGrid(_Sites(damaged)).send_and_receive([_message()])
     assert reply.has_error()
     assert "rejected reply: packed content is malformed" in reply.error.reason
+
+
+class _Slow:
+    """A grid whose replies come at given polls (one list of message ids per poll)."""
+
+    def __init__(self, ids, arrivals):
+        self.ids, self.arrivals, self.polls = ids, list(arrivals), 0
+
+    def push_messages(self, messages):
+        return list(self.ids)
+
+    def pull_messages(self, pending):
+        self.polls += 1
+        came = self.arrivals.pop(0) if self.arrivals else []
+        replies = []
+        for mid in came:
+            reply = Message(RecordDict(), reply_to=_message())
+            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            replies.append(reply)
+        return replies
+
+
+def test_the_coordinator_polls_soon_after_a_reply_and_backs_off_while_none_comes(monkeypatch):
+    import server.grids as grids
+
+    waits = []
+    monkeypatch.setattr(grids.time, "sleep", waits.append)
+    inner = _Slow(["a", "b"], [[], [], [], [], ["a"], [], ["b"]])
+    replies = list(grids.PollingGrid(inner, first=0.05, cap=0.25).send_and_receive([]))
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a", "b"]
+    # Doubling up to the cap while nothing came, back to the first wait after a reply.
+    assert waits == [0.1, 0.2, 0.25, 0.25, 0.05, 0.1]

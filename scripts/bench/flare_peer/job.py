@@ -1,0 +1,101 @@
+"""Run medfed's workload as an NVFlare FedAvg job (PyTorch recipe, Client API script).
+
+Runs in the NVFlare venv with medfed's checkout on PYTHONPATH (`scripts/bench/nvflare_peer`
+starts it). `--engine sim` runs NVFlare's simulator (`SimEnv`, one thread per site);
+`--engine poc` its proof-of-concept deployment (`PocEnv`: server, clients and admin as
+separate processes on this machine, mutual TLS). `--poll S` sets the client's task
+fetch interval and the server's task check period (NVFlare's defaults: 0.5 s each).
+Prints the server's log path on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+
+CLIENT = Path(__file__).resolve().parent / "client.py"
+
+
+class PolledFedAvg(FedAvgRecipe):
+    """FedAvg whose server checks its tasks every `period` seconds."""
+
+    def __init__(self, *, period: float, **kwargs: object) -> None:
+        self._period = period
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+
+    def _get_controller_kwargs(self) -> dict[str, object]:
+        return {"task_check_period": self._period}
+
+
+def unet(cfg: Any) -> dict[str, Any]:
+    """medfed's U-Net (`federation.models`) as NVFlare's model config for its server."""
+    return {
+        "class_path": "monai.networks.nets.unet.UNet",
+        "args": {
+            "spatial_dims": cfg.spatial_dims,
+            "in_channels": cfg.in_channels,
+            "out_channels": cfg.out_channels,
+            "channels": list(cfg.channels),
+            "strides": list(cfg.strides),
+            "num_res_units": cfg.num_res_units,
+            "norm": [cfg.norm, {"affine": cfg.norm_affine}],
+            "act": ["relu", {"inplace": False}],
+            "dropout": cfg.dropout,
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workload", required=True)
+    parser.add_argument("--engine", choices=("sim", "poc"), required=True)
+    parser.add_argument("--sites", type=int, required=True)
+    parser.add_argument("--rounds", type=int, required=True)
+    parser.add_argument("--poll", type=float, default=None)
+    parser.add_argument("--workspace", required=True)
+    args = parser.parse_args()
+    workload = Path(args.workload)
+    spec = torch.load(workload / "spec.pt", weights_only=False)
+    common = {
+        "name": f"medfed-{args.engine}-{args.sites}",
+        "model": unet(spec["model"]),
+        "initial_ckpt": str(workload / "initial.pt"),  # medfed's seeded initial weights
+        "min_clients": args.sites,
+        "num_rounds": args.rounds,
+        "train_script": str(CLIENT),
+        "train_args": f"--workload {args.workload}",
+        "key_metric": "train_seconds",
+        # Never met: it makes the server log "Round N global metrics" once it aggregated.
+        "stop_cond": "train_seconds < 0",
+    }
+    if args.poll is None:
+        recipe: FedAvgRecipe = FedAvgRecipe(**common)  # type: ignore[arg-type]
+    else:
+        recipe = PolledFedAvg(period=args.poll, **common)
+        recipe.add_client_config({"default_task_fetch_interval": args.poll})
+    clients = [f"site-{i + 1}" for i in range(args.sites)]
+    workspace = Path(args.workspace)
+    if args.engine == "sim":
+        from nvflare.recipe.sim_env import SimEnv
+
+        env = SimEnv(clients=clients, num_threads=args.sites, workspace_root=str(workspace))
+        recipe.execute(env)
+    else:
+        from nvflare.recipe.poc_env import PocEnv
+
+        os.environ["NVFLARE_POC_WORKSPACE"] = str(workspace)  # read by PocEnv
+        run = recipe.execute(PocEnv(num_clients=args.sites, clients=clients))
+        if run is None:
+            raise SystemExit("NVFlare did not start the POC job")
+        run.get_result(timeout=3600, clean_up=False)
+    # The server's job log: the one with the rounds' banners.
+    print(next(p for p in workspace.rglob("log.txt") if "Round 0 started." in p.read_text()))
+
+
+if __name__ == "__main__":
+    main()
