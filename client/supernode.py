@@ -15,7 +15,9 @@ message of a run is due soon); its 0.5 s sleeps while it waits on its own Client
 declares a node gone after two missed beats, so a crashed site stalls a round for about
 a minute) is `MEDFED_SUPERNODE_HEARTBEAT` (10 s, Flower's minimum). Its SuperExec is
 `client.superexec`, which forks each ClientApp from a warm process instead of starting a
-new Python that imports torch again (`MEDFED_WARM_CLIENTAPPS=0` turns this off).
+new Python that imports torch again, and which the SuperNode wakes with a signal when a
+message came instead of being asked over HTTP ten times a second
+(`MEDFED_WARM_CLIENTAPPS=0` turns both off).
 
 Before the first task of any run is created, the run's app must pass the site's
 `client.apptrust.AppGate` (its own medfed release or an app it approved); otherwise the
@@ -60,9 +62,10 @@ HEARTBEAT_ENV = "MEDFED_SUPERNODE_HEARTBEAT"
 _DEFAULT_POLL = 0.5
 _DEFAULT_HEARTBEAT = 10.0
 # SuperExec (started by the SuperNode) asks it for ClientApp tasks over loopback at this
-# interval (Flower's default); a warm one is woken at once when a message came.
+# interval: Flower's default for medfed's own SuperExec, which the SuperNode wakes when a
+# message came; Flower's own (cold ClientApps) is asked often instead.
 _SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-_SUPEREXEC_POLL = 1.0
+_SUPEREXEC_POLL = {"warm": 1.0, "cold": 0.1}
 # "0" turns warm ClientApps off (client.superexec): a new Python per message, as Flower does.
 WARM_ENV = "MEDFED_WARM_CLIENTAPPS"
 
@@ -178,7 +181,8 @@ def supernode_env(agent: SiteAgent, base: dict[str, str] | None = None) -> dict[
     env[SITE_STATE_ENV] = str(agent.state)
     env[SITE_NAME_ENV] = agent.site
     env.setdefault(HEARTBEAT_ENV, str(_DEFAULT_HEARTBEAT))
-    env.setdefault(_SUPEREXEC_POLL_ENV, str(_SUPEREXEC_POLL))
+    warm = "cold" if env.get(WARM_ENV, "1") == "0" else "warm"
+    env.setdefault(_SUPEREXEC_POLL_ENV, str(_SUPEREXEC_POLL[warm]))
     # The code runs from the shipped Flower app; the site's medfed comes from this Python.
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

@@ -252,11 +252,11 @@ class SuperLink:
             port: The gate's port; the kit's coordinator address's port by default.
             control_port: The SuperLink's port on 127.0.0.1 (default: a free one).
             database: A file for the SuperLink's state (registered keys, runs). By
-                default the state is in memory: Flower's SQLite state costs the
-                SuperLink several times the CPU per request, which a consortium of many
-                sites pays on every poll. Nothing is lost that medfed needs: each
-                start registers the enrolled sites' keys again, and runs are kept in
-                MLflow and the run folders.
+                default the state is in memory: Flower's SQLite state puts every
+                request through SQLAlchemy, which a consortium of many sites pays on
+                every poll. Nothing is lost that medfed needs: each start registers
+                the enrolled sites' keys again, and runs are kept in MLflow and the
+                run folders.
             log_file: Where the SuperLink's output goes (default: in the kit).
             timeout: Seconds to wait for it to accept TLS connections.
 
@@ -350,10 +350,7 @@ def _nodes_file(home: Path, database: Path | None) -> Path:
 
 def _registry(kit: CoordinatorKit) -> Path:
     """The running SuperLink's node registry (`_nodes_file`)."""
-    info = _link_info(kit)
-    if "nodes" in info:
-        return Path(info["nodes"])
-    return _nodes_file(kit.root / _SUPERLINK_HOME, Path(info["database"]))  # older link.json
+    return Path(_link_info(kit)["nodes"])
 
 
 def _link_info(kit: CoordinatorKit) -> dict[str, str]:

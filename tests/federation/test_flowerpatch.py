@@ -133,3 +133,29 @@ def test_a_wake_before_the_superexec_is_ready_is_ignored_not_fatal() -> None:
     launcher.superexecs.append(proc)
     launcher.wake()
     assert proc.wait(timeout=20) == 0
+
+
+def test_a_clientapp_reuses_its_installed_app_and_installs_a_new_one(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+    import io
+    import zipfile
+
+    from flwr.supernode.runtime import run_clientapp
+
+    installs: list[bytes] = []
+    monkeypatch.setattr(run_clientapp, "install_from_fab", lambda fab, **_: installs.append(fab))
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    flowerpatch.installed_fabs_kept()
+    pyproject = '[project]\nname = "app"\nversion = "1.0"\n[tool.flwr.app]\npublisher = "pub"\n'
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as fab:
+        fab.writestr("pyproject.toml", pyproject)
+    content = buffer.getvalue()
+    run_clientapp.install_from_fab(content, skip_prompt=True)
+    assert installs == [content]  # not installed yet: Flower installs it
+    folder = tmp_path / "apps" / f"pub.app.1.0.{hashlib.sha256(content).hexdigest()[:8]}"
+    folder.mkdir(parents=True)
+    assert run_clientapp.install_from_fab(content, skip_prompt=True) == folder
+    assert installs == [content]  # the installed app, not unpacked and checked again

@@ -10,13 +10,13 @@ from tests.helpers import medfed_run
 BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 
 
-def bench(script, *args):
+def bench(script, *args, timeout=900):
     """Run a benchmark script; the JSON object on its last line."""
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -31,6 +31,10 @@ def test_dp_overhead_quick_prints_ratios_for_every_mode():
     # Expanded weights has no rule for ConvTranspose: reported, not crashed.
     assert not result["modes"]["ew"]["ok"] and "conv_transpose" in result["modes"]["ew"]["error"]
     assert result["fastest_mode"] in {"hooks", "functorch", "ghost"}
+    # Where the hooks step goes: per-sample gradients and the DP optimizer step, timed.
+    parts = result["hooks_step_parts_s"]
+    assert parts["per_sample_gradients"] > 0 and parts["dp_optimizer"] > 0
+    assert parts["non_private_step"] > 0
 
 
 def test_strategies_quick_reports_each_strategy(tmp_path):
@@ -73,39 +77,51 @@ def test_suite_quick_runs_a_benchmark_keeps_earlier_results_and_writes_the_docs(
     assert "## communication" in page and "stopped by hand" in page
 
 
-def test_overhead_quick_measures_medfed_and_plain_flower_in_both_engines(tmp_path):
-    result = bench("overhead.py", "--quick", "--sites", 2, "--rounds", 2, "--work", tmp_path)
-    assert [(r["engine"], r["sites"]) for r in result["rows"]] == [
-        ("simulation", 2),
-        ("deployment", 2),
-    ]
-    for row in result["rows"]:
-        for app in ("medfed", "plain_flower"):
-            measured = row[app]
-            assert 0 < measured["slowest_site_seconds"] < measured["phase_seconds"]
-            assert 0 < measured["overhead_share"] < 1
-            # The overhead is the measured phase beyond the slowest site's training.
-            assert measured["overhead_seconds"] == pytest.approx(
-                measured["phase_seconds"] - measured["slowest_site_seconds"], abs=0.05
-            )
-            # One local epoch is far from the 5% mark: the break-even local training is
-            # longer than what these rounds trained.
-            assert measured["overhead_share"] > 0.05
-            assert measured["training_for_5_percent_seconds"] > measured["slowest_site_seconds"]
-            # The sites' training spans at least the slowest site's own training.
-            assert 0 <= measured["idle_share"] <= measured["overhead_share"] + 1e-9
+def test_overhead_quick_measures_medfed_plain_flower_and_nvflare_in_deployment(tmp_path):
+    # The first run also makes NVFlare's venv (a few minutes).
+    args = ("--quick", "--sites", 2, "--rounds", 3, "--work", tmp_path)
+    result = bench("overhead.py", *args, timeout=1800)
+    assert [(r["engine"], r["sites"]) for r in result["rows"]] == [("deployment", 2)]
+    (row,) = result["rows"]
+    for app in ("medfed", "plain_flower", "nvflare", "nvflare_tuned"):
+        measured = row[app]
+        assert 0 < measured["slowest_site_seconds"] < measured["phase_seconds"], app
+        assert 0 < measured["overhead_share"] < 1
+        # The overhead is the measured phase beyond the slowest site's training.
+        assert measured["overhead_seconds"] == pytest.approx(
+            measured["phase_seconds"] - measured["slowest_site_seconds"], abs=0.05
+        )
+        # The sites' training spans at least the slowest site's own training.
+        assert 0 <= measured["idle_share"] <= measured["overhead_share"] + 1e-9
     # The plain app ran on stock Flower over TLS: its SuperLink served HTTPS and each
     # SuperNode received the training messages.
     plain = tmp_path / "overhead-deployment-2-e1-plain"
     assert "Uvicorn running on https://127.0.0.1:" in (plain / "superlink.log").read_text()
     for node in ("node-0.log", "node-1.log"):
-        assert (plain / node).read_text().count("Receiving: train message") == 2
+        assert (plain / node).read_text().count("Receiving: train message") == 3
+    # NVFlare trained medfed's exported tensors in its POC deployment, each site each
+    # round (its Client API script logs the training's own span).
+    timing = tmp_path / "overhead-deployment-2-e1-workload" / "timing"
+    for site in ("site-1", "site-2"):
+        assert len((timing / f"{site}.jsonl").read_text().splitlines()) == 3
     # Over TLS, stock Flower's 3 s polls dominate its rounds; medfed's fixed cost is lower.
-    deployed = next(r for r in result["rows"] if r["engine"] == "deployment")
-    assert deployed["medfed"]["overhead_seconds"] < deployed["plain_flower"]["overhead_seconds"]
-    assert result["medfed_at_most_plain"] == all(
-        r["medfed"]["overhead_share"] <= r["plain_flower"]["overhead_share"] for r in result["rows"]
+    assert row["medfed"]["overhead_seconds"] < row["plain_flower"]["overhead_seconds"]
+    assert result["medfed_at_most_plain"] == (
+        row["medfed"]["overhead_share"] <= row["plain_flower"]["overhead_share"]
     )
+    best = min(row[p]["overhead_seconds"] for p in ("nvflare", "nvflare_tuned"))
+    assert result["medfed_at_most_nvflare"] == (
+        row["medfed"]["overhead_seconds"] <= best
+        and row["medfed"]["phase_seconds"]
+        <= min(row[p]["phase_seconds"] for p in ("nvflare", "nvflare_tuned"))
+    )
+    # Where medfed's time went: CPU per process role, a site's processes and memory, and
+    # the Fleet requests the sites made through the gate.
+    where = row["medfed"]["where"]
+    assert {"superlink", "supernode", "forkserver"} <= set(where["cpu_seconds_per_round"])
+    assert where["processes_per_site"] >= 3 and where["site_pss_mb"] > 0
+    assert where["fleet_requests"]["pull-messages"]["per_round"] > 0
+    assert where["superlink_cpu_ms_per_fleet_request"] > 0
 
 
 def test_predict_quick_gives_speed_stage_shares_flat_memory_and_the_runs_dice(tmp_path, consortium):
