@@ -352,6 +352,7 @@ def installed_fabs_kept() -> None:
     import zipfile
     from io import BytesIO
 
+    from flwr.common.config import get_metadata_from_config
     from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION
     from flwr.supercore.utils import get_flwr_home
     from flwr.supernode.runtime import run_clientapp
@@ -361,10 +362,9 @@ def installed_fabs_kept() -> None:
             if isinstance(fab_file, bytes) and not args and kwargs.get("install_dir") is None:
                 with zipfile.ZipFile(BytesIO(fab_file)) as fab:
                     project = tomllib.loads(fab.read("pyproject.toml").decode())
+                fab_id, version = get_metadata_from_config(project)  # as Flower names it
                 digest = hashlib.sha256(fab_file).hexdigest()[:FAB_HASH_TRUNCATION]
-                name = project["project"]["name"]
-                publisher = project["tool"]["flwr"]["app"]["publisher"]
-                folder = f"{publisher}.{name}.{project['project']['version']}.{digest}"
+                folder = f"{fab_id.replace('/', '.')}.{version}.{digest}"
                 path = get_flwr_home() / APP_DIR / folder
                 if path.is_dir():
                     return path

@@ -398,10 +398,11 @@ def node_presence(kit: CoordinatorKit) -> dict[str, dict[str, Any]]:
     no SuperLink was started from this kit.
     """
     try:
-        nodes = _read_nodes(_registry(kit))
-        database = _link_info(kit)["database"]
+        info = _link_info(kit)
     except FederationError:
         return {}
+    nodes = _read_nodes(Path(info["nodes"]))
+    database = info["database"]
     seen = _presence_in_file(Path(database)) if database else _presence_online(kit)
     presence = {}
     for site, info in nodes.items():

@@ -136,18 +136,18 @@ class ProcessProfile:
 
     def processes(self) -> dict[str, int]:
         """Most processes of each role seen at once."""
-        out: dict[str, int] = defaultdict(int)
-        for sample in self.samples:
-            for role, n in sample.count.items():
-                out[role] = max(out[role], n)
-        return dict(out)
+        return {role: int(n) for role, n in self._peaks("count").items()}
 
     def pss_mb(self) -> dict[str, float]:
         """Peak memory (PSS, MiB) of each role."""
+        return self._peaks("pss_mb")
+
+    def _peaks(self, measure: str) -> dict[str, float]:
+        """The largest value of `measure` (a `_Sample` field) each role reached."""
         out: dict[str, float] = defaultdict(float)
         for sample in self.samples:
-            for role, mb in sample.pss_mb.items():
-                out[role] = max(out[role], mb)
+            for role, value in getattr(sample, measure).items():
+                out[role] = max(out[role], value)
         return dict(out)
 
 
