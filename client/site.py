@@ -18,8 +18,10 @@ from federation.dicom.volume import Volume
 from federation.errors import SiteDataError
 from federation.logs import context_logger
 from federation.tasks.base import Task
+from federation.tasks.store import DatasetStore
 
 __all__ = [
+    "DATASETS_DIR",
     "PreparedSite",
     "SimulatedSites",
     "SiteIdentity",
@@ -89,6 +91,8 @@ class SimulatedSites:
 
 
 _CACHE: dict[tuple[Any, ...], PreparedSite] = {}
+# The site's stored task datasets, under its prepared-volume folder.
+DATASETS_DIR = "datasets"
 
 
 def dataset_fingerprint(sop_uids: list[str]) -> str:
@@ -105,7 +109,9 @@ def load_site_dataset(
     With `all_data`, every labelled series is held out (evaluation only, nothing trains).
 
     Volumes come from the data pipeline, whose content-hash cache lives in the site's
-    state folder: a second run (or process) only reads what changed.
+    state folder: a second run (or process) only reads what changed. The task's dataset
+    is stored there too (`DatasetStore`), keyed by those series and the settings: each
+    message's ClientApp loads it memory-mapped instead of preparing it again.
 
     Raises:
         SiteDataError: The folder is missing, holds no usable labelled series, or
@@ -116,13 +122,21 @@ def load_site_dataset(
     if key in _CACHE:
         return _CACHE[key]
     volumes, report = _site_volumes(site, needs_mask=task.needs_mask)
-    try:
-        if all_data:
-            dataset = task.prepare_holdout(volumes, cfg)
-        else:
-            dataset = task.prepare(volumes, cfg, seed=seed)
-    except ValueError as err:
-        raise SiteDataError(site.name, site.data_path, str(err)) from err
+
+    def prepare() -> Any:
+        try:
+            if all_data:
+                return task.prepare_holdout(volumes, cfg)
+            return task.prepare(volumes, cfg, seed=seed)
+        except ValueError as err:
+            raise SiteDataError(site.name, site.data_path, str(err)) from err
+
+    # The same series, settings and code give the same dataset: prepared once, stored.
+    series = [(e.key, e.label, e.class_label) for e in report.entries]
+    store = DatasetStore(prepared_dir(site.state_dir) / DATASETS_DIR)
+    dataset = store.load_or_prepare(
+        store.key(task.name, repr(cfg), seed, all_data, series), prepare
+    )
     prepared = PreparedSite(
         dataset,
         dataset_fingerprint([u for v in volumes for u in v.sop_uids]),
@@ -161,6 +175,7 @@ def _site_volumes(site: SiteIdentity, *, needs_mask: bool) -> tuple[list[Volume]
             prepared_dir(site.state_dir),
             options=prepare_options(site.state_dir),
             require_mask=needs_mask,
+            mmap=True,  # read only if the task's dataset is not stored yet
         )
     except DeidentificationRequired as err:
         log.error("%s", err)

@@ -99,12 +99,14 @@ class VolumeCache:
     def get(self, key: str, *, mmap: bool = True) -> Volume:
         """Read a stored volume (memory-mapped by default); class labels are not cached.
 
+        Memory-mapped arrays are copy-on-write: what a caller changes stays in its memory.
+
         Raises:
             FileNotFoundError: No volume has this key.
 
         """
         meta = json.loads((self.volumes / f"{key}.json").read_text())
-        mode: Literal["r"] | None = "r" if mmap else None
+        mode: Literal["c"] | None = "c" if mmap else None
         label = None
         if meta["has_label"]:
             label = np.load(self.volumes / f"{key}.label.npy", mmap_mode=mode)

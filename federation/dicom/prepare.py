@@ -393,19 +393,21 @@ def labelled_volumes(
     *,
     options: PrepareOptions | None = None,
     require_mask: bool = True,
+    mmap: bool = False,
 ) -> tuple[list[Volume], PrepareReport]:
     """Prepare `root` and load its labelled volumes.
 
     With `require_mask` (segmentation) a volume needs a mask label; without it
     (classification) a class label from the site's CSV is enough. Series without the
-    label needed are listed in the report's problems.
+    label needed are listed in the report's problems. With `mmap` the volumes are
+    memory-mapped (copy-on-write): read only where they are used.
     """
     report = prepare_folder(root, cache_dir, options=options)
     cache = VolumeCache(cache_dir)
     volumes = []
     for entry in report.entries:
         if not require_mask:
-            volume = _load(cache, entry, mmap=False)
+            volume = _load(cache, entry, mmap=mmap)
             if volume.class_label is not None:
                 volumes.append(volume)
             else:
@@ -420,5 +422,5 @@ def labelled_volumes(
                 )
             )
             continue
-        volumes.append(_load(cache, entry, mmap=False))
+        volumes.append(_load(cache, entry, mmap=mmap))
     return volumes, report

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = ["available_tasks", "get_task"]
 
-_NOT_TASKS = frozenset({"base", "metrics"})
+_NOT_TASKS = frozenset({"base", "metrics", "segmentation", "store"})
 
 
 def available_tasks() -> list[str]:

@@ -33,6 +33,7 @@ from federation.tasks.base import (
     windowed,
 )
 from federation.tasks.metrics import auroc, balanced_accuracy
+from federation.tasks.store import stored
 
 __all__ = ["TASK", "Classify", "ClassifyParams", "ClassifySite", "WeightedCrossEntropy"]
 
@@ -54,6 +55,7 @@ class ClassifyParams:
     class_weighting: str = "balanced"
 
 
+@stored
 @dataclass
 class ClassifySite:
     """A site's series as slice stacks with class indices, split by patient."""

@@ -31,6 +31,7 @@ from federation.tasks.segmentation import (
     dice_on_grid,
     mask_on_grid,
 )
+from federation.tasks.store import stored
 
 __all__ = [
     "TASK",
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 
+@stored
 @dataclass
 class SiteDataset:
     """A site's slices, split by patient into training slices and held-out volumes."""

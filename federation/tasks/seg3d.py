@@ -33,10 +33,12 @@ from federation.tasks.segmentation import (
     dice_on_grid,
     mask_on_grid,
 )
+from federation.tasks.store import stored
 
 __all__ = ["TASK", "PatchDataset", "Seg3D", "Seg3DParams", "Seg3DSite"]
 
 
+@stored
 @dataclass
 class Seg3DParams:
     """`task.params` of seg3d.
@@ -56,6 +58,7 @@ class Seg3DParams:
     overlap: float = 0.25
 
 
+@stored
 @dataclass
 class Seg3DSite:
     """A site's volumes, resampled to one grid and split by patient."""

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from federation.config import ModelConfig
 from federation.tasks.metrics import dice
+from federation.tasks.store import stored
 
 __all__ = [
     "HeldOutVolume",
@@ -21,6 +22,7 @@ __all__ = [
 ]
 
 
+@stored
 class HeldOutVolume(NamedTuple):
     """A held-out series: image and mask on the training grid, its label on its own grid."""
 

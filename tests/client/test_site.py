@@ -1,9 +1,18 @@
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import Context, RecordDict
 
-from client.site import SimulatedSites, SiteIdentity, load_site_dataset, site_from_node_config
+import client.site as site_module
+from client.site import (
+    DATASETS_DIR,
+    SimulatedSites,
+    SiteIdentity,
+    load_site_dataset,
+    site_from_node_config,
+)
 from federation.config import TaskConfig
 from federation.errors import SiteDataError
 from federation.tasks import seg2d
@@ -45,6 +54,36 @@ def test_site_dataset_is_split_by_patient(consortium, tmp_path):
     assert held_out == round(0.34 * profiles[2].patients)
     slices = data.val_volumes[0].image.shape[0]
     assert data.num_train + data.num_val == profiles[2].patients * slices
+
+
+def test_site_dataset_is_prepared_once_and_again_when_its_series_change(
+    consortium, tmp_path, monkeypatch
+):
+    root, _ = consortium
+    data = tmp_path / "site-1"
+    shutil.copytree(root / "site-1", data)
+    site = SiteIdentity("site-1", data, tmp_path / "state")
+    cfg = TaskConfig(image_size=32, val_fraction=0.34)
+    first = load_site_dataset(site, seg2d.TASK, cfg, seed=0)
+    stored = list((tmp_path / "state").rglob(f"{DATASETS_DIR}/*.pt"))
+    assert len(stored) == 1
+    # A new ClientApp process (empty in-process cache) loads the stored dataset.
+    site_module._CACHE.clear()
+    prepares = []
+    real = seg2d.TASK.prepare
+    monkeypatch.setattr(seg2d.TASK, "prepare", lambda *a, **k: prepares.append(1) or real(*a, **k))
+    again = load_site_dataset(site, seg2d.TASK, cfg, seed=0)
+    assert prepares == [] and torch.equal(again.data.train_images, first.data.train_images)
+    assert again.fingerprint == first.fingerprint
+    # Another setting, or a series fewer, is prepared anew.
+    site_module._CACHE.clear()
+    load_site_dataset(site, seg2d.TASK, TaskConfig(image_size=16, val_fraction=0.34), seed=0)
+    assert prepares == [1]
+    patient = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    shutil.rmtree(patient)
+    site_module._CACHE.clear()
+    fewer = load_site_dataset(site, seg2d.TASK, cfg, seed=0)
+    assert prepares == [1, 1] and fewer.num_series == first.num_series - 1
 
 
 def test_site_identity_from_node_config_and_simulation(tmp_path):
