@@ -5,6 +5,10 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medfed-installed
+# Test files run in this many processes (pytest-xdist); the tests wait on servers,
+# sockets and subprocesses much of the time. One file stays in one process (its shared
+# fixtures, e.g. a deployment, start once).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint setup clean
 
@@ -12,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/medfed demo
 
 test: $(STAMP) lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check federation client server medfed conf scripts tests

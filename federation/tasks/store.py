@@ -12,6 +12,7 @@ no code, and a type that is not registered is refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -36,6 +37,7 @@ _TYPE, _FIELDS, _ARRAY = "__type__", "__fields__", "__ndarray__"
 _TUPLE, _DICT = "__tuple__", "__dict__"
 # The code whose output a stored dataset is: a change to any of it makes new files.
 _CODE = ("federation/tasks", "federation/dicom")
+_TASKS = "federation.tasks."
 
 
 class StoredDatasetError(ValueError):
@@ -86,8 +88,9 @@ def _decode(value: Any) -> Any:
     if _DICT in value:
         return {k: _decode(v) for k, v in value[_DICT].items()}
     name = value[_TYPE]
-    if name not in _TYPES:  # its task module registers it when imported
-        importlib.import_module(name.split(":", 1)[0])
+    module = name.split(":", 1)[0]
+    if name not in _TYPES and module.startswith(_TASKS):  # registered when it is imported
+        importlib.import_module(module)
     if name not in _TYPES:
         raise StoredDatasetError(f"stored dataset type {name} is not registered")
     return _TYPES[name](**{k: _decode(v) for k, v in value[_FIELDS].items()})
@@ -137,7 +140,8 @@ class DatasetStore:
         except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.PickleError):
             path.unlink(missing_ok=True)  # unreadable or of an unknown type: prepare again
             return None
-        path.touch()  # most recently used
+        with contextlib.suppress(OSError):
+            path.touch()  # most recently used
         return dataset
 
     def save(self, key: str, dataset: Any) -> None:
@@ -152,7 +156,8 @@ class DatasetStore:
         """The stored dataset, or `prepare()`'s, stored and loaded back memory-mapped."""
         dataset = self.load(key)
         if dataset is None:
-            dataset = prepare()
-            self.save(key, dataset)
-            dataset = self.load(key) or dataset
+            prepared = prepare()
+            self.save(key, prepared)
+            dataset = self.load(key)
+            return prepared if dataset is None else dataset
         return dataset
