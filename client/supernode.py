@@ -181,8 +181,8 @@ def supernode_env(agent: SiteAgent, base: dict[str, str] | None = None) -> dict[
     env[SITE_STATE_ENV] = str(agent.state)
     env[SITE_NAME_ENV] = agent.site
     env.setdefault(HEARTBEAT_ENV, str(_DEFAULT_HEARTBEAT))
-    warm = "cold" if env.get(WARM_ENV, "1") == "0" else "warm"
-    env.setdefault(_SUPEREXEC_POLL_ENV, str(_SUPEREXEC_POLL[warm]))
+    clientapps = "cold" if env.get(WARM_ENV, "1") == "0" else "warm"
+    env.setdefault(_SUPEREXEC_POLL_ENV, str(_SUPEREXEC_POLL[clientapps]))
     # The code runs from the shipped Flower app; the site's medfed comes from this Python.
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

@@ -405,10 +405,10 @@ def node_presence(kit: CoordinatorKit) -> dict[str, dict[str, Any]]:
     database = info["database"]
     seen = _presence_in_file(Path(database)) if database else _presence_online(kit)
     presence = {}
-    for site, info in nodes.items():
-        online, last_active = seen.get(int(info["node_id"]) % 2**64, (False, ""))
+    for site, node in nodes.items():
+        online, last_active = seen.get(int(node["node_id"]) % 2**64, (False, ""))
         presence[site] = {
-            "node_id": int(info["node_id"]),
+            "node_id": int(node["node_id"]),
             "online": online,
             "last_active": last_active,
         }
