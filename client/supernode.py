@@ -13,11 +13,11 @@ polls of the SuperLink (up to 3 s added to every message a site receives) is cap
 message of a run is due soon); its 0.5 s sleeps while it waits on its own ClientApp
 (local state, no network) are cut to 0.05 s; and its heartbeat interval (30 s; the SuperLink
 declares a node gone after two missed beats, so a crashed site stalls a round for about
-a minute) is `MEDFED_SUPERNODE_HEARTBEAT` (10 s, Flower's minimum). Its SuperExec is
-`client.superexec`, which forks each ClientApp from a warm process instead of starting a
-new Python that imports torch again, and which the SuperNode wakes with a signal when a
-message came instead of being asked over HTTP ten times a second
-(`MEDFED_WARM_CLIENTAPPS=0` turns both off).
+a minute) is `MEDFED_SUPERNODE_HEARTBEAT` (10 s, Flower's minimum). Its SuperExec runs
+as a thread of the SuperNode (`client.superexec`), woken as soon as a message came
+instead of asking over HTTP at an interval, and forks each ClientApp from a warm process
+instead of starting a new Python that imports torch again (`MEDFED_WARM_CLIENTAPPS=0`
+turns both off: Flower's own SuperExec process and a new Python per message).
 
 Before the first task of any run is created, the run's app must pass the site's
 `client.apptrust.AppGate` (its own medfed release or an app it approved); otherwise the
@@ -37,6 +37,7 @@ from pathlib import Path
 from types import FrameType
 
 from client.apptrust import SITE_NAME_ENV, SITE_STATE_ENV, AppGate, UntrustedApp
+from client.superexec import warm_clientapps
 from federation import flowerpatch, keys
 from federation.logs import context_logger
 from federation.ports import free_port
@@ -61,9 +62,9 @@ POLL_INTERVAL_ENV = "MEDFED_SUPERNODE_POLL_INTERVAL"
 HEARTBEAT_ENV = "MEDFED_SUPERNODE_HEARTBEAT"
 _DEFAULT_POLL = 0.5
 _DEFAULT_HEARTBEAT = 10.0
-# SuperExec (started by the SuperNode) asks it for ClientApp tasks over loopback at this
-# interval: Flower's default for medfed's own SuperExec, which the SuperNode wakes when a
-# message came; Flower's own (cold ClientApps) is asked often instead.
+# The SuperExec asks the SuperNode for ClientApp tasks at this interval: Flower's default
+# for medfed's own (a thread the SuperNode wakes when a message came); Flower's own
+# SuperExec process (cold ClientApps) asks often instead.
 _SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 _SUPEREXEC_POLL = {"warm": 1.0, "cold": 0.1}
 # "0" turns warm ClientApps off (client.superexec): a new Python per message, as Flower does.
@@ -287,7 +288,7 @@ def _main(argv: list[str]) -> None:
         flowerpatch.guard_new_runs(gate.admit, UntrustedApp, lambda err: log.error("%s", err))
         flowerpatch.short_supernode_polls(float(os.environ.get(POLL_INTERVAL_ENV, _DEFAULT_POLL)))
         if os.environ.get(WARM_ENV, "1") != "0":
-            flowerpatch.warm_clientapps(superexec_module="client.superexec")
+            warm_clientapps(gate.state_dir)
         flowerpatch.heartbeat_interval(float(os.environ.get(HEARTBEAT_ENV, _DEFAULT_HEARTBEAT)))
     except flowerpatch.FlowerVersionError as err:
         sys.exit(f"medfed: {err}")

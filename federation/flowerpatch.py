@@ -10,12 +10,11 @@ set is changed here, and nowhere else:
   while its ClientApp works.
 - `heartbeat_interval` (`HEARTBEAT_DEFAULT_INTERVAL`, two modules): at 30 s, a crashed
   site stalls a round for a minute.
-- `warm_clientapps` (`start_client_internal.subprocess`) and `forked_clientapp_executor`
-  (`superexec.executor.factory.SubprocessExecutor`), with `run_warm_clientapp`: Flower
-  starts a new Python, which imports torch again, for every message.
-- `warm_clientapps` (`start_client_internal._pull_and_store_message`) with
-  `superexec_wakes_on_signal` (`run_superexec.time`): the SuperExec asks its SuperNode
-  for tasks over HTTP at an interval; a signal from the SuperNode wakes it instead.
+- `warm_clientapps` (`start_client_internal.subprocess`, `._pull_and_store_message`,
+  `superexec.executor.factory.SubprocessExecutor`, `run_superexec.time`,
+  `.register_signal_handlers`), with `run_warm_clientapp`: Flower starts its SuperExec
+  as a second process that asks the SuperNode for tasks over HTTP at an interval, and a
+  new Python, which imports torch again, for every message.
 - `short_serverapp_pulls`, `short_clientapp_pulls` (`pull_objects`,
   `pull_and_inflate_object_from_tree`): 1, 2, 4 ... s waits for a message's parts.
 - `installed_fabs_kept` (`run_clientapp.install_from_fab`): a ClientApp unpacks and
@@ -32,11 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import importlib.metadata
 import os
-import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -46,22 +46,18 @@ __all__ = [
     "FLOWER_SERIES",
     "PULL_BACKOFF",
     "STARTED",
-    "WAKE_SIGNAL",
     "FlowerVersionError",
     "ShortPollClock",
     "check_flower_version",
-    "forked_clientapp_executor",
     "guard_new_runs",
     "heartbeat_interval",
     "installed_fabs_kept",
-    "run_superexec",
     "run_supernode",
     "run_warm_clientapp",
     "short_clientapp_pulls",
     "short_serverapp_pulls",
     "short_supernode_polls",
     "simulation_workers",
-    "superexec_wakes_on_signal",
     "warm_clientapps",
 ]
 
@@ -70,10 +66,6 @@ FLOWER_SERIES = "1.41"
 PULL_BACKOFF = (0.05, 0.5)
 # Logged by each warm ClientApp process, like Flower's own start line.
 STARTED = "Start warm ClientApp process"
-# The SuperNode sends it to its SuperExec when a message waits for a ClientApp. Its
-# default action is to be ignored: one sent before the SuperExec is ready harms nothing
-# (the SuperExec's first request finds the message).
-WAKE_SIGNAL = signal.SIGWINCH
 # Flower sleeps 3 s between empty polls of the SuperLink and 0.5 s between looks at its
 # own state while a ClientApp works; sleeps up to this long are the latter.
 _LOCAL_WAIT_MAX = 1.0
@@ -239,42 +231,84 @@ def guard_new_runs(
     _rebind(sci, "_pull_and_store_message", guard)
 
 
-class _WarmSuperExec:
-    """`subprocess` for Flower's SuperNode: its SuperExec is `module`'s, woken on demand."""
+class _SuperExecThread:
+    """`subprocess` for Flower's SuperNode: its SuperExec runs in a thread of the node."""
 
-    def __init__(self, module: str) -> None:
-        self.module = module
-        self.superexecs: list[subprocess.Popen[bytes]] = []
+    def __init__(self) -> None:
+        self.woken = threading.Event()
+        self.thread: threading.Thread | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(subprocess, name)
 
-    def Popen(self, command: list[str], *args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+    def Popen(self, command: list[str], *args: Any, **kwargs: Any) -> Any:
         if command[:1] != ["flower-superexec"]:
             return subprocess.Popen(command, *args, **kwargs)
-        proc = subprocess.Popen([sys.executable, "-m", self.module, *command[1:]], *args, **kwargs)
-        self.superexecs.append(proc)
-        return proc
+        self.thread = threading.Thread(
+            target=self._run, args=(command[1:],), name="superexec", daemon=True
+        )
+        self.thread.start()
+        return self.thread  # Flower keeps no handle on its SuperExec
 
     def wake(self) -> None:
-        """Tell the SuperExec that a message waits for a ClientApp (`WAKE_SIGNAL`)."""
-        for proc in self.superexecs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, WAKE_SIGNAL)
+        """Tell the SuperExec that a message waits for a ClientApp."""
+        self.woken.set()
+
+    def sleep(self, seconds: float) -> None:
+        """The SuperExec's wait between task requests: `seconds`, or until woken."""
+        self.woken.wait(seconds)
+        self.woken.clear()  # the task request that follows sees whatever woke it
+
+    @staticmethod
+    def _run(argv: list[str]) -> None:
+        """Flower's SuperExec loop with `flower-superexec ARGV`; its end ends the node."""
+        from logging import ERROR
+
+        from flwr.supercore import log
+        from flwr.supercore.cli.flower_superexec import _parse_args
+        from flwr.supercore.superexec.run_superexec import run_superexec
+
+        args = _parse_args().parse_args(argv)
+        try:
+            run_superexec(
+                runtime_api_address=args.runtime_api_address,
+                insecure=args.insecure,
+                root_certificates_path=args.root_certificates,
+                runtime_dependency_install=args.runtime_dependency_install,
+            )
+        except BaseException as err:  # any end is fatal, reported below
+            log(ERROR, "the SuperExec stopped (%r): this site cannot run ClientApps", err)
+        else:
+            log(ERROR, "the SuperExec stopped: this site cannot run ClientApps")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # a SuperNode without its SuperExec would take messages it never answers
 
 
-def warm_clientapps(*, superexec_module: str) -> None:
-    """The SuperNode starts its SuperExec as `python -m superexec_module` (see below).
+def warm_clientapps(*, preload: list[str], warm: Callable[[str], bool]) -> None:
+    """The SuperNode runs its SuperExec in a thread, which forks warm ClientApps.
 
-    That module calls `superexec_wakes_on_signal`: the SuperNode signals it as soon as
-    it stored a message, so the SuperExec need not ask every 0.1 s (an HTTP request to
-    the SuperNode each time, which both processes pay for) to start a ClientApp soon.
+    Flower starts its SuperExec as a second process (its own imports and memory) that
+    asks the SuperNode for tasks over HTTP at an interval, and every ClientApp as a new
+    Python that imports torch again. Here the SuperExec is a thread of the SuperNode,
+    woken as soon as the node stored a message, and each ClientApp task whose FAB hash
+    is `warm` is forked from a fork server that imported `preload` once: still its own
+    process (one message, own memory, own exit), started warm. Other tasks start as
+    Flower starts them.
     """
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec import run_superexec
+    from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor, factory
     from flwr.supernode import start_client_internal
 
-    launcher = _WarmSuperExec(superexec_module)
+    launcher = _SuperExecThread()
     _rebind(start_client_internal, "subprocess", lambda _: launcher)
+    # The node's own handlers stop the process; signals reach only the main thread.
+    _rebind(run_superexec, "register_signal_handlers", lambda _: lambda **_kw: None)
+    _rebind(run_superexec, "time", lambda _: _ClockOf(launcher.sleep))
 
     def wake_after(pull_and_store: Callable[..., Any]) -> Callable[..., Any]:
         def pull_store_and_wake(**kwargs: Any) -> Any:
@@ -287,31 +321,46 @@ def warm_clientapps(*, superexec_module: str) -> None:
 
     _rebind(start_client_internal, "_pull_and_store_message", wake_after)
 
+    class WarmExecutor(SubprocessExecutor):
+        """Flower's subprocess executor, with warm ClientApp tasks forked."""
 
-class _WokenClock:
-    """`time` for Flower's SuperExec loop: its sleep ends early on `WAKE_SIGNAL`."""
+        def __init__(self) -> None:
+            super().__init__()
+            self._ctx = multiprocessing.get_context("forkserver")
+            self._ctx.set_forkserver_preload(preload)
+            forkserver.ensure_running()  # import now, not when the first message arrives
+
+        def launch(self, spec: Any) -> Any:
+            if spec.task_type != TaskType.CLIENT_APP or not warm(spec.fab_hash):
+                return super().launch(spec)
+            try:
+                self._ctx.Process(target=run_warm_clientapp, args=(spec,), daemon=False).start()
+            except OSError as err:
+                return LaunchResult.failed(f"cannot fork a warm ClientApp: {err}")
+            self.reconcile()
+            return LaunchResult.accepted()
+
+        def reconcile(self) -> None:
+            multiprocessing.active_children()  # reaps finished ClientApps
+
+    _rebind(factory, "SubprocessExecutor", lambda _: WarmExecutor)
+
+
+class _ClockOf:
+    """`time` whose `sleep` is `sleep`."""
+
+    def __init__(self, sleep: Callable[[float], None]) -> None:
+        self.sleep = sleep
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
-    def sleep(self, seconds: float) -> None:
-        signal.sigtimedwait({WAKE_SIGNAL}, seconds)
-
-
-def superexec_wakes_on_signal() -> None:
-    """The SuperExec asks for a task when its SuperNode signals one, else at its interval.
-
-    Call it first in the process: the signal is then blocked in every thread (it stays
-    pending, never lost, while the loop is busy) and taken only by the loop's sleep.
-    """
-    from flwr.supercore.superexec import run_superexec
-
-    signal.pthread_sigmask(signal.SIG_BLOCK, {WAKE_SIGNAL})
-    _rebind(run_superexec, "time", lambda _: _WokenClock())
-
 
 def run_warm_clientapp(spec: Any) -> None:
     """Body of one forked ClientApp process (what `flwr-clientapp --token ...` runs)."""
+    # What the fork server imported is never collected here: a collection would write to
+    # every object it visits, copying the pages this process shares with the fork server.
+    gc.freeze()
     from logging import INFO
 
     from flwr.supercore import log
@@ -375,44 +424,6 @@ def installed_fabs_kept() -> None:
     _rebind(run_clientapp, "install_from_fab", kept)
 
 
-def forked_clientapp_executor(*, preload: list[str], warm: Callable[[str], bool]) -> None:
-    """The SuperExec forks ClientApp tasks whose FAB hash is `warm` from a fork server.
-
-    The fork server imports `preload` once; every such task is still its own process
-    (one message, own memory, own exit) but starts without importing torch again. Other
-    tasks start as Flower starts them.
-    """
-    import multiprocessing
-    from multiprocessing import forkserver
-
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor, factory
-
-    class WarmExecutor(SubprocessExecutor):
-        """Flower's subprocess executor, with warm ClientApp tasks forked."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self._ctx = multiprocessing.get_context("forkserver")
-            self._ctx.set_forkserver_preload(preload)
-            forkserver.ensure_running()  # import now, not when the first message arrives
-
-        def launch(self, spec: Any) -> Any:
-            if spec.task_type != TaskType.CLIENT_APP or not warm(spec.fab_hash):
-                return super().launch(spec)
-            try:
-                self._ctx.Process(target=run_warm_clientapp, args=(spec,), daemon=False).start()
-            except OSError as err:
-                return LaunchResult.failed(f"cannot fork a warm ClientApp: {err}")
-            self.reconcile()
-            return LaunchResult.accepted()
-
-        def reconcile(self) -> None:
-            multiprocessing.active_children()  # reaps finished ClientApps
-
-    _rebind(factory, "SubprocessExecutor", lambda _: WarmExecutor)
-
-
 @contextlib.contextmanager
 def simulation_workers(sites: int) -> Iterator[None]:
     """Let Flower's simulation engine serve `sites` sites at once.
@@ -448,12 +459,3 @@ def run_supernode(argv: list[str]) -> None:
     update_console_handler(timestamps=True, colored=sys.stderr.isatty())
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
-
-
-def run_superexec(argv: list[str]) -> None:
-    """Flower's `flower-superexec` with `argv`."""
-    from flwr.supercore.cli.flower_superexec import flower_superexec
-
-    check_flower_version()
-    sys.argv = ["flower-superexec", *argv]
-    flower_superexec()

@@ -23,6 +23,7 @@ import psutil
 __all__ = ["SITE_ROLES", "ProcessProfile", "gate_requests", "role_of"]
 
 _ROLES = (
+    ("multiprocessing.forkserver", "forkserver"),
     ("nginx", "gate"),
     ("flower-superlink", "superlink"),
     ("server.superlink", "superlink"),
@@ -33,7 +34,6 @@ _ROLES = (
     ("flower-superexec", "superexec"),
     ("client.supernode", "supernode"),
     ("flower-supernode", "supernode"),
-    ("multiprocessing.forkserver", "forkserver"),
     ("flwr-clientapp", "clientapp"),
     ("medfed.cli site start", "site agent"),
     ("medfed.cli server start", "server agent"),

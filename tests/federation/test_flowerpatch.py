@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -95,44 +96,22 @@ def test_every_site_gets_a_simulation_worker_at_once() -> None:
     assert vce_api.ThreadPoolExecutor is default
 
 
-_SLEEPER = """
-import sys, time
-from federation import flowerpatch
-flowerpatch.superexec_wakes_on_signal()
-from flwr.supercore.superexec import run_superexec
-print("ready", flush=True)
-started = time.monotonic()
-run_superexec.time.sleep(float(sys.argv[1]))
-print(round(time.monotonic() - started, 2), flush=True)
-"""
-
-
-def test_a_superexec_sleeps_its_interval_unless_its_supernode_wakes_it() -> None:
-    def sleeper(interval: float) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _SLEEPER, str(interval)], stdout=subprocess.PIPE, text=True
-        )
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        return proc
-
-    woken = sleeper(30.0)
-    launcher = flowerpatch._WarmSuperExec("client.superexec")
-    launcher.superexecs.append(woken)  # type: ignore[arg-type]
-    launcher.wake()  # what the SuperNode does once it stored a message
-    out, _ = woken.communicate(timeout=20)
-    assert woken.returncode == 0 and float(out) < 5.0  # woken long before its 30 s
-    idle = sleeper(0.3)
-    out, _ = idle.communicate(timeout=20)
-    assert idle.returncode == 0 and 0.25 <= float(out) < 5.0  # nobody woke it: the interval
-
-
-def test_a_wake_before_the_superexec_is_ready_is_ignored_not_fatal() -> None:
-    # The SuperExec starts slowly (imports); a message may come first.
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
-    launcher = flowerpatch._WarmSuperExec("client.superexec")
-    launcher.superexecs.append(proc)
-    launcher.wake()
-    assert proc.wait(timeout=20) == 0
+def test_the_superexec_sleeps_its_interval_unless_its_supernode_wakes_it() -> None:
+    launcher = flowerpatch._SuperExecThread()
+    started = time.monotonic()
+    launcher.sleep(0.3)  # nobody woke it: the interval
+    assert 0.25 <= time.monotonic() - started < 5.0
+    threading.Timer(0.2, launcher.wake).start()  # the SuperNode stored a message
+    started = time.monotonic()
+    launcher.sleep(30.0)
+    assert time.monotonic() - started < 5.0
+    launcher.wake()  # a wake while the SuperExec asks for tasks ends its next sleep at once
+    started = time.monotonic()
+    launcher.sleep(30.0)
+    assert time.monotonic() - started < 1.0
+    started = time.monotonic()
+    launcher.sleep(0.3)  # and only that one
+    assert time.monotonic() - started >= 0.25
 
 
 def test_a_clientapp_reuses_its_installed_app_and_installs_a_new_one(
