@@ -62,11 +62,12 @@ POLL_INTERVAL_ENV = "MEDFED_SUPERNODE_POLL_INTERVAL"
 HEARTBEAT_ENV = "MEDFED_SUPERNODE_HEARTBEAT"
 _DEFAULT_POLL = 0.5
 _DEFAULT_HEARTBEAT = 10.0
-# The SuperExec asks the SuperNode for ClientApp tasks at this interval: Flower's default
-# for medfed's own (a thread the SuperNode wakes when a message came); Flower's own
-# SuperExec process (cold ClientApps) asks often instead.
+# The SuperExec asks the SuperNode for ClientApp tasks at this interval (s): seldom for
+# medfed's own, a thread the SuperNode wakes as soon as a message came (each request
+# costs both sides CPU, and a 30-site round lasts half a minute); Flower's own SuperExec
+# process (cold ClientApps) is not woken, so it asks often.
 _SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-_SUPEREXEC_POLL = {"warm": 1.0, "cold": 0.1}
+_SUPEREXEC_POLL = {"warm": 5.0, "cold": 0.1}
 # "0" turns warm ClientApps off (client.superexec): a new Python per message, as Flower does.
 WARM_ENV = "MEDFED_WARM_CLIENTAPPS"
 

@@ -16,7 +16,7 @@ import os
 import zipfile
 from pathlib import Path
 
-__all__ = ["app_digest", "release_digest"]
+__all__ = ["app_digest", "release_digest", "source_digest"]
 
 
 def app_digest(fab: bytes) -> str:
@@ -33,6 +33,22 @@ def app_digest(fab: bytes) -> str:
     with archive:
         for name in sorted(archive.namelist()):
             digest.update(name.encode() + b"\0" + hashlib.sha256(archive.read(name)).digest())
+    return digest.hexdigest()
+
+
+@functools.cache
+def source_digest(*packages: str) -> str:
+    """sha256 over the Python files of these folders of this install (path and content).
+
+    Args:
+        packages: Folders relative to the source root, such as "federation/dicom".
+    """
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for folder in packages:
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
 

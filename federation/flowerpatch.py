@@ -21,6 +21,8 @@ set is changed here, and nowhere else:
   checks its app for every message before it finds it installed.
 - `simulation_workers` (`vce_api.ThreadPoolExecutor`): cores + 4 workers, so other
   sites wait a turn.
+- `telemetry_events_off` (`telemetry.create_event`): with telemetry off, Flower still
+  builds each event, starting a process to do so.
 
 Each function first checks the installed Flower and refuses any other series with
 `FlowerVersionError`, so an upgrade stops the process at start instead of misbehaving in
@@ -58,6 +60,7 @@ __all__ = [
     "short_serverapp_pulls",
     "short_supernode_polls",
     "simulation_workers",
+    "telemetry_events_off",
     "warm_clientapps",
 ]
 
@@ -372,6 +375,7 @@ def run_warm_clientapp(spec: Any) -> None:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
     log(INFO, "%s (task %d)", STARTED, spec.task_id)
+    telemetry_events_off()
     # A warm ClientApp asks for its message at once, often before the SuperNode holds
     # all of it: poll for the rest briefly.
     short_clientapp_pulls()
@@ -386,6 +390,19 @@ def run_warm_clientapp(spec: Any) -> None:
         parent_pid=spec.parent_pid,
         runtime_dependency_install=spec.runtime_dependency_install,
     )
+
+
+def telemetry_events_off() -> None:
+    """With Flower's telemetry off, its events cost nothing.
+
+    Flower builds each event before it checks whether telemetry is on (medfed turns it
+    off, `federation/__init__.py`): that reads the platform, and `platform.architecture`
+    runs `file` on the Python binary, a new process, twice for every ClientApp.
+    """
+    from flwr.supercore import telemetry
+
+    if telemetry.FLWR_TELEMETRY_ENABLED != "1":
+        _rebind(telemetry, "create_event", lambda _: lambda *args, **kwargs: "")
 
 
 def installed_fabs_kept() -> None:

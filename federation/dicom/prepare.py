@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from federation.appdigest import source_digest
 from federation.dicom.cache import VolumeCache, file_hash
 from federation.dicom.classlabels import LABELS_CSV, read_class_labels
 from federation.dicom.labels import (
@@ -29,6 +30,7 @@ from federation.dicom.labels import (
 from federation.dicom.phi import deidentification_gate
 from federation.dicom.scan import Instance, Problem, iter_files, scan_paths
 from federation.dicom.volume import GeometryError, Volume, group_series, plan_series, read_volume
+from federation.files import write_atomically
 
 __all__ = [
     "HISTOGRAM_STRIDE",
@@ -42,6 +44,8 @@ __all__ = [
 
 HU_BINS = np.linspace(-1000.0, 2000.0, 31)
 HISTOGRAM_STRIDE = 4
+# The folder's last preparation: its outcome, reused while nothing it read changed.
+_LAST_REPORT = "last-preparation.json"
 
 
 @dataclass(frozen=True)
@@ -293,6 +297,10 @@ def prepare_folder(
         paths.remove(site_labels)
         if opts.labels_csv is None:
             opts = dataclasses.replace(opts, labels_csv=site_labels)
+    unchanged = _folder_key(paths, opts)
+    if unchanged is not None and (last := _last_report(cache, unchanged)) is not None:
+        log.info("%d files unchanged since the last preparation: %s", len(paths), last.summary())
+        return last
     niftis = [p for p in paths if is_nifti(p)]
     dicoms = [p for p in paths if not is_nifti(p)]
     report = PrepareReport(files_seen=len(paths))
@@ -317,7 +325,44 @@ def prepare_folder(
     removed = cache.prune(keep={e.key for e in report.entries})
     if removed:
         log.info("removed %d prepared volumes no longer in the source from the cache", removed)
+    if unchanged is not None:
+        record = {"key": unchanged, "report": asdict(report)}
+        write_atomically(cache.root / _LAST_REPORT, json.dumps(record))
     return report
+
+
+def _folder_key(paths: list[Path], opts: PrepareOptions) -> str | None:
+    """Key of what a preparation's outcome depends on (None if a file vanished meanwhile).
+
+    Every file's path, size and modification time, the options and the pipeline's code.
+    """
+    options = {k: v for k, v in asdict(opts).items() if k != "progress"}
+    digest = hashlib.sha256(source_digest("federation/dicom").encode())
+    digest.update(json.dumps(options, sort_keys=True, default=str).encode())
+    try:
+        for path in [*paths, *([opts.labels_csv] if opts.labels_csv else [])]:
+            stat = path.stat()
+            digest.update(f"\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _last_report(cache: VolumeCache, key: str) -> PrepareReport | None:
+    """The last preparation's report if it had `key` and its volumes are still cached."""
+    try:
+        record = json.loads((cache.root / _LAST_REPORT).read_text())
+        if record["key"] != key:
+            return None
+        raw = record["report"]
+        report = PrepareReport(
+            entries=[SeriesEntry(**{**e, "cached": True}) for e in raw["entries"]],
+            problems=[Problem(**p) for p in raw["problems"]],
+            files_seen=raw["files_seen"],
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return report if all(cache.has(e.key) for e in report.entries) else None
 
 
 def _quarantine_series(

@@ -18,13 +18,13 @@ import hashlib
 import importlib
 import pickle
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from federation.appdigest import source_digest
 from federation.files import write_atomically
 
 __all__ = ["DatasetStore", "StoredDatasetError", "code_fingerprint", "stored"]
@@ -96,16 +96,9 @@ def _decode(value: Any) -> Any:
     return _TYPES[name](**{k: _decode(v) for k, v in value[_FIELDS].items()})
 
 
-@cache
 def code_fingerprint() -> str:
     """Hash of the preparation code (the tasks and the DICOM pipeline) of this install."""
-    root = Path(__file__).resolve().parents[2]
-    digest = hashlib.sha256()
-    for folder in _CODE:
-        for path in sorted((root / folder).rglob("*.py")):
-            digest.update(path.relative_to(root).as_posix().encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return source_digest(*_CODE)
 
 
 class DatasetStore:

@@ -138,3 +138,21 @@ def test_a_clientapp_reuses_its_installed_app_and_installs_a_new_one(
     folder.mkdir(parents=True)
     assert run_clientapp.install_from_fab(content, skip_prompt=True) == folder
     assert installs == [content]  # the installed app, not unpacked and checked again
+
+
+def test_with_telemetry_off_an_event_starts_no_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platform
+
+    from flwr.supercore import telemetry
+
+    assert telemetry.FLWR_TELEMETRY_ENABLED == "0"  # medfed turns it off
+    monkeypatch.setattr(telemetry, "create_event", telemetry.create_event)  # restored after
+
+    def no_file_command(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("platform.architecture runs `file`, a new process")
+
+    monkeypatch.setattr(platform, "architecture", no_file_command)
+    with pytest.raises(AssertionError, match="file"):
+        telemetry.create_event(telemetry.EventType.FLWR_CLIENTAPP_RUN_ENTER, None)
+    flowerpatch.telemetry_events_off()
+    assert telemetry.create_event(telemetry.EventType.FLWR_CLIENTAPP_RUN_ENTER, None) == ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,12 @@ def main() -> None:
         run = recipe.execute(PocEnv(num_clients=args.sites, clients=clients))
         if run is None:
             raise SystemExit("NVFlare did not start the POC job")
-        run.get_result(timeout=3600, clean_up=False)
+        # Under load (30 sites on 2 cores) the server may not answer an admin call in
+        # time, and `get_result` stops the job on the first failure: wait for the end.
+        deadline = time.monotonic() + 3600
+        while "FINISHED" not in (run.get_status() or "") and time.monotonic() < deadline:
+            time.sleep(10)
+        run.get_result(timeout=600, clean_up=False)
     # The server's job log: the one with the rounds' banners.
     print(next(p for p in workspace.rglob("log.txt") if "Round 0 started." in p.read_text()))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -211,3 +212,38 @@ def test_volume_values_equal_pydicoms_rescale(
         ds = pydicom.dcmread(path)
         expected = apply_rescale(ds.pixel_array, ds)
         np.testing.assert_array_equal(volume.hu[k], expected.astype(np.float32))
+
+
+def test_an_unchanged_folder_is_not_scanned_again_and_any_change_is(
+    consortium, tmp_path, monkeypatch
+):
+    from federation.dicom import prepare
+
+    root, _ = consortium
+    site = tmp_path / "site"
+    shutil.copytree(root / "site-1", site)
+    out = tmp_path / "prepared"
+    first = prepare_folder(site, out)
+    scans: list[int] = []
+    real_scan = prepare.scan_paths
+    monkeypatch.setattr(
+        prepare, "scan_paths", lambda *a, **k: scans.append(1) or real_scan(*a, **k)
+    )
+    again = prepare_folder(site, out)
+    assert scans == [] and again.prepared == 0 and again.files_seen == first.files_seen
+    assert [e.key for e in again.entries] == [e.key for e in first.entries]
+    assert again.problems == first.problems
+    # Options, a touched file and a lost cached volume each count.
+    prepare_folder(site, out, options=PrepareOptions(target_spacing=(2.0, 1.0, 1.0)))
+    assert len(scans) == 1
+    prepare_folder(site, out)
+    assert len(scans) == 2
+    prepare_folder(site, out)
+    assert len(scans) == 2
+    touched = next(site.rglob("*.dcm"))
+    stat = touched.stat()
+    os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    prepare_folder(site, out)
+    assert len(scans) == 3
+    next((out / "volumes").glob("*.npy")).unlink()
+    assert prepare_folder(site, out).prepared == 1 and len(scans) == 4
