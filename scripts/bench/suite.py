@@ -227,8 +227,8 @@ def _where(r: dict[str, Any]) -> str:
         "tracking). forkserver: each site's fork server and the ClientApps it forked "
         "(training and evaluation included).\n\n"
         + _table(["run", "round (s)", *roles], cpu_rows)
-        + "\n\nProcesses per site (most at once: agent, SuperNode, SuperExec, fork server and "
-        "a ClientApp) and their memory (PSS), the coordinator's memory, "
+        + "\n\nProcesses per site (most at once: agent, SuperNode with its SuperExec thread, fork "
+        "server and a ClientApp) and their memory (PSS), the coordinator's memory, "
         "and the sites' Fleet requests per round through the gate, with their mean time "
         "(the SuperLink's queue included). SuperLink CPU per request: its CPU per round "
         "over the Fleet requests (the ServerApp's own requests are answered too).\n\n"
