@@ -239,7 +239,6 @@ class _SuperExecThread:
 
     def __init__(self) -> None:
         self.woken = threading.Event()
-        self.thread: threading.Thread | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(subprocess, name)
@@ -247,11 +246,11 @@ class _SuperExecThread:
     def Popen(self, command: list[str], *args: Any, **kwargs: Any) -> Any:
         if command[:1] != ["flower-superexec"]:
             return subprocess.Popen(command, *args, **kwargs)
-        self.thread = threading.Thread(
+        thread = threading.Thread(
             target=self._run, args=(command[1:],), name="superexec", daemon=True
         )
-        self.thread.start()
-        return self.thread  # Flower keeps no handle on its SuperExec
+        thread.start()
+        return thread  # Flower keeps no handle on its SuperExec
 
     def wake(self) -> None:
         """Tell the SuperExec that a message waits for a ClientApp."""
