@@ -6,18 +6,20 @@ ClientApp for each message, with a node config that names the site, its DICOM fo
 and its state folder (policy, ledger signing key, ledger).
 
 Run as `python -m client.supernode FLOWER-SUPERNODE-ARGS` it is `flower-supernode` with
-three timings of Flower 1.41 changed (by `federation.flowerpatch`, as every change medfed
-makes to Flower's internals): its fixed 3 s sleep between empty
-polls of the SuperLink (up to 3 s added to every message a site receives) is capped at
-`MEDFED_SUPERNODE_POLL_INTERVAL`, starting at 0.05 s after each reply (the next
-message of a run is due soon); its 0.5 s sleeps while it waits on its own ClientApp
-(local state, no network) are cut to 0.05 s; and its heartbeat interval (30 s; the SuperLink
-declares a node gone after two missed beats, so a crashed site stalls a round for about
-a minute) is `MEDFED_SUPERNODE_HEARTBEAT` (10 s, Flower's minimum). Its SuperExec runs
-as a thread of the SuperNode (`client.superexec`), woken as soon as a message came
-instead of asking over HTTP at an interval, and forks each ClientApp from a warm process
-instead of starting a new Python that imports torch again (`MEDFED_WARM_CLIENTAPPS=0`
-turns both off: Flower's own SuperExec process and a new Python per message).
+three timings of Flower 1.41 changed (by `federation.flowerpatch`, as every change
+medfed makes to Flower's internals): its fixed 3 s sleep between empty polls of the
+SuperLink (up to 3 s added to every message a site receives) is capped at
+`MEDFED_SUPERNODE_POLL_INTERVAL`, starting at 0.2 s after each reply (a run's next
+message comes within a second or so); its 0.5 s sleeps while it waits on its own
+ClientApp (local state, no network) are cut to 0.05 s; and its heartbeat interval (30 s;
+the SuperLink declares a node gone after two missed beats, so a crashed site stalls a
+round for about a minute) is `MEDFED_SUPERNODE_HEARTBEAT` (20 s: Flower beats every 12
+s, and a crashed site is let go after 40 s; at its minimum, 10 s, each site sends a beat
+every 4 s). Its SuperExec runs as a thread of the SuperNode (`client.superexec`), woken
+as soon as a message came instead of asking over HTTP at an interval, and forks each
+ClientApp from a warm process instead of starting a new Python that imports torch again
+(`MEDFED_WARM_CLIENTAPPS=0` turns both off: Flower's own SuperExec process and a new
+Python per message).
 
 Before the first task of any run is created, the run's app must pass the site's
 `client.apptrust.AppGate` (its own medfed release or an app it approved); otherwise the
@@ -61,7 +63,7 @@ _FLOWER_NOT_REGISTERED = "Exit Code: 305"
 POLL_INTERVAL_ENV = "MEDFED_SUPERNODE_POLL_INTERVAL"
 HEARTBEAT_ENV = "MEDFED_SUPERNODE_HEARTBEAT"
 _DEFAULT_POLL = 0.5
-_DEFAULT_HEARTBEAT = 10.0
+_DEFAULT_HEARTBEAT = 20.0
 # The SuperExec asks the SuperNode for ClientApp tasks at this interval (s): seldom for
 # medfed's own, a thread the SuperNode wakes as soon as a message came (each request
 # costs both sides CPU, and a 30-site round lasts half a minute); Flower's own SuperExec

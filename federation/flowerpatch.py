@@ -73,6 +73,9 @@ STARTED = "Start warm ClientApp process"
 # own state while a ClientApp works; sleeps up to this long are the latter.
 _LOCAL_WAIT_MAX = 1.0
 _LOCAL_WAIT = 0.05
+# First empty poll of the SuperLink after the node answered a message (seconds): the
+# run's next message is rarely due sooner, and each poll costs the SuperLink ~7 ms of CPU.
+_FIRST_POLL = 0.2
 
 
 class FlowerVersionError(RuntimeError):
@@ -133,7 +136,7 @@ class ShortPollClock:
     """`time` for Flower's SuperNode loop, with medfed's polling.
 
     Empty polls of the SuperLink (network; Flower sleeps 3 s after each) back off from
-    0.05 s right after the node answered a message, when the next one is due within a
+    0.2 s right after the node answered a message, when the next one is due within a
     second or so, doubling up to `cap` while nothing comes. The short sleeps while the
     node waits on its own ClientApp (local state) last at most 0.05 s.
     """
@@ -154,7 +157,7 @@ class ShortPollClock:
         if seconds <= _LOCAL_WAIT_MAX:
             time.sleep(min(seconds, _LOCAL_WAIT))
             return
-        time.sleep(min(seconds, self.cap, _LOCAL_WAIT * 2.0 ** min(self.idle, 16)))
+        time.sleep(min(seconds, self.cap, _FIRST_POLL * 2.0 ** min(self.idle, 16)))
         self.idle += 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -68,18 +69,25 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None) -> nn.Module:
         raise ValueError(f"model.spatial_dims={cfg.spatial_dims} must be 2 or 3.")
     if seed is not None:
         torch.manual_seed(seed)
-    net = _BUILDERS[cfg.name](cfg)
-    net = ModuleValidator.fix(net)
-    for module in net.modules():
-        if hasattr(module, "inplace"):
-            module.inplace = False
-    errors = ModuleValidator.validate(net, strict=False)
-    if errors:
-        raise ValueError(f"model is not DP-compatible after fix-ups: {errors}")
+    net = _not_inplace(_BUILDERS[cfg.name](cfg))
+    if ModuleValidator.validate(net, strict=False):
+        # Opacus swaps what it cannot handle (batch norm, ...) on a deep copy of the net.
+        net = _not_inplace(ModuleValidator.fix(net))
+        errors = ModuleValidator.validate(net, strict=False)
+        if errors:
+            raise ValueError(f"model is not DP-compatible after fix-ups: {errors}")
     frozen = frozen_names(net, cfg)
     for name, param in net.named_parameters():
         if name in frozen:
             param.requires_grad_(False)
+    return net
+
+
+def _not_inplace(net: nn.Module) -> nn.Module:
+    """Turn off in-place activations, whose writes break Opacus's backward hooks."""
+    for module in net.modules():
+        if hasattr(module, "inplace"):
+            cast(Any, module).inplace = False
     return net
 
 

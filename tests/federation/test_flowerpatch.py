@@ -57,13 +57,13 @@ def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 
 def test_idle_polls_back_off_to_the_cap_and_restart_after_a_reply(slept: list[float]) -> None:
-    clock = ShortPollClock(cap=0.5)
+    clock = ShortPollClock(cap=2.0)
     for _ in range(6):
         clock.sleep(3)  # Flower's sleep after an empty poll of the SuperLink
-    assert slept == [0.05, 0.1, 0.2, 0.4, 0.5, 0.5]
+    assert slept == [0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
     clock.answered()
     clock.sleep(3)
-    assert slept[-1] == 0.05
+    assert slept[-1] == 0.2
 
 
 def test_waits_on_the_local_clientapp_stay_short_and_do_not_count_as_idle(
@@ -73,7 +73,7 @@ def test_waits_on_the_local_clientapp_stay_short_and_do_not_count_as_idle(
     clock.sleep(0.5)  # Flower's wait for its ClientApp's reply
     clock.sleep(0.5)
     clock.sleep(3)
-    assert slept == [0.05, 0.05, 0.05]
+    assert slept == [0.05, 0.05, 0.2]
 
 
 def test_a_poll_interval_below_the_first_step_is_kept(slept: list[float]) -> None:
