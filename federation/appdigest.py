@@ -16,7 +16,7 @@ import os
 import zipfile
 from pathlib import Path
 
-__all__ = ["app_digest", "release_digest", "source_digest"]
+__all__ = ["app_digest", "release_digest", "source_digest", "source_files"]
 
 
 def app_digest(fab: bytes) -> str:
@@ -52,7 +52,7 @@ def source_digest(*packages: str) -> str:
     return digest.hexdigest()
 
 
-def _source_files(root: Path) -> dict[str, Path]:
+def source_files(root: Path) -> dict[str, Path]:
     """The files under `root` that Flower's FAB builder would look at.
 
     Flower walks and resolves every file (a virtual environment too: seconds), then
@@ -85,4 +85,4 @@ def release_digest() -> str | None:
     root = Path(__file__).resolve().parents[1]
     if not (root / "pyproject.toml").is_file():
         return None
-    return app_digest(build_fab_from_files(_source_files(root))[0])
+    return app_digest(build_fab_from_files(source_files(root))[0])

@@ -33,7 +33,13 @@ def test_the_digest_names_the_code_not_the_compression():
         app_digest(b"not a zip")
 
 
-def test_the_release_digest_is_the_fab_medfed_run_submits():
+def test_the_release_digest_is_the_fab_medfed_run_submits(tmp_path):
+    # `medfed run` bundles a copy of the app's files (Flower walks all of a checkout).
+    from server.deploy import _stage_app
+
+    staged = _stage_app(tmp_path / "app")
+    assert not (staged / ".venv").exists()
+    assert release_digest() == app_digest(build_fab_from_disk(staged))
     assert release_digest() == app_digest(build_fab_from_disk(REPO))
 
 

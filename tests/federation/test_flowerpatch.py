@@ -156,3 +156,76 @@ def test_with_telemetry_off_an_event_starts_no_process(monkeypatch: pytest.Monke
         telemetry.create_event(telemetry.EventType.FLWR_CLIENTAPP_RUN_ENTER, None)
     flowerpatch.telemetry_events_off()
     assert telemetry.create_event(telemetry.EventType.FLWR_CLIENTAPP_RUN_ENTER, None) == ""
+
+
+def test_fleet_requests_skip_only_the_superlink_middleware_with_nothing_to_do_for_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.superlink import main
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    monkeypatch.setattr(main, "_get_middleware", main._get_middleware)  # restored after
+    flower = main._get_middleware()
+    flowerpatch.lean_fleet_middleware()
+    flowerpatch.lean_fleet_middleware()  # once is enough
+    lean = main._get_middleware()
+
+    def cls_of(layer: Middleware) -> Any:
+        return layer.kwargs["middleware"].cls if layer.cls is flowerpatch._Only else layer.cls
+
+    # The same layers in the same order; error and protobuf translation and node
+    # authentication stay on every request.
+    assert [cls_of(layer) for layer in lean] == [layer.cls for layer in flower]
+    scoped = {cls_of(layer).__name__: layer for layer in lean if layer.cls is flowerpatch._Only}
+    assert sorted(scoped) == [
+        "ControlAuthenticationMiddleware",
+        "ControlEventLogMiddleware",
+        "ControlLicenseMiddleware",
+        "ControlSensitiveResponseMiddleware",
+        "FleetEventLogMiddleware",
+        "RuntimeTracingMiddleware",
+    ]
+    assert "NodeAuthMiddleware" in {cls_of(layer).__name__ for layer in lean}
+
+    # Each scoped layer, with a stand-in that records the requests it saw.
+    ran: list[tuple[str, str]] = []
+
+    def recorder(name: str) -> type[BaseHTTPMiddleware]:
+        class Recorder(BaseHTTPMiddleware):
+            async def dispatch(self, request: Any, call_next: Any) -> Any:
+                ran.append((name, request.url.path))
+                return await call_next(request)
+
+        return Recorder
+
+    async def ok(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    paths = ("/v1/fleet/pull-messages", "/v1/control/list-runs", "/v1/runtime/pull-messages")
+    app = Starlette(
+        routes=[Route(path, ok, methods=["POST"]) for path in paths],
+        middleware=[
+            Middleware(
+                flowerpatch._Only, middleware=Middleware(recorder(name)), when=layer.kwargs["when"]
+            )
+            for name, layer in scoped.items()
+        ],
+    )
+    client = TestClient(app)
+    for path in paths:
+        assert client.post(path).text == "ok"
+    assert not [name for name, path in ran if path == paths[0]]
+    assert sorted(name for name, path in ran if path == paths[1]) == sorted(
+        [*(n for n in scoped if n.startswith("Control")), "RuntimeTracingMiddleware"]
+    )
+    assert [name for name, path in ran if path == paths[2]] == ["RuntimeTracingMiddleware"]
+    # A Fleet event log, where a plugin writes one, still sees every Fleet request.
+    ran.clear()
+    app.state.fleet_event_log_plugin = object()
+    client.post(paths[0])
+    assert ran == [("FleetEventLogMiddleware", paths[0])]
