@@ -79,7 +79,8 @@ STARTED = "Start warm ClientApp process"
 _LOCAL_WAIT_MAX = 1.0
 _LOCAL_WAIT = 0.05
 # First empty poll of the SuperLink after the node answered a message (seconds): the
-# run's next message is rarely due sooner, and each poll costs the SuperLink ~7 ms of CPU.
+# run's next message is rarely due sooner, and each poll costs the SuperLink several ms
+# of CPU.
 _FIRST_POLL = 0.2
 
 
@@ -513,19 +514,19 @@ def lean_fleet_middleware() -> None:
     def control_path(scope: Any) -> bool:
         return str(scope["path"]).startswith("/v1/control/")
 
-    def not_fleet(scope: Any) -> bool:
-        return not str(scope["path"]).startswith("/v1/fleet/")
+    def fleet_path(scope: Any) -> bool:
+        return str(scope["path"]).startswith("/v1/fleet/")
 
     def fleet_log(scope: Any) -> bool:
         plugin = getattr(scope["app"].state, "fleet_event_log_plugin", None)
-        return plugin is not None and not not_fleet(scope)
+        return plugin is not None and fleet_path(scope)
 
-    when = {
+    when: dict[type, Callable[[Any], bool]] = {
         control.ControlSensitiveResponseMiddleware: control_path,
         control.ControlAuthenticationMiddleware: control_path,
         control.ControlLicenseMiddleware: control_path,
         control.ControlEventLogMiddleware: control_path,
-        RuntimeTracingMiddleware: not_fleet,
+        RuntimeTracingMiddleware: lambda scope: not fleet_path(scope),
         FleetEventLogMiddleware: fleet_log,
     }
 
