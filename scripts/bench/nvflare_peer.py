@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +39,8 @@ _SAME_AS_MEDFED = ("torch", "monai", "numpy", "omegaconf", "pydicom", "opacus")
 _PEER = Path(__file__).resolve().parent / "flare_peer"
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 _ROUND = re.compile(r"Round (\d+) (started|global metrics)")
+# The longest a POC job may take (s) before the peer gives up on it (`flare_peer/job.py`).
+_JOB_LIMIT = 3600
 
 
 def venv_path() -> Path:
@@ -102,6 +105,19 @@ def export_workload(
     return folder
 
 
+def _stop_leftovers(work: Path) -> None:
+    """Kill processes still running from `work` (a POC job's server and clients)."""
+    mine = str(work)
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        try:
+            if mine in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
 def _log_times(log: Path) -> dict[int, dict[str, float]]:
     """Each round's start and end (aggregated) from the NVFlare server's log, epoch seconds."""
     rounds: dict[int, dict[str, float]] = {}
@@ -140,7 +156,7 @@ def run_nvflare(
         str(python), str(_PEER / "job.py"), "--workload", str(workload), "--engine",
         "sim" if engine == "simulation" else "poc", "--sites", str(sites), "--rounds",
         str(rounds), "--workspace", str(work / "workspace"),
-        *(["--poll", str(poll)] if poll is not None else []),
+        "--limit", str(_JOB_LIMIT), *(["--poll", str(poll)] if poll is not None else []),
     ]  # fmt: skip
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)  # medfed's task code; nothing from medfed's venv
@@ -148,9 +164,18 @@ def run_nvflare(
     env.pop("VIRTUAL_ENV", None)
     started = time.perf_counter()
     with (work / "nvflare.log").open("w") as errors:
-        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
-    if done.returncode != 0 or not done.stdout.strip():
-        raise RuntimeError(f"NVFlare {engine} run failed; see {work / 'nvflare.log'}")
+        try:
+            done = subprocess.run(
+                command, env=env, stdout=subprocess.PIPE, stderr=errors, text=True,
+                timeout=_JOB_LIMIT + 900,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            done = None
+        finally:
+            _stop_leftovers(work)  # what a failed POC job left running
+    if done is None or done.returncode != 0 or not done.stdout.strip():
+        tail = (work / "nvflare.log").read_text().strip().splitlines()[-1:]
+        raise RuntimeError(f"NVFlare {engine} run failed ({' '.join(tail)}); see {work}")
     log = Path(done.stdout.strip().splitlines()[-1])
     times = _log_times(log)
     spans: dict[int, list[dict[str, Any]]] = {}

@@ -131,26 +131,34 @@ _APPS = (
 
 def render_overhead(r: dict[str, Any]) -> str:
     rows = [
-        [
-            row["engine"],
-            row["sites"],
-            row["local_epochs"],
-            label,
-            v["phase_seconds"],
-            v["slowest_site_seconds"],
-            v["overhead_seconds"],
-            v["overhead_share"],
-            v["idle_share"],
-            v.get("round_overhead_share", "-"),
-        ]
+        [row["engine"], row["sites"], row["local_epochs"], label]
+        + (
+            ["failed", "-", "-", "-", "-", "-"]
+            if "failed" in v
+            else [
+                v["phase_seconds"],
+                v["slowest_site_seconds"],
+                v["overhead_seconds"],
+                v["overhead_share"],
+                v["idle_share"],
+                v.get("round_overhead_share", "-"),
+            ]
+        )
         for row in r["rows"]
         for key, label in _APPS
         if (v := row.get(key))
+    ]
+    failed = [
+        f"{row['engine']}/{row['sites']} {label}: {v['failed']}"
+        for row in r["rows"]
+        for key, label in _APPS
+        if "failed" in (v := row.get(key) or {})
     ]
     verdict = (
         f"\n\nmedfed's overhead and training phase at most NVFlare's best (default or 0.1 s "
         f"polls) in every row: {r.get('medfed_at_most_nvflare')}; medfed's share at most plain "
         f"Flower's in every row: {r['medfed_at_most_plain']}."
+        + "".join(f"\n\nFailed: {line}" for line in failed)
     )
     return (
         f"Rounds after the first of {r['rounds']}; the same prepared tensors, model and "

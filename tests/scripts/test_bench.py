@@ -154,3 +154,38 @@ def test_deid_quick_compares_deidentification_with_plain_reads_at_flat_memory():
     assert result["deid_vs_read_time"] > result["deid_vs_copy_time"] > 1
     # Streaming: 4x the files, about the same peak memory.
     assert set(result["peak_mb"]) == {"26", "104"} and result["memory_growth_4x"] < 1.1
+
+
+def test_a_failed_nvflare_run_is_reported_in_its_row_and_its_processes_are_stopped(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import nvflare_peer
+        import overhead
+        import suite
+    finally:
+        sys.path.remove(str(BENCH))
+    work = tmp_path / "overhead-deployment-30-e1-nvflare_tuned"
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(work)])
+    nvflare_peer._stop_leftovers(work)
+    assert left.wait(timeout=10) != 0  # killed, not finished
+
+    ours = {"phase_seconds": 9.0, "overhead_seconds": 3.0}
+    row = {
+        "engine": "deployment",
+        "sites": 30,
+        "local_epochs": 1,
+        "medfed": {**ours, "slowest_site_seconds": 6.0, "overhead_share": 0.33, "idle_share": 0.1},
+        "nvflare": {"phase_seconds": 8.0, "overhead_seconds": 2.5},
+        "nvflare_tuned": {"failed": "NVFlare deployment run failed (no answer for 301 s)"},
+    }
+    assert not overhead.at_most_nvflare(row)  # judged on the run that finished
+    row["nvflare"] = {"phase_seconds": 10.0, "overhead_seconds": 3.5}
+    assert overhead.at_most_nvflare(row)
+    row["nvflare"] = {"failed": "NVFlare deployment run failed"}
+    assert not overhead.at_most_nvflare(row)  # nothing to be at most of
+
+    text = suite.render_overhead(
+        {"rounds": 4, "rows": [row], "medfed_at_most_plain": True, "medfed_at_most_nvflare": False}
+    )
+    assert "| NVFlare (0.1 s polls) | failed |" in text
+    assert "Failed: deployment/30 NVFlare (0.1 s polls): NVFlare deployment run failed" in text

@@ -51,6 +51,29 @@ def unet(cfg: Any) -> dict[str, Any]:
     }
 
 
+def wait_for_end(run: Any, *, patience: float, limit: float) -> None:
+    """Wait until the POC job finishes; abort it when its server stops answering.
+
+    Under load (30 sites on 2 cores) the server may miss an admin call now and then, and
+    `get_result` stops the job on the first miss: poll its status instead.
+
+    Raises:
+        SystemExit: No answer for `patience` seconds, or no end within `limit` seconds.
+    """
+    started = answered = time.monotonic()
+    while True:
+        status = run.get_status()
+        now = time.monotonic()
+        if status and "FINISHED" in status:
+            return
+        answered = now if status else answered
+        if now - answered > patience or now - started > limit:
+            run.abort()
+            why = f"no answer for {now - answered:.0f} s" if status is None else "no end"
+            raise SystemExit(f"NVFlare's POC job stopped after {now - started:.0f} s: {why}")
+        time.sleep(10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workload", required=True)
@@ -59,6 +82,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, required=True)
     parser.add_argument("--poll", type=float, default=None)
     parser.add_argument("--workspace", required=True)
+    parser.add_argument("--patience", type=float, default=300.0, help="s without an answer")
+    parser.add_argument("--limit", type=float, default=3600.0, help="s for the whole POC job")
     args = parser.parse_args()
     workload = Path(args.workload)
     spec = torch.load(workload / "spec.pt", weights_only=False)
@@ -93,11 +118,7 @@ def main() -> None:
         run = recipe.execute(PocEnv(num_clients=args.sites, clients=clients))
         if run is None:
             raise SystemExit("NVFlare did not start the POC job")
-        # Under load (30 sites on 2 cores) the server may not answer an admin call in
-        # time, and `get_result` stops the job on the first failure: wait for the end.
-        deadline = time.monotonic() + 3600
-        while "FINISHED" not in (run.get_status() or "") and time.monotonic() < deadline:
-            time.sleep(10)
+        wait_for_end(run, patience=args.patience, limit=args.limit)
         run.get_result(timeout=600, clean_up=False)
     # The server's job log: the one with the rounds' banners.
     print(next(p for p in workspace.rglob("log.txt") if "Round 0 started." in p.read_text()))
