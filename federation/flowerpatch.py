@@ -26,6 +26,9 @@ set is changed here, and nowhere else:
 - `lean_fleet_middleware` (`superlink.main._get_middleware`): every request to the
   SuperLink passes nine Starlette `BaseHTTPMiddleware` layers (~0.4 ms of CPU each on a
   2-core machine), six of which have nothing to do for a Fleet request.
+- `held_fleet_polls` (the Fleet router's `/pull-messages` route,
+  `InMemoryLinkState`/`SqlLinkState.store_message_ins`, `.store_message_and_object_tree`):
+  Flower answers an empty poll at once, so a waiting site polls again and again.
 
 Each function first checks the installed Flower and refuses any other series with
 `FlowerVersionError`, so an upgrade stops the process at start instead of misbehaving in
@@ -45,10 +48,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any
 
 __all__ = [
     "FLOWER_SERIES",
+    "HELD_POLL",
     "PULL_BACKOFF",
     "STARTED",
     "FlowerVersionError",
@@ -56,6 +60,7 @@ __all__ = [
     "check_flower_version",
     "guard_new_runs",
     "heartbeat_interval",
+    "held_fleet_polls",
     "installed_fabs_kept",
     "lean_fleet_middleware",
     "run_superlink",
@@ -78,6 +83,10 @@ STARTED = "Start warm ClientApp process"
 # own state while a ClientApp works; sleeps up to this long are the latter.
 _LOCAL_WAIT_MAX = 1.0
 _LOCAL_WAIT = 0.05
+# A poll of the SuperLink that lasted this long (s) was held there (`held_fleet_polls`).
+HELD_POLL = 1.0
+# How often a held poll that found a message looks whether all its parts arrived (s).
+_PARTS_RECHECK = 0.05
 # First empty poll of the SuperLink after the node answered a message (seconds): the
 # run's next message is rarely due sooner, and each poll costs the SuperLink several ms
 # of CPU.
@@ -103,8 +112,8 @@ def check_flower_version(installed: str | None = None) -> None:
         )
 
 
-def _rebind(module: ModuleType, name: str, make: Callable[[Any], Any]) -> None:
-    """Replace `module.name` with `make(old)`, after the version check."""
+def _rebind(module: ModuleType | type, name: str, make: Callable[[Any], Any]) -> None:
+    """Replace `module.name` (a module's or a class's) with `make(old)`, after the version check."""
     check_flower_version()
     if not hasattr(module, name):
         raise FlowerVersionError(f"Flower's {module.__name__} has no {name!r} to adapt")
@@ -143,13 +152,16 @@ class ShortPollClock:
 
     Empty polls of the SuperLink (network; Flower sleeps 3 s after each) back off from
     0.2 s right after the node answered a message, when the next one is due within a
-    second or so, doubling up to `cap` while nothing comes. The short sleeps while the
-    node waits on its own ClientApp (local state) last at most 0.05 s.
+    second or so, doubling up to `cap` while nothing comes. A poll the SuperLink held
+    (`held_fleet_polls`: it lasted `HELD_POLL` s or more) is followed by the next at
+    once. The short sleeps while the node waits on its own ClientApp (local state) last
+    at most 0.05 s.
     """
 
     def __init__(self, cap: float) -> None:
         self.cap = cap
         self.idle = 0  # empty polls since the node last answered a message
+        self.woke = time.monotonic()  # when the node last went on (a poll started soon after)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -157,14 +169,17 @@ class ShortPollClock:
     def answered(self) -> None:
         """The node sent a reply: poll soon again."""
         self.idle = 0
+        self.woke = time.monotonic()
 
     def sleep(self, seconds: float) -> None:
         """Sleep as Flower asked, shortened as the class says."""
         if seconds <= _LOCAL_WAIT_MAX:
             time.sleep(min(seconds, _LOCAL_WAIT))
             return
-        time.sleep(min(seconds, self.cap, _FIRST_POLL * 2.0 ** min(self.idle, 16)))
-        self.idle += 1
+        if time.monotonic() - self.woke < HELD_POLL:
+            time.sleep(min(seconds, self.cap, _FIRST_POLL * 2.0 ** min(self.idle, 16)))
+            self.idle += 1
+        self.woke = time.monotonic()
 
 
 def short_supernode_polls(cap: float) -> None:
@@ -541,6 +556,121 @@ def lean_fleet_middleware() -> None:
         return middleware
 
     _rebind(main, "_get_middleware", lean)
+
+
+class _Arrivals:
+    """Which held Fleet polls wait for a message to which node; wakes them when one comes.
+
+    Written to by the SuperLink's handler threads, waited on in its event loop.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[int, set[tuple[Any, Any]]] = {}
+
+    @contextlib.contextmanager
+    def watch(self, node_id: int) -> Iterator[Any]:
+        """An `asyncio.Event` set when a message for `node_id` is stored from now on."""
+        import asyncio
+
+        entry = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            self._waiting.setdefault(node_id, set()).add(entry)
+        try:
+            yield entry[1]
+        finally:
+            with self._lock:
+                waiting = self._waiting[node_id]
+                waiting.discard(entry)
+                if not waiting:
+                    del self._waiting[node_id]
+
+    def arrived(self, node_id: int) -> None:
+        """A message for `node_id` was stored: wake its polls."""
+        with self._lock:
+            waiting = list(self._waiting.get(node_id, ()))
+        for loop, event in waiting:
+            loop.call_soon_threadsafe(event.set)
+
+
+def held_fleet_polls(hold: float, *, recheck: float = 1.0) -> None:
+    """The SuperLink holds a site's empty poll for messages up to `hold` seconds.
+
+    Flower answers each poll at once, so a waiting site asks again and again, and every
+    poll costs the SuperLink a request's CPU (HTTP, TLS, node authentication) and the
+    site its own. A held poll answers once the ServerApp stored a message for the node
+    and all its parts (or `hold` passes), looking again at least every `recheck`
+    seconds; it holds no thread while it waits. The answer is Flower's own pull
+    handler's.
+    """
+    import asyncio
+
+    from fastapi.routing import APIRoute
+    from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse
+    from flwr.server.superlink.linkstate import InMemoryLinkState, LinkState, SqlLinkState
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree as walk
+    from flwr.superlink.routers.fleet import router as fleet
+    from flwr.superlink.servicer.fleet import fleet_handlers
+    from starlette.concurrency import run_in_threadpool
+
+    check_flower_version()
+    path = f"{fleet.router.prefix}/pull-messages"
+    routes = [r for r in fleet.router.routes if isinstance(r, APIRoute) and r.path == path]
+    if len(routes) != 1:
+        raise FlowerVersionError(f"Flower's Fleet router has no single {path} route to hold")
+    if getattr(routes[0].endpoint, "medfed_held", False):
+        return
+    arrivals = _Arrivals()
+
+    def waking(store: Callable[..., Any], stored: Callable[[Any], bool]) -> Callable[..., Any]:
+        def store_and_wake(self: LinkState, message: Any, *args: Any, **kwargs: Any) -> Any:
+            out = store(self, message, *args, **kwargs)
+            if stored(out) and not message.metadata.reply_to_message_id:
+                arrivals.arrived(message.metadata.dst_node_id)
+            return out
+
+        return store_and_wake
+
+    for state in (InMemoryLinkState, SqlLinkState):
+        _rebind(state, "store_message_ins", lambda f: waking(f, lambda out: out is not None))
+        _rebind(state, "store_message_and_object_tree", lambda f: waking(f, lambda out: out[0]))
+
+    async def fleet_pull_messages(request: Any, state: Any) -> Any:
+        """Handle Fleet pull messages, held until one comes (`held_fleet_polls`)."""
+        until = time.monotonic() + hold
+        while True:
+            with arrivals.watch(request.node.node_id) as came:
+                response = await run_in_threadpool(
+                    fleet_handlers.pull_messages,
+                    request=request,
+                    state=state,
+                    store=state.object_store,
+                )
+                left = until - time.monotonic()
+                if response.messages_list or left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(came.wait(), min(left, recheck))
+        # The ServerApp pushes a message's parts after the message: answer when they are
+        # all there, or the site asks for each part again and again.
+        parts = [t.object_id for tree in response.message_object_trees for t in walk(tree)]
+        while time.monotonic() < until + hold:
+            if all(await run_in_threadpool(lambda: [state.object_store.get(i) for i in parts])):
+                break
+            await asyncio.sleep(_PARTS_RECHECK)
+        return response
+
+    # What FastAPI reads to parse the request and inject the state, as on Flower's route.
+    fleet_pull_messages.__annotations__ = {
+        "request": Annotated[PullMessagesRequest, fleet.PROTOBUF_REQUEST_DEPENDENCY],
+        "state": fleet.LinkStateDependency,
+        "return": PullMessagesResponse,
+    }
+    fleet_pull_messages.medfed_held = True  # type: ignore[attr-defined]
+    fleet.router.routes.remove(routes[0])
+    fleet.router.add_api_route(
+        "/pull-messages", fleet_pull_messages, methods=["POST"], name=routes[0].name
+    )
 
 
 def run_superlink(argv: list[str]) -> None:

@@ -57,6 +57,12 @@ def test_three_sites_complete_rounds_over_tls_and_mlflow_holds_them(cluster: Clu
         assert 0 < record.train["epsilon"]
     seconds = [r.seconds for r in history.rounds[1:]]
     print(json.dumps({"deploy_round_seconds": seconds}))
+    # A waiting site's poll is held at the SuperLink until its next message comes
+    # (flowerpatch.held_fleet_polls): a few polls per message, not one every half second.
+    access = (cluster.coordinator / "superlink-home" / "gate-access.log").read_text()
+    polls = [float(line.split()[-1]) for line in access.splitlines() if "pull-messages" in line]
+    messages = access.count("/v1/fleet/push-messages")
+    assert max(polls) >= 1.0 and len(polls) <= 6 * messages, (len(polls), messages)
     # Every message (a query, then train and evaluate per round) ran in a warm ClientApp.
     for site in cluster.procs:
         if site.name in SITES:

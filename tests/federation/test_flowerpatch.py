@@ -41,19 +41,34 @@ def test_a_missing_internal_is_named_instead_of_patched_blindly() -> None:
         flowerpatch._short_pulls(module, "pull_objects")
 
 
+class FakeClock:
+    """`time` whose clock moves only by what is slept or `pass_time` adds."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def pass_time(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @pytest.fixture
-def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    calls: list[float] = []
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(flowerpatch, "time", fake)
+    return fake
 
-    class Clock:
-        def sleep(self, seconds: float) -> None:
-            calls.append(seconds)
 
-        def __getattr__(self, name: str) -> Any:
-            raise AttributeError(name)
-
-    monkeypatch.setattr(flowerpatch, "time", Clock())
-    return calls
+@pytest.fixture
+def slept(clock: FakeClock) -> list[float]:
+    return clock.slept
 
 
 def test_idle_polls_back_off_to_the_cap_and_restart_after_a_reply(slept: list[float]) -> None:
@@ -81,6 +96,42 @@ def test_a_poll_interval_below_the_first_step_is_kept(slept: list[float]) -> Non
     clock.sleep(3)
     clock.sleep(3)
     assert slept == [0.02, 0.02]
+
+
+def test_a_poll_the_superlink_held_is_followed_by_the_next_at_once(clock: FakeClock) -> None:
+    poll = ShortPollClock(cap=2.0)
+    poll.sleep(3)  # Flower's loop polls, then sleeps: this poll was answered at once
+    clock.pass_time(flowerpatch.HELD_POLL + 4)  # the next one was held until it ended
+    poll.sleep(3)
+    clock.pass_time(0.01)  # one answered at once backs off where it left off
+    poll.sleep(3)
+    assert clock.slept == [0.2, 0.4]
+
+
+def test_a_stored_message_wakes_only_the_held_polls_of_its_node() -> None:
+    import asyncio
+
+    arrivals = flowerpatch._Arrivals()
+
+    async def held(node_id: int) -> bool:
+        with arrivals.watch(node_id) as came:
+            try:
+                await asyncio.wait_for(came.wait(), 2.0)
+            except TimeoutError:
+                return False
+            return True
+
+    async def main() -> list[bool]:
+        polls = asyncio.gather(held(1), held(1), held(2))
+        await asyncio.sleep(0.05)
+        # The ServerApp's message is stored in a handler thread, not in the event loop.
+        threading.Thread(target=arrivals.arrived, args=(1,)).start()
+        return list(await polls)
+
+    started = time.monotonic()
+    assert asyncio.run(main()) == [True, True, False]
+    assert time.monotonic() - started < 2.5
+    assert arrivals._waiting == {}  # nothing left behind
 
 
 def test_every_site_gets_a_simulation_worker_at_once() -> None:
