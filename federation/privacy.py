@@ -10,7 +10,7 @@ from federation.config import PrivacyConfig
 
 if TYPE_CHECKING:  # torch is imported where training happens, not by the ledger's readers
     from opacus import PrivacyEngine
-    from torch import nn
+    from torch import Tensor, nn
     from torch.optim import Optimizer
     from torch.utils.data import DataLoader
 
@@ -84,6 +84,37 @@ class PrivateTraining:
     criterion: nn.Module
     engine: PrivacyEngine | None
     grad_sample_mode: str = "hooks"
+
+    def forward_backward(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """One batch's loss, backpropagated; the optimizer's step is the caller's.
+
+        Under DP-SGD in hooks mode Opacus's hooks compute each weight's per-sample
+        gradients from the layer's input and output gradient, and its optimizer sets the
+        weight's gradient to their clipped, noised sum: autograd's own weight gradients
+        would be thrown away. Backpropagating to the batch's input instead still brings
+        every layer its output gradient (so every hook fires, as before) without
+        computing them. Clipping, noise and accounting are Opacus's, unchanged. A model
+        with frozen layers backpropagates as usual: the gradient would otherwise go on
+        through the layers autograd stops at.
+        """
+        import warnings
+
+        to_input = (
+            self.engine is not None
+            and self.grad_sample_mode == "hooks"
+            and all(p.requires_grad for p in self.model.parameters())
+        )
+        if to_input:
+            inputs = inputs.detach().requires_grad_(True)
+        loss = self.criterion(self.model(inputs), targets)
+        with warnings.catch_warnings():
+            # Opacus hooks fire on the first layer, whose input needs no grad: expected.
+            warnings.filterwarnings("ignore", message="Full backward hook")
+            if to_input:
+                loss.backward(inputs=[inputs])
+            else:  # ghost clipping's loss runs its own two passes
+                loss.backward()
+        return loss
 
     def empty_step(self) -> None:
         """Take the step of an empty Poisson batch: noise only under DP, nothing without.

@@ -271,11 +271,7 @@ def private_train(
                 continue
             inputs, targets = inputs.to(dev), targets.to(dev)
             private.optimizer.zero_grad(set_to_none=True)
-            loss = private.criterion(private.model(inputs), targets)
-            with warnings.catch_warnings():
-                # Opacus hooks fire on the first layer, whose input needs no grad: expected.
-                warnings.filterwarnings("ignore", message="Full backward hook")
-                loss.backward()
+            loss = private.forward_backward(inputs, targets)
             private.optimizer.step()
             proximal_step()
             total += float(loss.detach())

@@ -88,8 +88,7 @@ def worker(mode: str, *, batch: int, size: int, steps: int, warmup: int) -> dict
         spent.update(per_sample=0.0, optimizer=0.0)
         start = time.perf_counter()
         private.optimizer.zero_grad(set_to_none=True)
-        loss = private.criterion(private.model(x), y)
-        loss.backward()
+        private.forward_backward(x, y)  # as `private_train` steps
         stepped = time.perf_counter()
         private.optimizer.step()
         if device.type == "cuda":
@@ -141,11 +140,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer timed steps")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=0, help="timed steps (default 10, quick 3)")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps (default 30, quick 3)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.steps = args.steps or (3 if args.quick else 10)
+    args.steps = args.steps or (3 if args.quick else 30)
     if args.worker:
         print(
             json.dumps(

@@ -97,3 +97,58 @@ def test_empty_poisson_batches_still_take_a_noisy_counted_step(mode):
     private.optimizer.step()
     assert [s.steps for s in private.spent()] == [2]
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_clipped_noised_gradient_is_opacus_own_while_autograd_skips_weight_gradients():
+    import torch
+    from opacus import PrivacyEngine
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from federation.config import PrivacyConfig
+    from federation.privacy import make_private
+
+    x, y = torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    noise, clip = 0.7, 0.05
+
+    def step(ours: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.GroupNorm(2, 4),
+            nn.ReLU(),
+            nn.ConvTranspose2d(4, 2, 2, stride=2),
+            nn.Flatten(),
+            nn.Linear(2 * 16 * 16, 3),
+        )
+        loader = DataLoader(TensorDataset(x, y), batch_size=6)
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+        if ours:
+            cfg = PrivacyConfig(noise_multiplier=noise, max_grad_norm=clip)
+            private = make_private(model, sgd, loader, nn.CrossEntropyLoss(), cfg)
+            optimizer = private.optimizer
+            optimizer.zero_grad(set_to_none=True)
+            private.forward_backward(x, y)
+            assert all(p.grad is None for p in model.parameters())  # none computed
+        else:  # Opacus as its tutorials use it
+            wrapped, optimizer, _ = PrivacyEngine().make_private(
+                module=model,
+                optimizer=sgd,
+                data_loader=loader,
+                noise_multiplier=noise,
+                max_grad_norm=clip,
+                poisson_sampling=True,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            nn.CrossEntropyLoss()(wrapped(x), y).backward()
+        per_sample = [p.grad_sample.clone() for p in model.parameters()]
+        torch.manual_seed(1)  # the same noise draw for both
+        optimizer.pre_step()  # clip, sum, add noise, scale: the gradient the step uses
+        return per_sample, [p.grad.clone() for p in model.parameters()]
+
+    ours_samples, ours = step(ours=True)
+    ref_samples, ref = step(ours=False)
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in ref_samples]).norm(dim=0)
+    assert (norms > clip).all()  # every example is clipped
+    for a, b in zip(ours_samples + ours, ref_samples + ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
