@@ -29,15 +29,16 @@ POLL_HOLD = 10.0
 
 def _main(argv: list[str]) -> None:
     try:
+        hold = float(os.environ.get(POLL_HOLD_ENV, POLL_HOLD))
+    except ValueError:
+        sys.exit(f"medfed: {POLL_HOLD_ENV} must be a number of seconds (0: answer at once)")
+    try:
         if os.environ.get(FULL_MIDDLEWARE_ENV) != "1":
             flowerpatch.lean_fleet_middleware()
-        hold = float(os.environ.get(POLL_HOLD_ENV, POLL_HOLD))
         if hold > 0:
             flowerpatch.held_fleet_polls(hold)
     except flowerpatch.FlowerVersionError as err:
         sys.exit(f"medfed: {err}")
-    except ValueError:
-        sys.exit(f"medfed: {POLL_HOLD_ENV} must be a number of seconds")
     flowerpatch.run_superlink(argv)
 
 
