@@ -631,6 +631,9 @@ def held_fleet_polls(hold: float, *, recheck: float = 1.0) -> None:
 
         return store_and_wake
 
+    # The ServerApp stores through `store_message_and_object_tree`, which calls
+    # `store_message_ins` inside its transaction: the SQL state's poll may only see the
+    # message after the outer call returns, so both wake (a second wake costs one look).
     for state in (InMemoryLinkState, SqlLinkState):
         _rebind(state, "store_message_ins", lambda f: waking(f, lambda out: out is not None))
         _rebind(state, "store_message_and_object_tree", lambda f: waking(f, lambda out: out[0]))

@@ -114,7 +114,7 @@ def _stop_leftovers(work: Path) -> None:
         try:
             if mine in (proc / "cmdline").read_bytes().decode(errors="replace"):
                 os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
+        except OSError:  # gone meanwhile, or not ours to read
             continue
 
 
