@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
 import threading
@@ -280,3 +281,43 @@ def test_fleet_requests_skip_only_the_superlink_middleware_with_nothing_to_do_fo
     app.state.fleet_event_log_plugin = object()
     client.post(paths[0])
     assert ran == [("FleetEventLogMiddleware", paths[0])]
+
+
+def _serve_specs(conn: Any, spec: Any) -> None:
+    """A worker as `serve_warm_clientapp` talks to its SuperExec: each spec here runs 0.3 s."""
+    while spec is not None:
+        time.sleep(0.3)
+        conn.send(True)
+        spec = conn.recv()
+
+
+def _idle_within(worker: Any, seconds: float) -> float:
+    deadline = time.monotonic() + seconds
+    while (idle := worker.idle_for()) is None:
+        assert time.monotonic() < deadline, "the worker never finished its task"
+        time.sleep(0.02)
+    return idle
+
+
+def test_a_run_worker_takes_a_task_only_when_idle_and_ends_when_closed() -> None:
+    ctx = multiprocessing.get_context("fork")
+    worker = flowerpatch._RunWorker(ctx, 7, "task-1", serve=_serve_specs)
+    assert worker.run_id == 7 and worker.alive()
+    assert worker.idle_for() is None and not worker.take("task-2")  # busy with task-1
+    assert _idle_within(worker, 10) >= 0
+    assert worker.take("task-2")  # the same process runs the run's next task
+    assert worker.idle_for() is None
+    _idle_within(worker, 10)
+    worker.close()
+    worker.process.join(10)
+    assert not worker.alive() and worker.process.exitcode == 0
+
+
+def test_a_run_worker_that_died_is_neither_idle_nor_given_tasks() -> None:
+    ctx = multiprocessing.get_context("fork")
+    worker = flowerpatch._RunWorker(ctx, 7, "task-1", serve=_serve_specs)
+    worker.process.kill()
+    worker.process.join(10)
+    assert worker.idle_for() is None and not worker.alive()
+    assert not worker.take("task-2")
+    worker.close()

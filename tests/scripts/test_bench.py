@@ -118,7 +118,7 @@ def test_overhead_quick_measures_medfed_plain_flower_and_nvflare_in_deployment(t
     # Where medfed's time went: CPU per process role, a site's processes and memory, and
     # the Fleet requests the sites made through the gate.
     where = row["medfed"]["where"]
-    assert {"superlink", "supernode", "forkserver"} <= set(where["cpu_seconds_per_round"])
+    assert {"superlink", "supernode", "clientapp"} <= set(where["cpu_seconds_per_round"])
     assert where["processes_per_site"] >= 3 and where["site_pss_mb"] > 0
     assert where["fleet_requests"]["pull-messages"]["per_round"] > 0
     assert where["superlink_cpu_ms_per_fleet_request"] > 0
