@@ -440,6 +440,7 @@ class _RunWorker:
             self.process.join(0)
 
     def alive(self) -> bool:
+        """Whether its process still runs."""
         return self.process.is_alive()
 
     def idle_for(self) -> float | None:
@@ -468,11 +469,7 @@ class _RunWorker:
 
 
 class _TaskEnded(Exception):
-    """Flower's ClientApp ended its task (`flwr_exit`), with its exit `code`."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
+    """Flower's ClientApp ended its task (`flwr_exit` with the exit code)."""
 
 
 def serve_warm_clientapp(conn: Any, spec: Any) -> None:

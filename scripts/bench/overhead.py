@@ -248,7 +248,7 @@ def where_time_goes(
     return {
         "round_seconds": (end - start) / periods,
         "cpu_seconds_per_round": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
-        # Most processes of one site at once (its ClientApp comes and goes per message).
+        # Most processes of one site at once (its run's ClientApp among them).
         "processes_per_site": sum(processes.get(r, 0) for r in SITE_ROLES) / sites,
         "site_pss_mb": sum(pss.get(r, 0.0) for r in SITE_ROLES) / sites,
         "coordinator_pss_mb": sum(v for r, v in pss.items() if r not in SITE_ROLES),

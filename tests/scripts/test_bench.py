@@ -176,7 +176,7 @@ def test_a_failed_nvflare_run_is_reported_in_its_row_and_its_processes_are_stopp
         "local_epochs": 1,
         "medfed": {**ours, "slowest_site_seconds": 6.0, "overhead_share": 0.33, "idle_share": 0.1},
         "nvflare": {"phase_seconds": 8.0, "overhead_seconds": 2.5},
-        "nvflare_tuned": {"failed": "NVFlare deployment run failed (no answer for 301 s)"},
+        "nvflare_tuned": {"failed": "NVFlare deployment run failed (no sign of life for 301 s)"},
     }
     assert not overhead.at_most_nvflare(row)  # judged on the run that finished
     row["nvflare"] = {"phase_seconds": 10.0, "overhead_seconds": 3.5}

@@ -65,23 +65,32 @@ def status_within(run: Any, seconds: float) -> str | None:
     return status[0]
 
 
-def wait_for_end(run: Any, *, patience: float, limit: float) -> None:
-    """Wait until the POC job finishes; give up when its server stops answering.
+def server_log_written(workspace: Path) -> float:
+    """When the POC server last wrote a log (epoch seconds; 0 before it wrote one)."""
+    logs = (p for p in workspace.rglob("log.txt") if "server" in p.parts)
+    return max((p.stat().st_mtime for p in logs), default=0.0)
 
-    Under load (30 sites on 2 cores) the server may miss an admin call now and then, and
-    `get_result` stops the job on the first miss: poll its status instead. Giving up
-    exits at once (NVFlare's own threads may never end); `run_nvflare` then stops the
-    job's processes.
+
+def wait_for_end(run: Any, *, workspace: Path, patience: float, limit: float) -> None:
+    """Wait until the POC job finishes; give up when its server shows no life.
+
+    Under load (30 sites on 2 cores) the server may miss admin calls for minutes while
+    its job goes on, and `get_result` stops the job on the first miss: poll its status
+    instead, and count the server's log growing as an answer. Giving up exits at once
+    (NVFlare's own threads may never end); `run_nvflare` then stops the job's processes.
     """
     started = answered = time.monotonic()
+    written = server_log_written(workspace)
     while True:
         status = status_within(run, 60)
         now = time.monotonic()
         if status and "FINISHED" in status:
             return
-        answered = now if status else answered
+        last, written = written, server_log_written(workspace)
+        answered = now if status or written > last else answered
         if now - answered > patience or now - started > limit:
-            why = f"no answer for {now - answered:.0f} s" if now - answered > patience else "no end"
+            quiet = now - answered
+            why = f"no sign of life for {quiet:.0f} s" if quiet > patience else "no end"
             print(f"NVFlare's POC job given up after {now - started:.0f} s: {why}", file=sys.stderr)
             sys.stderr.flush()
             os._exit(3)
@@ -96,7 +105,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, required=True)
     parser.add_argument("--poll", type=float, default=None)
     parser.add_argument("--workspace", required=True)
-    parser.add_argument("--patience", type=float, default=300.0, help="s without an answer")
+    parser.add_argument("--patience", type=float, default=300.0, help="s with no sign of life")
     parser.add_argument("--limit", type=float, default=3600.0, help="s for the whole POC job")
     args = parser.parse_args()
     workload = Path(args.workload)
@@ -132,7 +141,7 @@ def main() -> None:
         run = recipe.execute(PocEnv(num_clients=args.sites, clients=clients))
         if run is None:
             raise SystemExit("NVFlare did not start the POC job")
-        wait_for_end(run, patience=args.patience, limit=args.limit)
+        wait_for_end(run, workspace=workspace, patience=args.patience, limit=args.limit)
         run.get_result(timeout=600, clean_up=False)
     # The server's job log: the one with the rounds' banners.
     print(next(p for p in workspace.rglob("log.txt") if "Round 0 started." in p.read_text()))
