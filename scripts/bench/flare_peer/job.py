@@ -11,10 +11,12 @@ Prints the server's log path on its last line.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -71,21 +73,33 @@ def server_log_written(workspace: Path) -> float:
     return max((p.stat().st_mtime for p in logs), default=0.0)
 
 
-def wait_for_end(run: Any, *, workspace: Path, patience: float, limit: float) -> None:
-    """Wait until the POC job finishes; give up when its server shows no life.
+def stored_job(workspace: Path) -> Path | None:
+    """The ended POC job's workspace archive, once NVFlare's job store holds all of it."""
+    for meta in workspace.glob("jobs-storage/*/meta"):
+        try:
+            status = str(json.loads(meta.read_text()).get("status", ""))
+        except (OSError, ValueError):
+            continue
+        archive = meta.with_name("workspace")
+        if status.startswith("FINISHED") and zipfile.is_zipfile(archive):
+            return archive
+    return None
 
-    Under load (30 sites on 2 cores) the server may miss admin calls for minutes while
-    its job goes on, and `get_result` stops the job on the first miss: poll its status
-    instead, and count the server's log growing as an answer. Giving up exits at once
-    (NVFlare's own threads may never end); `run_nvflare` then stops the job's processes.
+
+def wait_for_end(workspace: Path, run: Any, *, patience: float, limit: float) -> Path:
+    """Wait until the POC job ended (its stored workspace); give up when it shows no life.
+
+    Under load (30 sites on 2 cores) NVFlare's admin session can wedge for good while the
+    job goes on and ends, and `get_result` stops the job on the first missed call: the
+    end is read from the server's job store instead, and an answered status call or the
+    server's log growing count as signs of life. Giving up exits at once (NVFlare's own
+    threads may never end); `run_nvflare` then stops the job's processes.
     """
     started = answered = time.monotonic()
     written = server_log_written(workspace)
-    while True:
+    while (archive := stored_job(workspace)) is None:
         status = status_within(run, 60)
         now = time.monotonic()
-        if status and "FINISHED" in status:
-            return
         last, written = written, server_log_written(workspace)
         answered = now if status or written > last else answered
         if now - answered > patience or now - started > limit:
@@ -94,7 +108,8 @@ def wait_for_end(run: Any, *, workspace: Path, patience: float, limit: float) ->
             print(f"NVFlare's POC job given up after {now - started:.0f} s: {why}", file=sys.stderr)
             sys.stderr.flush()
             os._exit(3)
-        time.sleep(10)
+        time.sleep(5)
+    return archive
 
 
 def main() -> None:
@@ -141,8 +156,13 @@ def main() -> None:
         run = recipe.execute(PocEnv(num_clients=args.sites, clients=clients))
         if run is None:
             raise SystemExit("NVFlare did not start the POC job")
-        wait_for_end(run, workspace=workspace, patience=args.patience, limit=args.limit)
-        run.get_result(timeout=600, clean_up=False)
+        archive = wait_for_end(workspace, run, patience=args.patience, limit=args.limit)
+        with zipfile.ZipFile(archive) as stored:
+            (workspace / "server-job-log.txt").write_bytes(stored.read("log.txt"))
+        sys.stdout.flush()
+        print(workspace / "server-job-log.txt")  # the server's job log, rounds' banners in it
+        sys.stdout.flush()
+        os._exit(0)  # NVFlare's admin threads may never end
     # The server's job log: the one with the rounds' banners.
     print(next(p for p in workspace.rglob("log.txt") if "Round 0 started." in p.read_text()))
 
