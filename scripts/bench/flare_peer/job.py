@@ -159,7 +159,6 @@ def main() -> None:
         archive = wait_for_end(workspace, run, patience=args.patience, limit=args.limit)
         with zipfile.ZipFile(archive) as stored:
             (workspace / "server-job-log.txt").write_bytes(stored.read("log.txt"))
-        sys.stdout.flush()
         print(workspace / "server-job-log.txt")  # the server's job log, rounds' banners in it
         sys.stdout.flush()
         os._exit(0)  # NVFlare's admin threads may never end
