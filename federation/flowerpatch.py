@@ -78,7 +78,7 @@ __all__ = [
 FLOWER_SERIES = "1.41"
 # Waits between pulls of a message's parts: first, and at most (seconds).
 PULL_BACKOFF = (0.05, 0.5)
-# Logged by each warm ClientApp process, like Flower's own start line.
+# Logged by a warm ClientApp process as it starts each task, like Flower's own start line.
 STARTED = "Start warm ClientApp task"
 # Flower sleeps 3 s between empty polls of the SuperLink and 0.5 s between looks at its
 # own state while a ClientApp works; sleeps up to this long are the latter.
