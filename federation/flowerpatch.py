@@ -479,7 +479,7 @@ def serve_warm_clientapp(conn: Any, spec: Any) -> None:
     exits the process. Here it runs tasks of one run one after another: a task ends with
     its exit handlers run (its output pushed, its heartbeat stopped) and the process goes
     on, keeping what the first task built (allocator, kernels, caches): a second epoch
-    in one process costs about 0.43 CPU-s against 0.5-0.7 in a fresh one.
+    in one process costs about 0.4 CPU-s against 0.5-0.7 in a fresh one.
     """
     # What the fork server imported is never collected here: a collection would write to
     # every object it visits, copying the pages this process shares with the fork server.
