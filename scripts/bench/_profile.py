@@ -11,6 +11,8 @@ a fork shares with its parent count once).
 from __future__ import annotations
 
 import bisect
+import contextlib
+import os
 import threading
 import time
 from collections import defaultdict
@@ -22,8 +24,12 @@ import psutil
 
 __all__ = ["SITE_ROLES", "ProcessProfile", "gate_requests", "role_of"]
 
+_FORKSERVER = "multiprocessing.forkserver"
+_TICKS = os.sysconf("SC_CLK_TCK")
+# Memory (PSS: the kernel walks each process's pages) is read every this many samples.
+_MEMORY_EVERY = 20
 _ROLES = (
-    ("multiprocessing.forkserver", "forkserver"),
+    (_FORKSERVER, "forkserver"),
     ("nginx", "gate"),
     ("flower-superlink", "superlink"),
     ("server.superlink", "superlink"),
@@ -43,15 +49,45 @@ _ROLES = (
 SITE_ROLES = ("site agent", "supernode", "superexec", "forkserver", "clientapp")
 
 
-def role_of(proc: psutil.Process, forkservers: set[int]) -> str:
-    """The role of `proc` from its command line (a fork of a fork server: a ClientApp)."""
-    if proc.ppid() in forkservers:
+def role_of(cmdline: str, parent_cmdline: str) -> str:
+    """The role of a process from its command line (a fork of a fork server: a ClientApp)."""
+    if _FORKSERVER in parent_cmdline:
         return "clientapp"
-    line = " ".join(proc.cmdline())
     for marker, role in _ROLES:
-        if marker in line:
+        if marker in cmdline:
             return role
     return "other"
+
+
+def _proc_table() -> dict[int, tuple[int, int, float]]:
+    """Every process: pid -> (parent pid, start time, CPU seconds with its reaped children).
+
+    One read of each `/proc/PID/stat`: sampling ~150 processes through psutil (a scan of
+    all processes per root, command lines each time) took half a core of this 2-core
+    machine, more than some of the roles it measured.
+    """
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # After "(comm)": state ppid ... utime stime cutime cstime (fields 14-17) ... starttime (22)
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        cpu = sum(int(x) for x in fields[11:15]) / _TICKS
+        table[int(name)] = (int(fields[1]), int(fields[19]), cpu)
+    return table
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 @dataclass
@@ -67,8 +103,10 @@ class ProcessProfile:
     """Samples the processes under `roots` (pids of process-group leaders) until stopped."""
 
     roots: list[int]
-    interval: float = 0.25
+    interval: float = 0.5
     samples: list[_Sample] = field(default_factory=list)
+    cost: float = 0.0  # CPU seconds the sampling itself took
+    _roles: dict[tuple[int, int], str] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -88,40 +126,51 @@ class ProcessProfile:
     def _loop(self) -> None:
         tick = 0
         while not self._stop.is_set():
-            self.samples.append(self._sample(memory=tick % 8 == 0))
+            began = time.thread_time()
+            self.samples.append(self._sample(memory=tick % _MEMORY_EVERY == 0))
+            self.cost += time.thread_time() - began
             tick += 1
             self._stop.wait(self.interval)
 
     def _sample(self, *, memory: bool) -> _Sample:
-        procs: list[psutil.Process] = []
-        for pid in list(self.roots):
-            try:
-                root = psutil.Process(pid)
-                procs += [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                continue
+        table = _proc_table()
+        children: dict[int, list[int]] = defaultdict(list)
+        for pid, (ppid, _, _) in table.items():
+            children[ppid].append(pid)
+        tree, todo = [], [pid for pid in self.roots if pid in table]
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo += children.get(pid, [])
         cpu: dict[str, float] = defaultdict(float)
         count: dict[str, int] = defaultdict(int)
         pss: dict[str, float] = defaultdict(float)
-        forkservers: set[int] = set()
-        for proc in procs:
-            try:
-                if "multiprocessing.forkserver" in " ".join(proc.cmdline()):
-                    forkservers.add(proc.pid)
-            except psutil.Error:
-                continue
-        for proc in procs:
-            try:
-                role = role_of(proc, forkservers)
-                times = proc.cpu_times()
-                cpu[role] += times.user + times.system + times.children_user
-                cpu[role] += times.children_system
-                count[role] += 1
-                if memory:
-                    pss[role] += proc.memory_full_info().pss / 2**20
-            except psutil.Error:
-                continue
+        for pid in tree:
+            ppid, started, seconds = table[pid]
+            role = self._role(pid, started, ppid)
+            cpu[role] += seconds
+            count[role] += 1
+            if memory:
+                with contextlib.suppress(psutil.Error):
+                    pss[role] += psutil.Process(pid).memory_full_info().pss / 2**20
         return _Sample(time.time(), dict(cpu), dict(count), dict(pss) if memory else {})
+
+    def _role(self, pid: int, started: int, ppid: int) -> str:
+        """`role_of` the process, its command lines read once per process."""
+        key = (pid, started)
+        if key not in self._roles:
+            line, parent = _cmdline(pid), _cmdline(ppid)
+            role = role_of(line, parent)
+            if line != parent or role == "clientapp":  # else maybe forked, not yet exec'd
+                self._roles[key] = role
+            return role
+        return self._roles[key]
+
+    def cost_per_second(self) -> float:
+        """CPU seconds the sampling took per second sampled (taken from the roles it measures)."""
+        if len(self.samples) < 2:
+            return 0.0
+        return self.cost / (self.samples[-1].at - self.samples[0].at)
 
     def cpu_between(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds each role used from `start` to `end` (epoch seconds)."""

@@ -260,6 +260,8 @@ def where_time_goes(
         # The Fleet requests' share of the SuperLink's CPU is not separable here: this
         # is an upper bound (the ServerApp's own requests are answered too).
         "superlink_cpu_ms_per_fleet_request": 1000 * cpu.get("superlink", 0.0) / max(fleet, 1),
+        # This profile's own cost, which NVFlare's runs (not profiled) do not pay.
+        "profiler_cpu_per_second": profile.cost_per_second(),
     }
 
 

@@ -222,6 +222,7 @@ def _where(r: dict[str, Any]) -> str:
             w["coordinator_pss_mb"],
             w["fleet_requests_per_round"],
             w["superlink_cpu_ms_per_fleet_request"],
+            w.get("profiler_cpu_per_second", float("nan")),
             ", ".join(
                 f"{path} {v['per_round']:.0f} ({v['mean_ms']:.0f} ms)"
                 for path, v in w["fleet_requests"].items()
@@ -241,7 +242,9 @@ def _where(r: dict[str, Any]) -> str:
         "server and the run's ClientApp) and their memory (PSS), the coordinator's memory, "
         "and the sites' Fleet requests per round through the gate, with their mean time "
         "(the SuperLink's queue included). SuperLink CPU per request: its CPU per round "
-        "over the Fleet requests (the ServerApp's own requests are answered too).\n\n"
+        "over the Fleet requests (the ServerApp's own requests are answered too). Profiler "
+        "CPU: what sampling these processes cost (CPU-s per s, of the 2 cores; NVFlare's "
+        "runs are not profiled).\n\n"
         + _table(
             [
                 "run",
@@ -250,6 +253,7 @@ def _where(r: dict[str, Any]) -> str:
                 "coordinator PSS (MB)",
                 "Fleet requests / round",
                 "SuperLink CPU ms / request",
+                "profiler CPU (s/s)",
                 "requests / round (mean time)",
             ],
             site_rows,

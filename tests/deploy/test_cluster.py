@@ -9,7 +9,7 @@ import time
 from mlflow.tracking import MlflowClient
 
 from client.console import create_site_console
-from client.superexec import STARTED
+from client.superexec import CLIENTAPP_NICE, STARTED
 from medfed.cli import main as medfed
 from server.console import create_server_console
 from server.loop import RunHistory
@@ -71,6 +71,8 @@ def test_three_sites_complete_rounds_over_tls_and_mlflow_holds_them(cluster: Clu
             assert len(started) >= 1 + 2 * 2, site.text()[-3000:]
             processes = {line.rpartition("process ")[2] for line in started}
             assert len(processes) < len(started), started
+            # Training yields the CPU to the site's SuperNode (client.superexec).
+            assert all(f"niceness {CLIENTAPP_NICE}," in line for line in started), started
 
     client = MlflowClient(f"sqlite:///{cluster.root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("medfed")

@@ -122,6 +122,8 @@ def test_overhead_quick_measures_medfed_plain_flower_and_nvflare_in_deployment(t
     assert where["processes_per_site"] >= 3 and where["site_pss_mb"] > 0
     assert where["fleet_requests"]["pull-messages"]["per_round"] > 0
     assert where["superlink_cpu_ms_per_fleet_request"] > 0
+    # The profile samples every process of the run but costs little of the 2 cores.
+    assert 0 < where["profiler_cpu_per_second"] < 0.1
 
 
 def test_predict_quick_gives_speed_stage_shares_flat_memory_and_the_runs_dice(tmp_path, consortium):
@@ -189,3 +191,28 @@ def test_a_failed_nvflare_run_is_reported_in_its_row_and_its_processes_are_stopp
     )
     assert "| NVFlare (0.1 s polls) | failed |" in text
     assert "Failed: deployment/30 NVFlare (0.1 s polls): NVFlare deployment run failed" in text
+
+
+def test_the_profile_classifies_processes_and_counts_their_cpu():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _profile import ProcessProfile, role_of
+    finally:
+        sys.path.remove(str(BENCH))
+
+    assert (
+        role_of("python -m client.supernode --superlink x", "python -m medfed.cli site start")
+        == "supernode"
+    )
+    forkserver = "python -c from multiprocessing.forkserver import main; main(3)"
+    assert role_of(forkserver, "python -m client.supernode") == "forkserver"
+    assert role_of(forkserver, forkserver) == "clientapp"  # a ClientApp it forked
+    busy = subprocess.Popen(
+        [sys.executable, "-m", "client.supernode", "--help"], stdout=subprocess.DEVNULL
+    )
+    profile = ProcessProfile([busy.pid], interval=0.05).start()
+    busy.wait()
+    profile.stop()
+    seen = [s for s in profile.samples if s.count]
+    assert seen and all(s.count == {"supernode": 1} for s in seen)
+    assert max(s.cpu["supernode"] for s in seen) > 0.1  # its imports, while sampled
