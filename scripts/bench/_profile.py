@@ -1,11 +1,12 @@
 """Where a deployment's time goes: CPU seconds, processes and memory of each role.
 
-`ProcessProfile` samples every process under the cluster's process groups a few times a
+`ProcessProfile` samples every process under the cluster's process groups twice a
 second, classifies it by what it runs (SuperLink, gate, ServerApp, and per site its
 agent, SuperNode, SuperExec, fork server and ClientApps), and keeps each role's CPU
 seconds (a process's own and those of the children it reaped, so a ClientApp that lived
 between two samples is still counted), its process count and its memory (PSS, so pages
-a fork shares with its parent count once).
+a fork shares with its parent count once). Sampling the 150 processes of a 30-site
+deployment costs about 0.05 CPU-s per second, which it reports (`cost_per_second`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def _proc_table() -> dict[int, tuple[int, int, float]]:
 
 
 def _cmdline(pid: int) -> str:
+    """The command line of `pid` ("" once it is gone)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode(errors="replace").strip()

@@ -227,7 +227,9 @@ def medfed_deployment(
         if profile is not None:
             profile.add(run.pid)
         if run.wait(timeout=3600) != 0:
-            raise RuntimeError(f"deployment run {name} failed; see {base / 'run.log'}")
+            # Its folder may be a temporary one, gone by the time anyone reads this.
+            tail = (base / "run.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"deployment run {name} failed; the end of its run.log:\n{tail}")
     finally:
         if profile is not None:
             profile.stop()

@@ -421,7 +421,7 @@ def run_one(name: str, *, quick: bool, docs: Path) -> dict[str, Any]:
     proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, check=False)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-40:]
         print(f"[{name}] failed after {seconds:.0f} s: {' / '.join(tail)}", flush=True)
         return {"ok": False, "error": tail, "seconds": seconds}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
