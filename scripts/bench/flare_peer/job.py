@@ -55,16 +55,29 @@ def unet(cfg: Any) -> dict[str, Any]:
     }
 
 
-def status_within(run: Any, seconds: float) -> str | None:
-    """The POC job's status, or None when NVFlare's admin call did not return in time.
+class StatusProbe:
+    """Asks NVFlare's admin session for the POC job's status, one call at a time.
 
-    Its admin session can hang for good once the server stops answering.
+    Its admin session can hang for good once the server stops answering; a call still out
+    is waited on again instead of piling a new one on top of it.
     """
-    status: list[str | None] = [None]
-    asking = threading.Thread(target=lambda: status.__setitem__(0, run.get_status()), daemon=True)
-    asking.start()
-    asking.join(seconds)
-    return status[0]
+
+    def __init__(self, run: Any) -> None:
+        self._run = run
+        self._asking: threading.Thread | None = None
+        self._status: str | None = None
+
+    def _ask(self) -> None:
+        self._status = self._run.get_status()
+
+    def answered(self, seconds: float) -> bool:
+        """Whether a status call returned a status within `seconds`."""
+        if self._asking is None or not self._asking.is_alive():
+            self._status = None
+            self._asking = threading.Thread(target=self._ask, daemon=True)
+            self._asking.start()
+        self._asking.join(seconds)
+        return not self._asking.is_alive() and bool(self._status)
 
 
 def server_log_written(workspace: Path) -> float:
@@ -97,11 +110,12 @@ def wait_for_end(workspace: Path, run: Any, *, patience: float, limit: float) ->
     """
     started = answered = time.monotonic()
     written = server_log_written(workspace)
+    probe = StatusProbe(run)
     while (archive := stored_job(workspace)) is None:
-        status = status_within(run, 60)
+        alive = probe.answered(5)
         now = time.monotonic()
         last, written = written, server_log_written(workspace)
-        answered = now if status or written > last else answered
+        answered = now if alive or written > last else answered
         if now - answered > patience or now - started > limit:
             quiet = now - answered
             why = f"no sign of life for {quiet:.0f} s" if quiet > patience else "no end"
