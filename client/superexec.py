@@ -44,7 +44,8 @@ CLIENTAPP_MALLOC = {
     "MALLOC_TOP_PAD_": str(256 << 20),
 }
 # Niceness of the warm ClientApps (0-19; higher yields more), unless the site sets NICE_ENV.
-CLIENTAPP_NICE = 10
+# The most: at 10, thirty sites training on one machine outweigh its SuperLink 3 to 1.
+CLIENTAPP_NICE = 19
 NICE_ENV = "MEDFED_CLIENTAPP_NICE"
 
 

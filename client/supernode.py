@@ -293,6 +293,7 @@ def _main(argv: list[str]) -> None:
         if os.environ.get(WARM_ENV, "1") != "0":
             warm_clientapps(gate.state_dir)
         flowerpatch.heartbeat_interval(float(os.environ.get(HEARTBEAT_ENV, _DEFAULT_HEARTBEAT)))
+        flowerpatch.direct_runtime_middleware()
     except flowerpatch.FlowerVersionError as err:
         sys.exit(f"medfed: {err}")
     flowerpatch.run_supernode(argv)

@@ -228,7 +228,9 @@ def test_fleet_requests_skip_only_the_superlink_middleware_with_nothing_to_do_fo
     lean = main._get_middleware()
 
     def cls_of(layer: Middleware) -> Any:
-        return layer.kwargs["middleware"].cls if layer.cls is flowerpatch._Only else layer.cls
+        while layer.cls in (flowerpatch._Only, flowerpatch._Direct):
+            layer = layer.kwargs["middleware"]
+        return layer.cls
 
     # The same layers in the same order; error and protobuf translation and node
     # authentication stay on every request.
@@ -243,6 +245,10 @@ def test_fleet_requests_skip_only_the_superlink_middleware_with_nothing_to_do_fo
         "RuntimeTracingMiddleware",
     ]
     assert "NodeAuthMiddleware" in {cls_of(layer).__name__ for layer in lean}
+    # Every Starlette middleware runs directly for Fleet and runtime requests.
+    for layer in lean:
+        inner = layer.kwargs["middleware"] if layer.cls is flowerpatch._Only else layer
+        assert (inner.cls is flowerpatch._Direct) == issubclass(cls_of(layer), BaseHTTPMiddleware)
 
     # Each scoped layer, with a stand-in that records the requests it saw.
     ran: list[tuple[str, str]] = []
@@ -263,7 +269,9 @@ def test_fleet_requests_skip_only_the_superlink_middleware_with_nothing_to_do_fo
         routes=[Route(path, ok, methods=["POST"]) for path in paths],
         middleware=[
             Middleware(
-                flowerpatch._Only, middleware=Middleware(recorder(name)), when=layer.kwargs["when"]
+                flowerpatch._Only,
+                middleware=flowerpatch._direct(Middleware(recorder(name))),
+                when=layer.kwargs["when"],
             )
             for name, layer in scoped.items()
         ],
@@ -281,6 +289,88 @@ def test_fleet_requests_skip_only_the_superlink_middleware_with_nothing_to_do_fo
     app.state.fleet_event_log_plugin = object()
     client.post(paths[0])
     assert ran == [("FleetEventLogMiddleware", paths[0])]
+
+
+def _layered_app(direct: bool) -> Any:
+    """Three layers that read the body, share request state and mark the answer, as
+    Flower's do, before a unary route, a streaming route and a route that raises."""
+    from flwr.supercore.error.http import http_error_translator
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
+    class Layer(BaseHTTPMiddleware):
+        async def dispatch(self, request: Any, call_next: Any) -> Any:
+            request.state.seen = getattr(request.state, "seen", 0) + len(await request.body())
+            response = await call_next(request)
+            response.headers["x-layers"] = str(int(response.headers.get("x-layers", 0)) + 1)
+            return response
+
+    async def unary(request: Any) -> Response:
+        body = await request.body()
+        return Response(body[::-1] + b"/" + str(request.state.seen).encode())
+
+    async def stream(request: Any) -> StreamingResponse:
+        async def parts() -> Any:
+            for part in (b"a", b"b", b"c"):
+                yield part
+
+        return StreamingResponse(parts())
+
+    async def fails(request: Any) -> Response:
+        raise RuntimeError("internal detail")
+
+    layers = [Middleware(BaseHTTPMiddleware, dispatch=http_error_translator)]
+    layers += [Middleware(Layer) for _ in range(3)]
+    routes = [
+        Route("/v1/fleet/unary", unary, methods=["POST"]),
+        Route("/v1/runtime/fails", fails, methods=["POST"]),
+        Route("/v1/control/stream", stream, methods=["POST"]),
+    ]
+    middleware = [flowerpatch._direct(layer) for layer in layers] if direct else layers
+    return Starlette(routes=routes, middleware=middleware)
+
+
+def test_middleware_run_directly_answers_as_starlette_runs_it() -> None:
+    from starlette.testclient import TestClient
+
+    answers = []
+    for direct in (False, True):
+        client = TestClient(_layered_app(direct), raise_server_exceptions=False)
+        answers.append(
+            [
+                (r.status_code, r.content, r.headers.get("x-layers"))
+                for r in (
+                    client.post("/v1/fleet/unary", content=b"abc"),
+                    client.post("/v1/runtime/fails", content=b"abc"),
+                    client.post("/v1/control/stream", content=b"abc"),
+                )
+            ]
+        )
+    assert answers[0] == answers[1]
+    unary, fails, stream = answers[1]
+    # Each layer and the route read the whole body; each layer marked the answer.
+    assert unary == (200, b"cba/9", "3")
+    assert fails[0] == 500 and b"internal detail" not in fails[1]  # Flower's error answer
+    assert stream == (200, b"abc", "3")
+
+
+def test_a_directed_supernode_app_runs_its_middleware_directly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.supernode import main
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    monkeypatch.setattr(main, "create_app", main.create_app)  # restored after
+    flower = [layer.cls for layer in main.create_app().user_middleware]
+    flowerpatch.direct_runtime_middleware()
+    flowerpatch.direct_runtime_middleware()  # once is enough
+    directed = main.create_app().user_middleware
+    assert flower and all(issubclass(cls, BaseHTTPMiddleware) for cls in flower)
+    assert [layer.cls for layer in directed] == [flowerpatch._Direct] * len(flower)
+    assert [layer.kwargs["middleware"].cls for layer in directed] == flower
 
 
 def _serve_specs(conn: Any, spec: Any) -> None:
