@@ -19,7 +19,9 @@ every 4 s). Its SuperExec runs as a thread of the SuperNode (`client.superexec`)
 as soon as a message came instead of asking over HTTP at an interval, and forks each
 ClientApp from a warm process instead of starting a new Python that imports torch again
 (`MEDFED_WARM_CLIENTAPPS=0` turns both off: Flower's own SuperExec process and a new
-Python per message).
+Python per message). Its runtime API, which the ClientApps and SuperExec ask, runs
+Flower's middleware without Starlette's streaming between layers
+(`flowerpatch.direct_runtime_middleware`).
 
 Before the first task of any run is created, the run's app must pass the site's
 `client.apptrust.AppGate` (its own medfed release or an app it approved); otherwise the

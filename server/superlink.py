@@ -4,8 +4,10 @@ With two changes of Flower 1.41 (by `federation.flowerpatch`):
 
 - Fleet requests, the sites' polls, pulls and pushes, skip the six middleware layers
   that have nothing to do for them (`flowerpatch.lean_fleet_middleware`), which cost
-  the SuperLink about 2 ms of CPU per request on a 2-core machine.
-  `MEDFED_SUPERLINK_FULL_MIDDLEWARE=1` keeps all of them.
+  the SuperLink about 2 ms of CPU per request on a 2-core machine; the layers that
+  remain run their own code directly for Fleet and runtime requests, without
+  Starlette's streaming between layers (`flowerpatch._Direct`).
+  `MEDFED_SUPERLINK_FULL_MIDDLEWARE=1` keeps all of them, as Flower runs them.
 - A site's empty poll is held until a message for it comes, up to `POLL_HOLD` seconds
   (`flowerpatch.held_fleet_polls`), instead of being answered at once and asked again.
   `MEDFED_SUPERLINK_POLL_HOLD=0` answers at once, as Flower does.
