@@ -618,11 +618,8 @@ def simulation_workers(sites: int) -> Iterator[None]:
         vce_api.ThreadPoolExecutor = pool  # type: ignore[misc]
 
 
-class _Only:
-    """ASGI middleware that runs `middleware` only for the requests `when` selects.
-
-    The others go straight to the next layer, as `middleware` itself would pass them.
-    """
+class _Scoped:
+    """An ASGI layer around a Starlette `Middleware` for the requests `when` selects."""
 
     def __init__(self, app: Any, *, middleware: Any, when: Callable[[Any], bool]) -> None:
         self.app = app
@@ -630,12 +627,19 @@ class _Only:
         cls, args, kwargs = middleware
         self.inner = cls(app, *args, **kwargs)
 
+
+class _Only(_Scoped):
+    """ASGI middleware that runs `middleware` only for the requests `when` selects.
+
+    The others go straight to the next layer, as `middleware` itself would pass them.
+    """
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         layer = self.inner if scope["type"] != "http" or self.when(scope) else self.app
         await layer(scope, receive, send)
 
 
-class _Direct:
+class _Direct(_Scoped):
     """ASGI form of a Starlette `BaseHTTPMiddleware` for the requests `when` selects.
 
     The middleware's own `dispatch` runs, with a `call_next` that awaits the next layer
@@ -644,12 +648,6 @@ class _Direct:
     Fleet answers are unary). Other requests pass through the middleware as Starlette
     runs it.
     """
-
-    def __init__(self, app: Any, *, middleware: Any, when: Callable[[Any], bool]) -> None:
-        self.app = app
-        self.when = when
-        cls, args, kwargs = middleware
-        self.inner = cls(app, *args, **kwargs)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         from starlette.requests import Request
