@@ -229,6 +229,49 @@ def measure(
     return row
 
 
+def measure_row(
+    engine: str, n: int, epochs: int, *, work: Path, sites: int, rounds: int, quick: bool
+) -> dict[str, Any]:
+    """One row: the consortium's first `sites` sites made when missing, then `measure`."""
+    from federation.dicom.synth import generate_consortium
+
+    data = work / "consortium"
+    generate_consortium(
+        data,
+        site_names=[f"site-{i + 1}" for i in range(sites)],
+        patients_per_site=[3] if quick else [12],
+        slices=12 if quick else 24,
+        seed=9,
+        skip_existing=True,
+    )
+    return measure(
+        n, engine=engine, epochs=epochs, work=work, data=data, rounds=rounds, quick=quick
+    )
+
+
+def measure_apart(
+    engine: str, n: int, epochs: int, *, work: Path, sites: int, rounds: int, quick: bool
+) -> dict[str, Any]:
+    """`measure_row` in a new Python process.
+
+    A row's memory (torch, the simulation's sites, NVFlare's workload) goes with its
+    process: at 30 deployed sites this machine's memory is nearly all taken by the sites,
+    and the last row's leftovers (about 0.6 GB) pushed it into reclaiming code pages,
+    which slowed training tenfold.
+    """
+    done = subprocess.run(
+        [
+            sys.executable, __file__, "--row", engine, str(n), str(epochs), str(sites),
+            "--work", str(work), "--rounds", str(rounds), *(["--quick"] if quick else []),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    row: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return row
+
+
 def where_time_goes(
     profile: ProcessProfile, history: dict[str, Any], gate_log: Path, *, sites: int
 ) -> dict[str, Any]:
@@ -286,9 +329,17 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--work", default=None)
     parser.add_argument("--plain", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--row", nargs=4, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain is not None:  # the plain app in the simulation engine, in its own process
         plain_simulation(Path(args.plain))
+        return 0
+    if args.row is not None:  # one row, in its own process (`measure_apart`)
+        engine, n, epochs, sites = args.row
+        print(json.dumps(measure_row(
+            engine, int(n), int(epochs), work=Path(args.work), sites=int(sites),
+            rounds=args.rounds, quick=args.quick,
+        )))  # fmt: skip
         return 0
     rounds = args.rounds or (3 if args.quick else 4)
     cases = list(QUICK_ROWS if args.quick else FULL_ROWS)
@@ -297,29 +348,13 @@ def main() -> int:
         sizes = args.sites or sorted({n for _, n, _ in cases})
         epochs = args.epochs or sorted({k for _, _, k in cases})
         cases = list(itertools.product(engines, sizes, epochs))
-    from federation.dicom.synth import generate_consortium
-
+    sites = max(n for _, n, _ in cases)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp).resolve()
-        data = work / "consortium"
-        generate_consortium(
-            data,
-            site_names=[f"site-{i + 1}" for i in range(max(n for _, n, _ in cases))],
-            patients_per_site=[3] if args.quick else [12],
-            slices=12 if args.quick else 24,
-            seed=9,
-            skip_existing=True,
-        )
         for engine, n, epochs in cases:
-            row = measure(
-                n,
-                engine=engine,
-                epochs=epochs,
-                work=work,
-                data=data,
-                rounds=rounds,
-                quick=args.quick,
+            row = measure_apart(
+                engine, n, epochs, work=work, sites=sites, rounds=rounds, quick=args.quick
             )
             rows.append(row)
             ours = row["medfed"]
