@@ -255,8 +255,8 @@ def measure_apart(
     """`measure_row` in a new Python process.
 
     A row's memory (torch, the simulation's sites, NVFlare's workload) goes with its
-    process: at 30 deployed sites this machine's memory is nearly all taken by the sites,
-    and the last row's leftovers (about 0.6 GB) pushed it into reclaiming code pages,
+    process: 30 deployed sites take nearly all of this machine's memory, and the earlier
+    rows' leftovers in one process (about 0.6 GB) pushed it into reclaiming code pages,
     which slowed training tenfold.
     """
     done = subprocess.run(
