@@ -21,7 +21,9 @@ ClientApp from a warm process instead of starting a new Python that imports torc
 (`MEDFED_WARM_CLIENTAPPS=0` turns both off: Flower's own SuperExec process and a new
 Python per message). Its runtime API, which the ClientApps and SuperExec ask, runs
 Flower's middleware without Starlette's streaming between layers
-(`flowerpatch.direct_runtime_middleware`).
+(`flowerpatch.direct_runtime_middleware`); and it keeps an idle TLS connection to the
+coordinator for `flowerpatch.FLEET_KEEPALIVE` instead of 5 s, so a heartbeat after a
+pause needs no new handshake (`flowerpatch.fleet_connections_kept`).
 
 Before the first task of any run is created, the run's app must pass the site's
 `client.apptrust.AppGate` (its own medfed release or an app it approved); otherwise the
@@ -296,6 +298,7 @@ def _main(argv: list[str]) -> None:
             warm_clientapps(gate.state_dir)
         flowerpatch.heartbeat_interval(float(os.environ.get(HEARTBEAT_ENV, _DEFAULT_HEARTBEAT)))
         flowerpatch.direct_runtime_middleware()
+        flowerpatch.fleet_connections_kept()
     except flowerpatch.FlowerVersionError as err:
         sys.exit(f"medfed: {err}")
     flowerpatch.run_supernode(argv)

@@ -31,6 +31,9 @@ set is changed here, and nowhere else:
   `BaseHTTPMiddleware` layer streams each answer through a task group and memory
   streams; for one-message answers its own dispatch runs directly (`_Direct`, ~0.6 ms
   less CPU per layer).
+- `fleet_connections_kept` (`fleet_http_connection.FleetHttpClient`): the SuperNode's
+  HTTP client closes a connection idle for 5 s, so most of its requests (a heartbeat, a
+  message's parts, pushed in parallel) open a new TLS connection to the SuperLink.
 - `held_fleet_polls` (the Fleet router's `/pull-messages` route,
   `InMemoryLinkState`/`SqlLinkState.store_message_ins`, `.store_message_and_object_tree`):
   Flower answers an empty poll at once, so a waiting site polls again and again.
@@ -56,6 +59,7 @@ from types import ModuleType
 from typing import Annotated, Any
 
 __all__ = [
+    "FLEET_KEEPALIVE",
     "FLOWER_SERIES",
     "HELD_POLL",
     "PULL_BACKOFF",
@@ -64,6 +68,7 @@ __all__ = [
     "ShortPollClock",
     "check_flower_version",
     "direct_runtime_middleware",
+    "fleet_connections_kept",
     "guard_new_runs",
     "heartbeat_interval",
     "held_fleet_polls",
@@ -97,6 +102,9 @@ _PARTS_RECHECK = 0.05
 # run's next message is rarely due sooner, and each poll costs the SuperLink several ms
 # of CPU.
 _FIRST_POLL = 0.2
+# A SuperNode keeps an idle connection to the SuperLink this long (s): longer than a
+# round or a heartbeat interval, shorter than the gate's own idle limit.
+FLEET_KEEPALIVE = 240.0
 # A warm ClientApp process idle this long (s) ends; so does one of an earlier run as
 # soon as a task of another run comes.
 RUN_WORKER_IDLE = 300.0
@@ -216,6 +224,30 @@ def heartbeat_interval(seconds: float) -> None:
 
     for module in (fleet_http_connection, heartbeat):
         _rebind(module, "HEARTBEAT_DEFAULT_INTERVAL", lambda _: seconds)
+
+
+def fleet_connections_kept(seconds: float = FLEET_KEEPALIVE) -> None:
+    """The SuperNode keeps idle TLS connections to the SuperLink for `seconds`, not 5."""
+    import httpx
+    from flwr.supernode import fleet_http_connection
+
+    def kept(flower_client: Any) -> Any:
+        class KeptAlive(flower_client):
+            def __init__(
+                self, base_url: str, *, verify: Any = True, timeout: float = 30.0, **kw: Any
+            ) -> None:
+                super().__init__(base_url, verify=verify, timeout=timeout, **kw)
+                self._client.close()  # Flower's, built with httpx's default limits
+                self._client: httpx.Client = httpx.Client(
+                    verify=verify,
+                    timeout=timeout,
+                    follow_redirects=True,
+                    limits=httpx.Limits(keepalive_expiry=seconds),
+                )
+
+        return KeptAlive
+
+    _rebind(fleet_http_connection, "FleetHttpClient", kept)
 
 
 def guard_new_runs(

@@ -6,7 +6,8 @@ port. `medfed server start` binds that SuperLink to 127.0.0.1 only and puts ngin
 Debian package `nginx-light`) on the consortium address. nginx terminates TLS with the
 SuperLink's certificate and forwards `POST /v1/fleet/*` alone, over TLS verified
 against the consortium CA; every other path is answered 403 without reaching Flower.
-Each request is logged (`gate-access.log`: client address, path, status).
+Each request is logged (`gate-access.log`: client address, path, status, the request's
+number on its TLS connection, seconds).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from federation.errors import FederationError
+from federation.flowerpatch import FLEET_KEEPALIVE
 from federation.provision import CoordinatorKit
 
 __all__ = ["FLEET_PREFIX", "FleetGate", "gate_config"]
@@ -58,7 +60,8 @@ pid {home / "gate.pid"};
 error_log {home / "gate-error.log"} warn;
 events {{ worker_connections 1024; }}
 http {{
-    log_format gate '$time_iso8601 $remote_addr "$request" $status $request_time';
+    log_format gate '$time_iso8601 $remote_addr "$request" $status '
+                    '$connection_requests $request_time';
     access_log {home / "gate-access.log"} gate;
 {paths}
     client_max_body_size 0;
@@ -72,7 +75,7 @@ http {{
         ssl_certificate {kit.cert};
         ssl_certificate_key {kit.key};
         ssl_protocols TLSv1.2 TLSv1.3;
-        keepalive_timeout 300s;
+        keepalive_timeout {int(FLEET_KEEPALIVE) + 60}s;
         location {FLEET_PREFIX} {{
             limit_except POST {{ deny all; }}
             proxy_pass https://superlink;

@@ -206,10 +206,11 @@ def gate_requests(log: Path, start: float, end: float) -> dict[str, dict[str, fl
     """Fleet requests the sites made from `start` to `end` (epoch s), from the gate's log.
 
     Returns:
-        Per API path: how many, and their mean time in the gate (the SuperLink's answer
-        included), in seconds.
+        Per API path: how many, how many of them opened a TLS connection, and their mean
+        time in the gate (the SuperLink's answer included), in seconds.
     """
     count: dict[str, int] = defaultdict(int)
+    opened: dict[str, int] = defaultdict(int)
     total: dict[str, float] = defaultdict(float)
     for line in log.read_text().splitlines():
         stamp = line.split(" ", 1)[0]
@@ -220,6 +221,11 @@ def gate_requests(log: Path, start: float, end: float) -> dict[str, dict[str, fl
         if not start <= at <= end:
             continue
         path = line.split('"')[1].split()[1].rsplit("/", 1)[-1]
+        nth_on_connection, seconds = line.rsplit(" ", 2)[1:]
         count[path] += 1
-        total[path] += float(line.rsplit(" ", 1)[-1])
-    return {p: {"requests": count[p], "mean_seconds": total[p] / count[p]} for p in count}
+        opened[path] += nth_on_connection == "1"
+        total[path] += float(seconds)
+    return {
+        p: {"requests": count[p], "connections": opened[p], "mean_seconds": total[p] / count[p]}
+        for p in count
+    }

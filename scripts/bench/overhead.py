@@ -296,6 +296,8 @@ def where_time_goes(
         "site_pss_mb": sum(pss.get(r, 0.0) for r in SITE_ROLES) / sites,
         "coordinator_pss_mb": sum(v for r, v in pss.items() if r not in SITE_ROLES),
         "fleet_requests_per_round": fleet,
+        # TLS handshakes with the gate (a request that was the first on its connection).
+        "fleet_connections_per_round": sum(r["connections"] for r in requests.values()) / periods,
         "fleet_requests": {
             path: {"per_round": v["requests"] / periods, "mean_ms": 1000 * v["mean_seconds"]}
             for path, v in sorted(requests.items(), key=lambda kv: -kv[1]["requests"])

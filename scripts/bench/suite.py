@@ -221,6 +221,7 @@ def _where(r: dict[str, Any]) -> str:
             w["site_pss_mb"],
             w["coordinator_pss_mb"],
             w["fleet_requests_per_round"],
+            w.get("fleet_connections_per_round", float("nan")),
             w["superlink_cpu_ms_per_fleet_request"],
             w.get("profiler_cpu_per_second", float("nan")),
             ", ".join(
@@ -241,9 +242,10 @@ def _where(r: dict[str, Any]) -> str:
         + "\n\nProcesses per site (most at once: agent, SuperNode with its SuperExec thread, fork "
         "server and the run's ClientApp) and their memory (PSS), the coordinator's memory, "
         "and the sites' Fleet requests per round through the gate, with their mean time "
-        "(the SuperLink's queue included). SuperLink CPU per request: its CPU per round "
-        "over the Fleet requests (the ServerApp's own requests are answered too). Profiler "
-        "CPU: what sampling these processes cost (CPU-s per s, of the 2 cores; NVFlare's "
+        "(the SuperLink's queue included), and the TLS connections the sites opened to it. "
+        "SuperLink CPU per request: its CPU per round over the Fleet requests (the "
+        "ServerApp's own requests are answered too). Profiler CPU: what sampling these "
+        "processes cost (CPU-s per s, of the 2 cores; NVFlare's "
         "runs are not profiled).\n\n"
         + _table(
             [
@@ -252,6 +254,7 @@ def _where(r: dict[str, Any]) -> str:
                 "site PSS (MB)",
                 "coordinator PSS (MB)",
                 "Fleet requests / round",
+                "TLS connections / round",
                 "SuperLink CPU ms / request",
                 "profiler CPU (s/s)",
                 "requests / round (mean time)",

@@ -411,3 +411,55 @@ def test_a_run_worker_that_died_is_neither_idle_nor_given_tasks() -> None:
     assert worker.idle_for() is None and not worker.alive()
     assert not worker.take("task-2")
     worker.close()
+
+
+def _connections_for_two_heartbeats(kept: float, gap: float) -> int:
+    """How many connections the SuperNode's Fleet client opens to a plain loopback server."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
+    from flwr.supernode import fleet_http_connection
+
+    peers: set[tuple[str, int]] = set()
+
+    class Fleet(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            peers.add(self.client_address)
+            self.send_response(200)
+            self.send_header("content-type", "application/protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Fleet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    flowerpatch.fleet_connections_kept(kept)
+    client = fleet_http_connection.FleetHttpClient.from_server_address(
+        f"127.0.0.1:{server.server_address[1]}", True, None, interceptors=[]
+    )
+    try:
+        for _ in range(2):
+            client.SendNodeHeartbeat(SendNodeHeartbeatRequest())
+            time.sleep(gap)
+    finally:
+        client._client.close()
+        server.shutdown()
+    return len(peers)
+
+
+def test_the_supernode_keeps_its_idle_fleet_connection_as_long_as_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Flower's client closes a connection idle for 5 s (httpx's default); each new one is
+    # a TLS handshake with the gate.
+    from flwr.supernode import fleet_http_connection
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    for kept, connections in ((0.2, 2), (30.0, 1)):
+        monkeypatch.setattr(fleet_http_connection, "FleetHttpClient", FleetHttpClient)
+        assert _connections_for_two_heartbeats(kept=kept, gap=0.6) == connections
