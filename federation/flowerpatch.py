@@ -32,8 +32,8 @@ set is changed here, and nowhere else:
   streams; for one-message answers its own dispatch runs directly (`_Direct`, ~0.6 ms
   less CPU per layer).
 - `fleet_connections_kept` (`fleet_http_connection.FleetHttpClient`): the SuperNode's
-  HTTP client closes a connection idle for 5 s, so most of its requests (a heartbeat, a
-  message's parts, pushed in parallel) open a new TLS connection to the SuperLink.
+  HTTP client closes a connection idle for 5 s, so a request after a pause (a heartbeat,
+  a reply pushed beside a held poll) opens a new TLS connection to the SuperLink.
 - `held_fleet_polls` (the Fleet router's `/pull-messages` route,
   `InMemoryLinkState`/`SqlLinkState.store_message_ins`, `.store_message_and_object_tree`):
   Flower answers an empty poll at once, so a waiting site polls again and again.

@@ -53,6 +53,13 @@ def render_dp_overhead(r: dict[str, Any]) -> str:
         for m, v in r["modes"].items()
     ]
     text = _table(["mode", "time vs non-private", "memory vs non-private", "ok"], rows)
+    pairs = r.get("hooks_pair_ratios") or []
+    if len(pairs) > 1:
+        text += (
+            "\n\nhooks over non-private in each of the pairs run back to back: "
+            + ", ".join(_fmt(x) for x in pairs)
+            + " (the table gives their median)."
+        )
     frozen = r.get("frozen_encoder")
     if frozen:
         text += (
