@@ -187,7 +187,10 @@ def run_nvflare(
     for number in sorted(times):
         marks, trained = times[number], spans.get(number, [])
         if "end" not in marks or len(trained) != sites:
-            raise RuntimeError(f"NVFlare round {number} is incomplete in {log}")
+            raise RuntimeError(
+                f"NVFlare round {number} is incomplete in {log}: {len(trained)} of {sites} "
+                f"sites' training recorded, round end {'logged' if 'end' in marks else 'missing'}"
+            )
         out.append(
             {
                 "phase": marks["end"] - marks["start"],

@@ -122,6 +122,9 @@ def test_overhead_quick_measures_medfed_plain_flower_and_nvflare_in_deployment(t
     assert where["processes_per_site"] >= 3 and where["site_pss_mb"] > 0
     assert where["fleet_requests"]["pull-messages"]["per_round"] > 0
     assert where["superlink_cpu_ms_per_fleet_request"] > 0
+    # Sites keep their TLS connections to the gate between rounds (0 new per round at 3
+    # and 10 sites in the last suite run).
+    assert where["fleet_connections_per_round"] <= 1
     # The profile samples every process of the run but costs little of the 2 cores.
     assert 0 < where["profiler_cpu_per_second"] < 0.1
 
