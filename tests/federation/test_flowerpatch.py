@@ -439,15 +439,15 @@ def _connections_for_two_heartbeats(kept: float, gap: float) -> int:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Fleet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     flowerpatch.fleet_connections_kept(kept)
-    client = fleet_http_connection.FleetHttpClient.from_server_address(
-        f"127.0.0.1:{server.server_address[1]}", True, None, interceptors=[]
-    )
+    address = f"127.0.0.1:{server.server_address[1]}"
     try:
-        for _ in range(2):
-            client.SendNodeHeartbeat(SendNodeHeartbeatRequest())
-            time.sleep(gap)
+        with fleet_http_connection.FleetHttpClient.from_server_address(
+            address, True, None, interceptors=[]
+        ) as client:
+            for _ in range(2):
+                client.SendNodeHeartbeat(SendNodeHeartbeatRequest())
+                time.sleep(gap)
     finally:
-        client._client.close()
         server.shutdown()
     return len(peers)
 
