@@ -183,8 +183,8 @@ def main() -> int:
     results = {"hooks": _median_run([h for _, h in pairs])}
     results.update({mode: _run_worker(mode, args) for mode in MODES if mode != "hooks"})
     frozen = _run_worker(FROZEN, args)
-    first = _median_run(bases)
-    base_t, base_m = float(first["step_s"]), float(first["peak_mb"])
+    base = _median_run(bases)
+    base_t, base_m = float(base["step_s"]), float(base["peak_mb"])
     print(f"{'mode':10} {'step s':>8} {'time x':>7} {'peak MB':>8} {'mem x':>6}")
     print(f"{'none':10} {base_t:8.3f} {1:7.2f} {base_m:8.0f} {1:6.2f}")
     summary: dict[str, object] = {}
@@ -224,7 +224,7 @@ def main() -> int:
         # The hooks step over the non-private one, part by part (s per step).
         where = {
             "non_private_step": round(base_t, 4),
-            "non_private_optimizer": round(float(first["optimizer_s"]), 4),
+            "non_private_optimizer": round(float(base["optimizer_s"]), 4),
             "per_sample_gradients": round(float(hooks["per_sample_s"]), 4),
             "dp_optimizer": round(float(hooks["optimizer_s"]), 4),
             "forward_backward_rest": round(
@@ -244,7 +244,7 @@ def main() -> int:
         json.dumps(
             {
                 "benchmark": "dp_overhead",
-                "device": first["device"],
+                "device": base["device"],
                 "batch": args.batch,
                 "size": args.size,
                 "baseline_step_s": round(base_t, 4),

@@ -252,8 +252,7 @@ def _where(r: dict[str, Any]) -> str:
         "(the SuperLink's queue included), and the TLS connections the sites opened to it. "
         "SuperLink CPU per request: its CPU per round over the Fleet requests (the "
         "ServerApp's own requests are answered too). Profiler CPU: what sampling these "
-        "processes cost (CPU-s per s, of the 2 cores; NVFlare's "
-        "runs are not profiled).\n\n"
+        "processes cost (CPU-s per s, of the 2 cores; NVFlare's runs are not profiled).\n\n"
         + _table(
             [
                 "run",
